@@ -1,0 +1,36 @@
+"""Command line: `python -m llmb <command> ...`.
+
+Each command lives beside the code it drives and registers itself here:
+story model commands in `llmb.cli_story`, assistant commands in `llmb.cli_assistant`.
+"""
+
+import argparse
+import sys
+
+from llmb.errors import UserError
+
+
+def build_parser():
+    from llmb import cli_assistant, cli_story
+
+    parser = argparse.ArgumentParser(prog="python -m llmb", description="LLM basics: story model and assistant.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    cli_story.register(sub)
+    cli_assistant.register(sub)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""Story model commands (sample, eval, lr-find)."""
+
+
+def register(sub):
+    pass
