@@ -1,0 +1,82 @@
+"""The one sampling function: CLI, app, tests and benchmarks all call `generate`."""
+
+import torch
+
+
+def filter_logits(logits, top_k=None, top_p=None):
+    """Keep the top_k most likely tokens and the smallest set whose probability reaches top_p."""
+    if top_k is not None and 0 < top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k).values[..., -1, None]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0.0 < top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the tokens before it already reach top_p (the first one always stays)
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def next_token(logits, temperature, top_k, top_p, generator):
+    if temperature <= 0:  # greedy
+        return int(logits.argmax())
+    probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.no_grad()
+def generate_ids(model, ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None,
+                 use_cache=True, should_stop=None):
+    """Yield new token ids one at a time after the prompt `ids` (a list of ints).
+
+    With use_cache the model sees each token once (KV cache, sliding past block_size);
+    without it every step recomputes the last block_size tokens from scratch.
+    `should_stop()` is checked before every token, so a Stop button takes effect at once.
+    """
+    if not ids:
+        raise ValueError("the prompt must contain at least one token")
+    model.eval()
+    device = next(model.parameters()).device
+    block_size = model.config.block_size
+    generator = torch.Generator(device="cpu")
+    if seed is not None:
+        generator.manual_seed(seed)
+    else:
+        generator.seed()
+    ids = list(ids)
+    cache = model.new_cache() if use_cache else None
+    feed = ids[-block_size:]  # a cache starts from the last block_size prompt tokens
+    for _ in range(max_new_tokens):
+        if should_stop is not None and should_stop():
+            return
+        if not use_cache:
+            feed = ids[-block_size:]
+        logits, _ = model(torch.tensor([feed], device=device), cache=cache)
+        token = next_token(logits[0, -1].float().cpu(), temperature, top_k, top_p, generator)
+        ids.append(token)
+        feed = [token]
+        yield token
+
+
+def generate(model, tokenizer, prompt, max_new_tokens=500, temperature=0.8, top_k=None, top_p=None,
+             seed=None, use_cache=True, should_stop=None):
+    """Stream the continuation of `prompt` as text pieces.
+
+    Characters the tokenizer cannot encode are dropped; `tokenizer.unknown(prompt)` tells
+    which, so callers can say so. An empty prompt starts from a newline.
+    """
+    ids = tokenizer.encode(prompt, drop_unknown=True) or tokenizer.encode("\n", drop_unknown=True)
+    if not ids:
+        ids = [0]
+    new = []
+    text_so_far = ""
+    for token in generate_ids(model, ids, max_new_tokens, temperature, top_k, top_p, seed, use_cache, should_stop):
+        new.append(token)
+        # decode everything generated so far: subword decoders merge pieces ("##ing")
+        text = tokenizer.decode(new)
+        if text.startswith(text_so_far):
+            piece, text_so_far = text[len(text_so_far):], text
+            if piece:
+                yield piece
+        else:  # the decoder re-spaced earlier text; give the new tail only
+            text_so_far = text
