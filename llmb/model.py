@@ -2,9 +2,14 @@
 
 The lineage is the build-GPT lecture and nanoGPT: token embedding, a stack of pre-norm
 blocks (causal self-attention + MLP), a final LayerNorm and a linear head tied to the
-embedding. Positions are encoded with rotary embeddings (RoPE, Su et al. 2021): attention
-scores then depend only on the distance between tokens, so a sliding KV cache that drops
-the oldest tokens gives exactly the logits of recomputing the last `block_size` tokens.
+embedding. Positions are encoded with rotary embeddings (RoPE, Su et al. 2021), so attention
+scores depend only on the distance between tokens.
+
+Text longer than `block_size` is handled with sliding-window attention (as in Longformer and
+Mistral): every token attends to itself and the block_size - 1 tokens before it, in every
+layer. Training windows are block_size long, so training sees exactly this attention; at
+generation time a KV cache that keeps the last block_size keys gives the same logits as
+recomputing the whole text, at any length.
 """
 
 import math
@@ -43,6 +48,13 @@ def apply_rotary(x, cos, sin):
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
+def window_mask(T, S, window, device):
+    """(T, S) boolean mask for the last T of S positions: attend to j when 0 <= i - j < window."""
+    i = torch.arange(S - T, S, device=device)[:, None]
+    j = torch.arange(S, device=device)[None, :]
+    return (j <= i) & (i - j < window)
+
+
 class KVCache:
     """Keys (already rotated) and values of the last `block_size` tokens, one pair per layer."""
 
@@ -56,12 +68,11 @@ class KVCache:
         return 0 if self.k[0] is None else self.k[0].size(2)
 
     def update(self, layer, k, v):
+        """Append the new keys/values; return all that the new queries may need; keep the last block_size."""
         if self.k[layer] is not None:
-            # keep block_size - T old entries so that, with the new ones, the window is block_size long
-            keep = self.block_size - k.size(2)
-            k = torch.cat((self.k[layer][:, :, -keep:] if keep > 0 else self.k[layer][:, :, :0], k), dim=2)
-            v = torch.cat((self.v[layer][:, :, -keep:] if keep > 0 else self.v[layer][:, :, :0], v), dim=2)
-        self.k[layer], self.v[layer] = k, v
+            k = torch.cat((self.k[layer], k), dim=2)
+            v = torch.cat((self.v[layer], v), dim=2)
+        self.k[layer], self.v[layer] = k[:, :, -self.block_size:], v[:, :, -self.block_size:]
         return k, v
 
 
@@ -74,6 +85,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
+        self.window = config.block_size
 
     def forward(self, x, cos, sin, cache=None, layer=0):
         B, T, C = x.size()
@@ -82,13 +94,14 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        # Without a cache, or on the first chunk, the query and key positions line up and a
-        # plain causal mask is right. Decoding one token at a time needs no mask at all.
-        is_causal = T > 1
-        if is_causal and k.size(2) != T:
-            raise ValueError("with a non-empty KV cache, feed one token at a time")
+        S = k.size(2)
+        mask = None
+        if S > self.window or T not in (1, S):  # past the window: mask to the last block_size tokens
+            mask = window_mask(T, S, self.window, x.device)
+        # within the window a plain causal mask is right; one new token against its cache needs none
         y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=mask is None and T > 1,
         )
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -143,6 +156,11 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    @property
+    def receptive_field(self):
+        """Tokens that can influence the next logits: each layer reaches block_size - 1 further back."""
+        return self.config.n_layer * (self.config.block_size - 1) + 1
+
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
@@ -152,8 +170,6 @@ class GPT(nn.Module):
         With a KVCache, idx continues the cached tokens and the cache is updated.
         """
         B, T = idx.size()
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
         start = cache.pos if cache is not None else 0
         if start == 0 and T <= self.positions.numel():
             positions = self.positions[:T]

@@ -29,15 +29,16 @@ def generate_ids(model, ids, max_new_tokens, temperature=1.0, top_k=None, top_p=
                  use_cache=True, should_stop=None):
     """Yield new token ids one at a time after the prompt `ids` (a list of ints).
 
-    With use_cache the model sees each token once (KV cache, sliding past block_size);
-    without it every step recomputes the last block_size tokens from scratch.
+    With use_cache the model sees each token once (a KV cache sliding past block_size); without
+    it every step recomputes all the text from scratch. Both give the same logits. Only the last
+    `model.receptive_field` tokens can influence the next one, so that is all either path reads.
     `should_stop()` is checked before every token, so a Stop button takes effect at once.
     """
     if not ids:
         raise ValueError("the prompt must contain at least one token")
     model.eval()
     device = next(model.parameters()).device
-    block_size = model.config.block_size
+    context = model.receptive_field
     generator = torch.Generator(device="cpu")
     if seed is not None:
         generator.manual_seed(seed)
@@ -45,12 +46,12 @@ def generate_ids(model, ids, max_new_tokens, temperature=1.0, top_k=None, top_p=
         generator.seed()
     ids = list(ids)
     cache = model.new_cache() if use_cache else None
-    feed = ids[-block_size:]  # a cache starts from the last block_size prompt tokens
+    feed = ids[-context:]
     for _ in range(max_new_tokens):
         if should_stop is not None and should_stop():
             return
         if not use_cache:
-            feed = ids[-block_size:]
+            feed = ids[-context:]
         logits, _ = model(torch.tensor([feed], device=device), cache=cache)
         token = next_token(logits[0, -1].float().cpu(), temperature, top_k, top_p, generator)
         ids.append(token)

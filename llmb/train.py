@@ -268,8 +268,8 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-def train(cfg, log=print, should_stop=None):
-    """Train a story model as `cfg` says; returns the summary dict (also written to summary.json)."""
+def train(cfg, log=print):
+    """Train a story model as `cfg` says; returns (model, summary), the summary also in summary.json."""
     check_config(cfg)
     out = Path(cfg.out)
     accelerator = make_accelerator(cfg.device)
@@ -397,7 +397,7 @@ def train(cfg, log=print, should_stop=None):
 
             done = total_steps is not None and step >= total_steps
             out_of_time = cfg.max_time is not None and now - start >= cfg.max_time
-            if stop.set or (should_stop is not None and should_stop()):
+            if stop.set:
                 stopped_by = "signal"
             if out_of_time and not done:
                 stopped_by = stopped_by or "time"
@@ -439,7 +439,7 @@ def train(cfg, log=print, should_stop=None):
             + (" after a stop request" if stopped_by == "signal" else ""))
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return summary
+    return raw_model, summary
 
 
 def evaluate_checkpoint(ckpt, data_paths, val_fraction=0.1, batch_size=32, device="cpu"):
