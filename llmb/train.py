@@ -315,15 +315,17 @@ def train(cfg, log=print):
 
     step, elapsed_before, total_steps, scheduler, schedule_steps = 0, 0.0, cfg.max_iters, None, None
     if resumed:
-        optimizer.load_state_dict(resumed["optimizer"])
         step, elapsed_before, total_steps = resumed["step"], resumed["elapsed_s"], resumed["total_steps"]
         generator.set_state(resumed["generator"][min(accelerator.process_index, len(resumed["generator"]) - 1)])
-    if resumed and resumed["scheduler"] is not None:
-        schedule_steps = resumed["schedule_steps"]
-        scheduler = make_scheduler(optimizer, cfg.schedule, lr, schedule_steps, cfg.pct_start)
-        scheduler.load_state_dict(resumed["scheduler"])
-    elif total_steps is not None and cfg.max_time is None:
-        schedule_steps = total_steps
+        if resumed["scheduler"] is not None:
+            schedule_steps = resumed["schedule_steps"]
+            scheduler = make_scheduler(optimizer, cfg.schedule, lr, schedule_steps, cfg.pct_start)
+            scheduler.load_state_dict(resumed["scheduler"])
+        # after the scheduler: creating one resets the optimizer's lr and betas
+        optimizer.load_state_dict(resumed["optimizer"])
+    if scheduler is None and cfg.max_time is None:
+        total_steps = total_steps or cfg.max_iters
+        schedule_steps = total_steps - step
         scheduler = make_scheduler(optimizer, cfg.schedule, lr, schedule_steps, cfg.pct_start)
     # else: --max-time; the schedule is planned once the throughput is measured (see below)
 
