@@ -1,0 +1,41 @@
+"""Sampling speed at the 10.65M config (6 layers, 6 heads, 384 wide, block 256, 65 characters):
+1000 new characters with the KV cache, and with full recompute, through the one `generate`.
+
+Reference on the 2-core dev machine: nanoGPT's generate (no KV cache) about 18 tokens/s.
+Target with the cache: >= 350 tokens/s.
+
+    python benchmarks/bench_sampling.py [--tokens 1000]
+"""
+
+import argparse
+import time
+
+import torch
+from common import REPO  # noqa: F401  (puts the repo on sys.path)
+
+from llmb.model import GPT, GPTConfig
+from llmb.sample import generate
+from llmb.tokenizer import CharTokenizer
+
+p = argparse.ArgumentParser()
+p.add_argument("--tokens", type=int, default=1000)
+p.add_argument("--skip-recompute", action="store_true", help="only time the cached path")
+args = p.parse_args()
+
+torch.manual_seed(0)
+model = GPT(GPTConfig(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384)).eval()
+tokenizer = CharTokenizer([chr(32 + i) for i in range(64)] + ["\n"])
+print(f"model: {model.num_params() / 1e6:.2f}M parameters")
+
+
+def tokens_per_sec(use_cache):
+    start = time.perf_counter()
+    n = sum(1 for _ in generate(model, tokenizer, "\n", args.tokens, temperature=1.0, seed=0, use_cache=use_cache))
+    return n / (time.perf_counter() - start)
+
+
+cached = tokens_per_sec(True)
+print(f"KV cache:       {cached:8.1f} tokens/s  ({args.tokens} tokens; target >= 350)")
+if not args.skip_recompute:
+    full = tokens_per_sec(False)
+    print(f"full recompute: {full:8.1f} tokens/s  -> the cache is {cached / full:.1f}x faster")
