@@ -268,6 +268,15 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
+def agree(accelerator, value):
+    """The largest of every process's value, so all processes of a DDP run take the same decision."""
+    if accelerator.num_processes == 1:
+        return value
+    t = torch.tensor([float(value)], device=accelerator.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return type(value)(t.item())
+
+
 def train(cfg, log=print):
     """Train a story model as `cfg` says; returns (model, summary), the summary also in summary.json."""
     check_config(cfg)
@@ -387,7 +396,7 @@ def train(cfg, log=print):
                     left = cfg.max_time - (time.perf_counter() - start)
                     # steps + evals (one every eval_interval, one at the end) must fit in what is left
                     planned = int((left - eval_cost) / (step_time + eval_cost / cfg.eval_interval) * 0.97)
-                    total_steps = step + max(2, planned)
+                    total_steps = agree(accelerator, step + max(2, planned))
                     if cfg.max_iters is not None:
                         total_steps = min(total_steps, cfg.max_iters)
                     schedule_steps = total_steps - step
@@ -398,11 +407,8 @@ def train(cfg, log=print):
                     t_log = time.perf_counter()
 
             done = total_steps is not None and step >= total_steps
-            out_of_time = cfg.max_time is not None and now - start >= cfg.max_time
-            if stop.set:
-                stopped_by = "signal"
-            if out_of_time and not done:
-                stopped_by = stopped_by or "time"
+            out_of_time = cfg.max_time is not None and now - start >= cfg.max_time and not done
+            stopped_by = [None, "time", "signal"][agree(accelerator, 2 if stop.set else int(out_of_time))]
 
             if step % cfg.log_interval == 0 or done or stopped_by:
                 loss_value = loss.item()
