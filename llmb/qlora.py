@@ -1,0 +1,444 @@
+"""QLoRA fine-tuning of a causal LM (Phi-2 by default) on chat data.
+
+QLoRA (Dettmers et al. 2023): freeze the base model in 4-bit NormalFloat (NF4) with double
+quantization, and train only small low-rank adapters (LoRA, Hu et al. 2021) on top:
+
+    h = W0 x + (alpha / r) * B A x        W0 frozen (4-bit), A: r x d_in, B: d_out x r trained
+
+The loop is plain PyTorch driven by accelerate, so `python training/train_qlora.py` runs on
+one device and `accelerate launch training/train_qlora.py` on several GPUs.
+"""
+
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from llmb.chat_data import DEFAULT_DATA, collate, encode_dataset, load_chat_data
+from llmb.errors import UserError
+from llmb.metrics import MetricsLog, write_json
+
+DEFAULT_BASE = "microsoft/phi-2"
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]  # Phi attention + MLP linears
+
+
+@dataclass
+class TrainConfig:
+    base: str = DEFAULT_BASE
+    data: list = field(default_factory=lambda: [DEFAULT_DATA])
+    out: str = "checkpoints/phi2-guanaco"
+    quant: str = "4bit"  # 4bit | 8bit | none
+    max_steps: int = 500
+    max_seq_len: int = 512
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: list = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    lr: float = 2e-4
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 0.3
+    batch_size: int = 4
+    grad_accum: int = 4
+    eval_steps: int = 50
+    save_steps: int = 100
+    log_steps: int = 10
+    eval_split: float = 0.05
+    eval_data: str | None = None
+    max_eval_examples: int = 200
+    skip_bad_rows: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    gradient_checkpointing: bool = True
+    resume: bool = False
+    seed: int = 0
+
+
+# ---------------------------------------------------------------------------
+# Loading the base model
+
+
+def resolve_device(device="auto"):
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA GPU is visible; use --device cpu or auto")
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"unknown device '{device}'; use auto, cpu or cuda")
+    return device
+
+
+def compute_dtype(device):
+    """bf16 on GPUs that have it, else fp32. Never fp16: Phi-2's attention overflows in fp16."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        print("note: this GPU has no bf16; computing in fp32 (Phi-2 overflows in fp16)")
+    return torch.float32
+
+
+def hub_offline():
+    import huggingface_hub.constants
+
+    return huggingface_hub.constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true", "ON", "YES")
+
+
+@contextmanager
+def loading(base):
+    """Turn the many ways `from_pretrained` can fail into one UserError line."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        if Path(base).exists():
+            raise UserError(f"cannot load '{base}': {str(e).splitlines()[0]}") from None
+        if hub_offline():
+            raise UserError(
+                f"cannot load '{base}': offline (HF_HUB_OFFLINE=1) and no copy in the Hugging Face cache; "
+                f"pass a local folder with --base /path/to/model (config.json, tokenizer, weights), "
+                f"or download it once with network: hf download {base}") from None
+        raise UserError(f"cannot load '{base}' from the Hugging Face hub: {str(e).splitlines()[0]}; "
+                        "check the id and your network, or pass a local folder with --base") from None
+
+
+def load_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    with loading(path):
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out anyway
+    return tokenizer
+
+
+def quantization_config(quant, dtype):
+    from transformers import BitsAndBytesConfig
+
+    if quant == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    if quant == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quant == "none":
+        return None
+    raise UserError(f"unknown quantization '{quant}'; use 4bit, 8bit or none")
+
+
+def load_base_model(base, quant="none", device="cpu", dtype=None):
+    """The base model on `device`, quantized with bitsandbytes when quant is 4bit/8bit."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = dtype or compute_dtype(device)
+    with loading(base):
+        return AutoModelForCausalLM.from_pretrained(
+            base, dtype=dtype, quantization_config=quantization_config(quant, dtype), device_map={"": device})
+
+
+def add_lora(model, cfg):
+    """Freeze the base, add trainable LoRA adapters; gradient checkpointing trades compute for memory."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    ckpt_kwargs = {"use_reentrant": False}
+    if getattr(model, "is_quantized", False):
+        model = prepare_model_for_kbit_training(model, cfg.gradient_checkpointing, ckpt_kwargs)
+    elif cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
+    model.config.use_cache = False  # the KV cache is for generation only
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.lora_targets), bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def make_optimizer(model, lr, device):
+    """Paged 8-bit AdamW on CUDA (optimizer state in 8 bits, paged to CPU on memory spikes), AdamW on CPU."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if str(device).startswith("cuda"):
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit(params, lr=lr, weight_decay=0.0)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+
+# ---------------------------------------------------------------------------
+# Data
+
+
+def micro_batches(accelerator, examples, batch_size, pad_id, seed, skip=0):
+    """Endless stream of batches, reshuffled each epoch with seed+epoch; `skip` resumes mid-run."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    epoch = 0
+    while True:
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        loader = accelerator.prepare_data_loader(DataLoader(
+            [examples[i] for i in order], batch_size=batch_size, collate_fn=lambda b: collate(b, pad_id)))
+        if skip >= len(loader):
+            skip -= len(loader)
+            epoch += 1
+            continue
+        if skip:
+            loader, skip = accelerator.skip_first_batches(loader, skip), 0
+        yield from loader
+        epoch += 1
+
+
+def eval_loader(accelerator, examples, batch_size, pad_id):
+    from torch.utils.data import DataLoader
+
+    return accelerator.prepare_data_loader(DataLoader(examples, batch_size=batch_size,
+                                                      collate_fn=lambda b: collate(b, pad_id)))
+
+
+# ---------------------------------------------------------------------------
+# Evaluation, checkpoints, signals
+
+
+def evaluate(model, loader, accelerator):
+    """Mean cross-entropy per answer token over the whole eval set (exp of it = perplexity)."""
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    sums = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+    with torch.no_grad():
+        for batch in loader:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            targets = batch["labels"][:, 1:]  # token t predicts token t+1
+            sums[0] += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                       ignore_index=-100, reduction="sum").double()
+            sums[1] += (targets != -100).sum()
+    model.train()
+    sums = accelerator.reduce(sums, "sum")
+    return (sums[0] / sums[1].clamp(min=1)).item()
+
+
+def save_dir_atomically(target, write):
+    """Call write(tmp_dir), then rename tmp_dir to `target`: a crash never leaves half a checkpoint."""
+    target = Path(target)
+    tmp = target.with_name(f".tmp-{target.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if target.exists():
+        old = target.with_name(f".old-{target.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(target, old)
+        os.rename(tmp, target)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, target)
+
+
+def checkpoints(out):
+    return sorted(Path(out).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(out, step, model, tokenizer, optimizer, scheduler):
+    import torch
+
+    def write(tmp):
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                   tmp / "training_state.pt")
+
+    target = Path(out) / f"checkpoint-{step}"
+    save_dir_atomically(target, write)
+    for old in checkpoints(out):  # keep only the newest
+        if old != target:
+            shutil.rmtree(old)
+
+
+def load_checkpoint(ckpt, model, optimizer, scheduler):
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
+    state = torch.load(ckpt / "training_state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["step"]
+
+
+def save_adapter(out, model, tokenizer):
+    """The out dir itself is a PEFT adapter dir: written beside, then moved in file by file."""
+    tmp = Path(out) / ".tmp-adapter"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    for f in tmp.iterdir():
+        os.replace(f, Path(out) / f.name)
+    tmp.rmdir()
+
+
+class StopSignal:
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves and exits. A second Ctrl-C kills."""
+
+    def __init__(self):
+        self.name = None
+
+    def _handle(self, signum, frame):
+        self.name = signal.Signals(signum).name
+        signal.signal(signum, signal.SIG_DFL)
+
+    def __enter__(self):
+        self._old = {}
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread (e.g. inside an app): no handler
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def trim_metrics(path, step):
+    """On resume, drop log lines written after the checkpoint we go back to."""
+    from llmb.metrics import read_metrics
+
+    kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------
+# Training
+
+
+def train(cfg: TrainConfig):
+    """Fine-tune cfg.base with LoRA on cfg.data; returns the summary dict (also in out/summary.json)."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm import tqdm
+    from transformers import get_constant_schedule_with_warmup
+
+    device = resolve_device(cfg.device)
+    accelerator = Accelerator(cpu=device == "cpu")
+    main = accelerator.is_main_process
+    set_seed(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = load_tokenizer(cfg.base)
+    train_convs, eval_convs = load_chat_data(cfg.data, cfg.eval_data, cfg.eval_split, cfg.skip_bad_rows, cfg.seed)
+    train_set = encode_dataset(tokenizer, train_convs, cfg.max_seq_len)
+    eval_set = encode_dataset(tokenizer, eval_convs[:cfg.max_eval_examples], cfg.max_seq_len)
+
+    model = add_lora(load_base_model(cfg.base, cfg.quant, accelerator.device), cfg)
+    optimizer = make_optimizer(model, cfg.lr, accelerator.device)
+    scheduler = get_constant_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * cfg.max_steps))
+    start_step = 0
+    if cfg.resume:
+        found = checkpoints(out)
+        if found:
+            start_step = load_checkpoint(found[-1], model, optimizer, scheduler)
+            print(f"resuming from {found[-1]} (step {start_step})")
+        else:
+            print(f"no checkpoint in {out}; starting from step 0")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if main:
+        model.print_trainable_parameters()
+        print(f"{len(train_set)} train / {len(eval_set)} eval conversations, device {accelerator.device}, quant {cfg.quant}")
+        write_json(out / "training_args.json", asdict(cfg))
+        if start_step:
+            trim_metrics(out / "metrics.jsonl", start_step)
+    log = MetricsLog(out / "metrics.jsonl", truncate=start_step == 0) if main else None
+
+    batches = micro_batches(accelerator, train_set, cfg.batch_size, tokenizer.pad_token_id, cfg.seed,
+                            skip=start_step * cfg.grad_accum)
+    evals = eval_loader(accelerator, eval_set, cfg.batch_size, tokenizer.pad_token_id) if eval_set else None
+    unwrapped = accelerator.unwrap_model(model)
+    step, t0, losses, tokens, t_log = start_step, time.time(), [], 0, time.time()
+    val_loss = train_loss = None
+    model.train()
+    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not main, desc="train")
+    with StopSignal() as stop:
+        while step < cfg.max_steps and not stop.name:
+            for micro in range(cfg.grad_accum):
+                batch = next(batches)
+                sync = micro == cfg.grad_accum - 1  # all-reduce gradients only on the last micro-batch
+                with nullcontext() if sync else accelerator.no_sync(model):
+                    loss = model(**batch).loss
+                    accelerator.backward(loss / cfg.grad_accum)
+                losses.append(loss.item())
+                tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
+            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+
+            last = step == cfg.max_steps or stop.name
+            evaluated = evals is not None and (step % cfg.eval_steps == 0 or last)
+            if evaluated:
+                val_loss = evaluate(model, evals, accelerator)
+            if main and (step % cfg.log_steps == 0 or evaluated or last):
+                train_loss = sum(losses) / len(losses)
+                record = {"step": step, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0],
+                          "tokens_per_sec": tokens / (time.time() - t_log), "elapsed_s": time.time() - t0}
+                if evaluated:
+                    record |= {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+                log.log(**record)
+                bar.set_postfix(loss=f"{train_loss:.3f}", **({"val": f"{val_loss:.3f}"} if evaluated else {}))
+                losses, tokens, t_log = [], 0, time.time()
+            if step % cfg.save_steps == 0 or last:
+                accelerator.wait_for_everyone()
+                if main:
+                    save_checkpoint(out, step, unwrapped, tokenizer, optimizer, scheduler)
+    bar.close()
+
+    summary = None
+    if main:
+        save_adapter(out, unwrapped, tokenizer)
+        log.close()
+        summary = {
+            "base": cfg.base, "data": [str(d) for d in cfg.data], "quant": cfg.quant, "steps": step,
+            "max_steps": cfg.max_steps, "final_train_loss": train_loss, "final_val_loss": val_loss,
+            "final_val_ppl": math.exp(min(val_loss, 50)) if val_loss is not None else None,
+            "train_time_s": time.time() - t0, "stopped_by": stop.name,
+            "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout, "targets": cfg.lora_targets},
+        }
+        write_json(out / "summary.json", summary)
+    accelerator.wait_for_everyone()
+    return summary
+
+
+# ---------------------------------------------------------------------------
+# Merging
+
+
+def merge(base, adapter, out, dtype="bfloat16"):
+    """Fold the LoRA update into the base weights (W = W0 + alpha/r * B A); `out` loads with from_pretrained.
+
+    Needs the full base in memory (Phi-2: ~5.6 GB in bf16, 11 GB in fp32). Never merged into a
+    4-bit base: rounding the sum back to 4 bits would lose most of the adapter.
+    """
+    import torch
+    from peft import PeftModel
+
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise UserError(f"{adapter} is not a LoRA adapter dir (no adapter_config.json)")
+    if dtype not in ("bfloat16", "float32"):
+        raise UserError(f"merge dtype must be bfloat16 or float32 (Phi-2 overflows in float16), got {dtype}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not (out / "config.json").exists():
+        raise UserError(f"{out} exists and does not hold a model; pick a new --out folder")
+    model = load_base_model(base, "none", "cpu", getattr(torch, dtype))
+    model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    tokenizer = load_tokenizer(adapter if (Path(adapter) / "tokenizer_config.json").exists() else base)
+    save_dir_atomically(out, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    return Path(out)
