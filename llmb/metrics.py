@@ -1,11 +1,13 @@
-"""The one metrics log every trainer writes: JSON lines, one object per log step.
+"""Run bookkeeping shared by both trainers: the one metrics log, atomic writes, graceful stop.
 
-The CLI prints it, the app plots it and the benchmarks read it. Writes are atomic
-(temporary file + rename) wherever a half-written file would hurt.
+The metrics log is JSON lines, one object per log step: the CLI prints it, the app plots it
+and the benchmarks read it. Writes are atomic (temporary file + rename) wherever a
+half-written file would hurt.
 """
 
 import json
 import os
+import signal
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -69,3 +71,34 @@ def read_metrics(path):
         except json.JSONDecodeError:
             continue
     return records
+
+
+class StopSignal:
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves and exits. A second Ctrl-C kills."""
+
+    def __init__(self):
+        self.name = None
+
+    def _handle(self, signum, frame):
+        self.name = signal.Signals(signum).name
+        signal.signal(signum, signal.SIG_DFL)
+
+    def __enter__(self):
+        self._old = {}
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread (e.g. inside an app): no handler
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def trim_metrics(path, step):
+    """On resume, drop log lines written after the checkpoint we go back to."""
+    kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")

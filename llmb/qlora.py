@@ -9,11 +9,9 @@ The loop is plain PyTorch driven by accelerate, so `python training/train_qlora.
 one device and `accelerate launch training/train_qlora.py` on several GPUs.
 """
 
-import json
 import math
 import os
 import shutil
-import signal
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -21,7 +19,7 @@ from pathlib import Path
 
 from llmb.chat_data import DEFAULT_DATA, collate, encode_dataset, load_chat_data
 from llmb.errors import UserError
-from llmb.metrics import MetricsLog, write_json
+from llmb.metrics import MetricsLog, StopSignal, trim_metrics, write_json
 
 DEFAULT_BASE = "microsoft/phi-2"
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]  # Phi attention + MLP linears
@@ -281,45 +279,12 @@ def save_adapter(out, model, tokenizer):
     tmp.rmdir()
 
 
-class StopSignal:
-    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves and exits. A second Ctrl-C kills."""
-
-    def __init__(self):
-        self.name = None
-
-    def _handle(self, signum, frame):
-        self.name = signal.Signals(signum).name
-        signal.signal(signum, signal.SIG_DFL)
-
-    def __enter__(self):
-        self._old = {}
-        for s in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[s] = signal.signal(s, self._handle)
-            except ValueError:  # not the main thread (e.g. inside an app): no handler
-                pass
-        return self
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
-def trim_metrics(path, step):
-    """On resume, drop log lines written after the checkpoint we go back to."""
-    from llmb.metrics import read_metrics
-
-    kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
-    Path(path).write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-
-
 # ---------------------------------------------------------------------------
 # Training
 
 
 def train(cfg: TrainConfig):
     """Fine-tune cfg.base with LoRA on cfg.data; returns the summary dict (also in out/summary.json)."""
-    import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm import tqdm

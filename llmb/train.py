@@ -7,7 +7,6 @@ makes it save and exit cleanly.
 """
 
 import math
-import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 from llmb.checkpoint import STATE, is_checkpoint, load_checkpoint, load_train_state, save_checkpoint, save_train_state
 from llmb.corpus import load_corpus
 from llmb.errors import UserError
-from llmb.metrics import MetricsLog, write_json
+from llmb.metrics import MetricsLog, StopSignal, trim_metrics, write_json
 from llmb.model import GPT, GPTConfig
 from llmb.sample import generate
 from llmb.tokenizer import build_tokenizer
@@ -245,29 +244,6 @@ def _progress(total, desc, enabled):
 
 # -------------------------------------------------------------------------------------- train
 
-class StopFlag:
-    """Set by SIGINT/SIGTERM; the loop checks it after every step, saves and exits."""
-
-    def __init__(self):
-        self.set = False
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: the caller stops us another way
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        self.set = True
-
-    def __exit__(self, *exc):
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-
 def agree(accelerator, value):
     """The largest of every process's value, so all processes of a DDP run take the same decision."""
     if accelerator.num_processes == 1:
@@ -338,6 +314,8 @@ def train(cfg, log=print):
         scheduler = make_scheduler(optimizer, cfg.schedule, lr, schedule_steps, cfg.pct_start)
     # else: --max-time; the schedule is planned once the throughput is measured (see below)
 
+    if resumed and main:
+        trim_metrics(out / "metrics.jsonl", step)  # a killed run may have logged past its last checkpoint
     metrics = MetricsLog(out / "metrics.jsonl", truncate=not resumed) if main else None
     bar = _progress(total_steps, "train", cfg.progress and main)
     bar.update(step)
@@ -369,7 +347,7 @@ def train(cfg, log=print):
     stopped_by = None
     calib_from = None  # (time, step) where throughput measurement for --max-time starts
     eval_cost = 0.0
-    with StopFlag() as stop:
+    with StopSignal() as stop:
         while True:
             x, y = get_batch(data.train, cfg.block_size, cfg.batch_size, generator, device)
             _, loss = model(x, y)
@@ -408,7 +386,7 @@ def train(cfg, log=print):
 
             done = total_steps is not None and step >= total_steps
             out_of_time = cfg.max_time is not None and now - start >= cfg.max_time and not done
-            stopped_by = [None, "time", "signal"][agree(accelerator, 2 if stop.set else int(out_of_time))]
+            stopped_by = [None, "time", "signal"][agree(accelerator, 2 if stop.name else int(out_of_time))]
 
             if step % cfg.log_interval == 0 or done or stopped_by:
                 loss_value = loss.item()
