@@ -146,7 +146,6 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        self.register_buffer("positions", torch.arange(config.block_size), persistent=False)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -171,10 +170,7 @@ class GPT(nn.Module):
         """
         B, T = idx.size()
         start = cache.pos if cache is not None else 0
-        if start == 0 and T <= self.positions.numel():
-            positions = self.positions[:T]
-        else:
-            positions = torch.arange(start, start + T, device=idx.device)
+        positions = torch.arange(start, start + T, device=idx.device)
         head_dim = self.config.n_embd // self.config.n_head
         x = self.drop(self.wte(idx))
         cos, sin = rotary_cos_sin(positions, head_dim, self.config.rope_theta, x.dtype)
@@ -182,10 +178,9 @@ class GPT(nn.Module):
             x = block(x, cos, sin, cache, i)
         if cache is not None:
             cache.pos += T
-        x = self.ln_f(x)
+        logits = self.lm_head(self.ln_f(x))
         if targets is None:
-            return self.lm_head(x), None
-        logits = self.lm_head(x)
+            return logits, None
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss
 
