@@ -224,3 +224,14 @@ print("tokens_seen", summary["tokens_seen"])
         assert torch.equal(a[name], b[name]), name
     assert f"tokens_seen {20 * 16 * 32 * 2}" in r.stdout  # both ranks' batches count
     assert (tmp_path / "ddp" / "model.safetensors").exists()
+
+
+def test_lr_auto_runs_the_finder_and_trains_with_its_suggestion(corpus, tmp_path):
+    out = tmp_path / "auto"
+    messages = []
+    _, summary = train(TrainConfig(data=[str(corpus)], out=str(out), lr="auto", max_iters=10, eval_interval=10,
+                                   eval_iters=2, **TINY), log=messages.append)
+    suggested = json.loads((out / "lr_find.json").read_text())["suggested_lr"]
+    assert summary["lr"] == suggested
+    assert any(m.startswith(f"--lr auto: using lr {suggested:.2e}") for m in messages)
+    assert (out / "lr_find.png").exists()
