@@ -11,12 +11,12 @@ user: generation stops at such role markers and they never reach the caller.
 
 import threading
 import time
-import warnings
 from contextlib import nullcontext
 
 from llmb.chat_data import ASSISTANT, HUMAN, Turn, encode_exchanges, fit_exchanges
 from llmb.errors import UserError
 from llmb.qlora import DEFAULT_BASE, load_base_model, load_tokenizer, resolve_device
+from llmb.quantize import quantize_linears_int8
 
 STOP_MARKERS = (HUMAN, ASSISTANT, "<|endoftext|>")
 
@@ -43,32 +43,6 @@ def history_to_turns(history):
 def partial_marker_len(text, markers=STOP_MARKERS):
     """Length of the longest tail of `text` that could be the start of a marker (to hold back)."""
     return max((k for m in markers for k in range(1, len(m)) if text.endswith(m[:k])), default=0)
-
-
-def quantize_linears_int8(model):
-    """Replace each frozen nn.Linear by a dynamically quantized int8 one, in place, one at a time.
-
-    Weights: int8 with one scale per output channel. Activations: quantized on the fly per
-    token batch. LoRA's own small A/B matrices stay fp32, so a LoRA wrapper around an int8
-    base layer still works and can still be switched off. Everything else becomes fp32.
-    """
-    import torch
-    from torch import nn
-    from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
-    from torch.ao.quantization import per_channel_dynamic_qconfig
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch marks its quantized tensors as deprecated
-        # names, not modules: holding the old layers would keep every float weight alive
-        names = [n for n, m in model.named_modules() if type(m) is nn.Linear and "lora_" not in n]
-        for name in names:
-            parent, _, child_name = name.rpartition(".")
-            parent = model.get_submodule(parent)
-            linear = getattr(parent, child_name).float()
-            linear.qconfig = per_channel_dynamic_qconfig
-            setattr(parent, child_name, Int8Linear.from_float(linear))
-            del linear
-    return model.to(torch.float32)
 
 
 class StopWatch:

@@ -51,8 +51,8 @@ def cmd_sample(args):
     from llmb.sample import generate
 
     check_sampling(args)
-    device = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
-    model, tokenizer, _ = load_checkpoint(args.ckpt, device)
+    device = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() and not args.cpu_int8 else "cpu"
+    model, tokenizer, _ = load_checkpoint(args.ckpt, device, cpu_int8=args.cpu_int8)
     unknown = tokenizer.unknown(args.prompt)
     if unknown:
         print(f"note: dropped characters the model never saw: {''.join(unknown)!r}", file=sys.stderr)
@@ -101,6 +101,7 @@ def register(sub):
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--cpu-int8", action="store_true", help="int8 linear layers: faster sampling on a CPU")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="val loss (nats/token) and bits per character on the validation split")

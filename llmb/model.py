@@ -94,11 +94,12 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        S = k.size(2)
         mask = None
-        if S > self.window or T not in (1, S):  # past the window: mask to the last block_size tokens
-            mask = window_mask(T, S, self.window, x.device)
-        # within the window a plain causal mask is right; one new token against its cache needs none
+        if T == 1:  # one new token sees the last block_size keys (itself included): no mask needed
+            k, v = k[:, :, -self.window:], v[:, :, -self.window:]
+        elif k.size(2) > self.window or k.size(2) != T:  # past the window: mask to the last block_size
+            mask = window_mask(T, k.size(2), self.window, x.device)
+        # else: within the window, a plain causal mask
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
             is_causal=mask is None and T > 1,

@@ -24,7 +24,7 @@ def next_token(logits, temperature, top_k, top_p, generator):
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_ids(model, ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None,
                  use_cache=True, should_stop=None):
     """Yield new token ids one at a time after the prompt `ids` (a list of ints).

@@ -1,0 +1,27 @@
+import torch
+import torch.nn.functional as F
+
+from llmb.model import GPT, GPTConfig
+from llmb.quantize import quantize_linears_int8
+from llmb.sample import generate_ids
+
+
+def test_int8_linears_keep_the_predictions():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=64)).eval()
+    copy = GPT(model.config)
+    copy.load_state_dict(model.state_dict())
+    int8 = quantize_linears_int8(copy).eval()
+    from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
+
+    assert sum(isinstance(m, Int8Linear) for m in int8.modules()) == 2 * 4 + 1  # 4 per block + lm_head
+
+    x = torch.randint(0, 50, (4, 32))
+    with torch.no_grad():
+        ref, q = model(x)[0], int8(x)[0]
+    kl = F.kl_div(q.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="batchmean") / 32
+    assert kl < 1e-3  # nats per token
+    assert (ref.argmax(-1) == q.argmax(-1)).float().mean() > 0.95
+    assert 0 < (ref - q).abs().mean() / ref.std() < 0.05  # changed, but only a little
+    # and it samples through the same generate, KV cache and all
+    assert len(list(generate_ids(int8, [1, 2, 3], 40, temperature=0))) == 40
