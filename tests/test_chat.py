@@ -5,16 +5,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer, PhiForCausalLM
 
-from llmb.chat import STOP_MARKERS, ChatEngine, history_to_turns, partial_marker_len, quantize_linears_int8
+from llmb.chat import STOP_MARKERS, ChatEngine, history_to_turns, partial_marker_len
+from llmb.quantize import quantize_linears_int8
 from llmb.errors import UserError
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
