@@ -28,6 +28,8 @@ from llmb.app_models import (Assistant, StopFlags, StoryModels, check_chat_setti
                              check_story_settings, continue_story, plain_messages)
 from llmb.errors import UserError  # noqa: E402
 from llmb.jobs import JobManager, JobSpec, log_tail, lr_find, progress, save_upload  # noqa: E402
+from llmb.qlora import TrainConfig as QLoRAConfig  # noqa: E402
+from llmb.train import TrainConfig as StoryConfig  # noqa: E402
 
 
 class Context:
@@ -246,9 +248,14 @@ def chat_tab(ctx, saved):
 
 # ------------------------------------------------------------------------------------ train
 
-STORY_DEFAULTS = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=32, dropout=0.0, lr="3e-3",
-                      max_iters=2000, max_time=None, eval_interval=250)
-QLORA_DEFAULTS = dict(max_steps=500, max_seq_len=512, lr=2e-4, batch_size=4, lora_r=16, eval_steps=50, save_steps=100)
+# the trainers' own defaults (the form only adds a step limit: a story run needs one)
+_story, _qlora = StoryConfig(), QLoRAConfig()
+STORY_DEFAULTS = dict(n_layer=_story.n_layer, n_head=_story.n_head, n_embd=_story.n_embd, block_size=_story.block_size,
+                      batch_size=_story.batch_size, dropout=_story.dropout, lr=f"{_story.lr:g}",
+                      max_iters=2000, max_time=None, eval_interval=_story.eval_interval)
+QLORA_DEFAULTS = dict(max_steps=_qlora.max_steps, max_seq_len=_qlora.max_seq_len, lr=_qlora.lr,
+                      batch_size=_qlora.batch_size, lora_r=_qlora.lora_r, eval_steps=_qlora.eval_steps,
+                      save_steps=_qlora.save_steps)
 
 
 def job_markdown(job):
