@@ -330,6 +330,12 @@ def train(cfg, log=print):
         return val_loss, val_bpc, sample
 
     def checkpoint():
+        # every process's data sampler state, so a resumed DDP run draws what it would have drawn
+        generators = [generator.get_state()]
+        if accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            generators = gather_object(generators)
         if not main:
             return
         save_checkpoint(out, raw_model, {**meta, "step": step, "val_loss": last["val_loss"], "val_bpc": last["val_bpc"]})
@@ -337,7 +343,7 @@ def train(cfg, log=print):
             "step": step, "total_steps": total_steps, "lr": lr, "elapsed_s": elapsed,
             "optimizer": optimizer.state_dict(), "schedule_steps": schedule_steps,
             "scheduler": scheduler.state_dict() if scheduler else None,
-            "generator": [generator.get_state()],
+            "generator": generators,
         })
 
     model.train()
