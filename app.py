@@ -440,7 +440,7 @@ def train_tab(ctx):
 
 def qlora_quant(device):
     """4-bit (QLoRA proper) on a GPU; bitsandbytes needs CUDA, so full precision on a CPU."""
-    from llmb.app_models import resolve_device
+    from llmb.device import resolve_device
 
     return "4bit" if resolve_device(device) == "cuda" else "none"
 

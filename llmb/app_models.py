@@ -16,19 +16,12 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
+from llmb.device import resolve_device
 from llmb.errors import UserError
 
 MAX_PROMPT_CHARS = 20_000
 MAX_STORY_CHARS = 5_000
 MAX_CHAT_TOKENS = 2_048
-
-
-def resolve_device(device):
-    import torch
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but no CUDA GPU is visible; use --device cpu or auto")
-    return "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
 
 
 def load_error(e):

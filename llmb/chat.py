@@ -15,7 +15,8 @@ from contextlib import nullcontext
 
 from llmb.chat_data import ASSISTANT, HUMAN, Turn, encode_exchanges, fit_exchanges
 from llmb.errors import UserError
-from llmb.qlora import DEFAULT_BASE, load_base_model, load_tokenizer, resolve_device
+from llmb.device import resolve_device
+from llmb.qlora import DEFAULT_BASE, load_base_model, load_tokenizer
 from llmb.quantize import quantize_linears_int8
 
 STOP_MARKERS = (HUMAN, ASSISTANT, "<|endoftext|>")

@@ -45,13 +45,12 @@ def config_from_args(args):
 
 
 def cmd_sample(args):
-    import torch
-
     from llmb.checkpoint import load_checkpoint
+    from llmb.device import resolve_device
     from llmb.sample import generate
 
     check_sampling(args)
-    device = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() and not args.cpu_int8 else "cpu"
+    device = "cpu" if args.cpu_int8 else resolve_device(args.device)
     model, tokenizer, _ = load_checkpoint(args.ckpt, device, cpu_int8=args.cpu_int8)
     unknown = tokenizer.unknown(args.prompt)
     if unknown:

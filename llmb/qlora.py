@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from llmb.chat_data import DEFAULT_DATA, collate, encode_dataset, load_chat_data
+from llmb.device import resolve_device
 from llmb.errors import UserError
 from llmb.metrics import MetricsLog, StopSignal, trim_metrics, write_json
 
@@ -57,18 +58,6 @@ class TrainConfig:
 
 # ---------------------------------------------------------------------------
 # Loading the base model
-
-
-def resolve_device(device="auto"):
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA GPU is visible; use --device cpu or auto")
-    if device not in ("cpu", "cuda"):
-        raise UserError(f"unknown device '{device}'; use auto, cpu or cuda")
-    return device
 
 
 def compute_dtype(device):

@@ -15,6 +15,7 @@ import torch
 
 from llmb.checkpoint import STATE, is_checkpoint, load_checkpoint, load_train_state, save_checkpoint, save_train_state
 from llmb.corpus import load_corpus
+from llmb.device import resolve_device
 from llmb.errors import UserError
 from llmb.metrics import MetricsLog, StopSignal, trim_metrics, write_json
 from llmb.model import GPT, GPTConfig
@@ -155,11 +156,7 @@ def make_scheduler(optimizer, schedule, lr, total_steps, pct_start=0.25):
 def make_accelerator(device):
     from accelerate import Accelerator
 
-    if device not in ("auto", "cpu", "cuda"):
-        raise UserError(f"unknown device {device!r}; use auto, cpu or cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but no CUDA GPU is available; use --device cpu or auto")
-    use_cuda = device != "cpu" and torch.cuda.is_available()
+    use_cuda = resolve_device(device) == "cuda"
     precision = "no"
     if use_cuda:
         precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
