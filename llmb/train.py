@@ -241,6 +241,12 @@ def _progress(total, desc, enabled):
 
 # -------------------------------------------------------------------------------------- train
 
+def plan_steps(step, step_time, eval_cost, time_left, eval_interval):
+    """The step to end at so that the steps, an eval every eval_interval steps and one at the end
+    fit in time_left (with 3% to spare): how --max-time sets the one-cycle length."""
+    return step + max(2, int((time_left - eval_cost) / (step_time + eval_cost / eval_interval) * 0.97))
+
+
 def agree(accelerator, value):
     """The largest of every process's value, so all processes of a DDP run take the same decision."""
     if accelerator.num_processes == 1:
@@ -349,7 +355,6 @@ def train(cfg, log=print):
     t_log, step_log, first_step = start, step, step
     stopped_by = None
     calib_from = None  # (time, step) where throughput measurement for --max-time starts
-    eval_cost = 0.0
     with StopSignal() as stop:
         while True:
             x, y = get_batch(data.train, cfg.block_size, cfg.batch_size, generator, device)
@@ -366,18 +371,16 @@ def train(cfg, log=print):
             now = time.perf_counter()
             elapsed = elapsed_before + now - start
 
-            if scheduler is None:  # --max-time: measure the step time, then plan the schedule
-                if step - first_step == 3:  # the first steps are slow (allocations, warm-up)
+            if scheduler is None and step - first_step >= 3:  # --max-time: measure, then plan the schedule
+                if calib_from is None:  # the first steps are slow (allocations, warm-up): start here
                     calib_from = (now, step)
-                elif calib_from and (now - calib_from[0] > 2.0 or step >= 50):
+                elif agree(accelerator, int(now - calib_from[0] > 2.0 or step - calib_from[1] >= 50)):
                     step_time = (now - calib_from[0]) / (step - calib_from[1])
                     t0 = time.perf_counter()
                     last["val_loss"], last["val_bpc"], _ = run_eval()
                     eval_cost = time.perf_counter() - t0
-                    left = cfg.max_time - (time.perf_counter() - start)
-                    # steps + evals (one every eval_interval, one at the end) must fit in what is left
-                    planned = int((left - eval_cost) / (step_time + eval_cost / cfg.eval_interval) * 0.97)
-                    total_steps = agree(accelerator, step + max(2, planned))
+                    time_left = cfg.max_time - (time.perf_counter() - start)
+                    total_steps = agree(accelerator, plan_steps(step, step_time, eval_cost, time_left, cfg.eval_interval))
                     if cfg.max_iters is not None:
                         total_steps = min(total_steps, cfg.max_iters)
                     schedule_steps = total_steps - step

@@ -204,17 +204,18 @@ def test_bad_flags_are_user_errors(corpus, tmp_path):
         train(TrainConfig(data=[str(corpus)], out=str(tmp_path / "none"), resume=True, max_iters=5, **TINY))
 
 
-def test_two_process_ddp_ends_with_identical_weights(corpus, tmp_path):
+@pytest.mark.parametrize("budget", [{"max_iters": 20}, {"max_time": 5.0}])
+def test_two_process_ddp_ends_with_identical_weights(corpus, tmp_path, budget):
     script = tmp_path / "ddp_run.py"
     script.write_text(f"""
 import os, sys
 sys.path.insert(0, {str(REPO)!r})
 import torch
 from llmb.train import TrainConfig, train
-model, summary = train(TrainConfig(data=[{str(corpus)!r}], out={str(tmp_path / 'ddp')!r}, max_iters=20,
+model, summary = train(TrainConfig(data=[{str(corpus)!r}], out={str(tmp_path / 'ddp')!r}, **{budget!r},
                                    eval_interval=20, eval_iters=2, device="cpu", **{TINY!r}), log=lambda *a: None)
 torch.save(model.state_dict(), {str(tmp_path)!r} + f"/rank{{os.environ['RANK']}}.pt")
-print("tokens_seen", summary["tokens_seen"])
+print("tokens_seen", summary["tokens_seen"], "steps", summary["steps"])
 """)
     r = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2, script)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -222,7 +223,9 @@ print("tokens_seen", summary["tokens_seen"])
     b = torch.load(tmp_path / "rank1.pt")
     for name in a:
         assert torch.equal(a[name], b[name]), name
-    assert f"tokens_seen {20 * 16 * 32 * 2}" in r.stdout  # both ranks' batches count
+    steps = int(r.stdout.split("steps ")[1].split()[0])
+    assert f"tokens_seen {steps * 16 * 32 * 2}" in r.stdout  # both ranks' batches count
+    assert steps == 20 if "max_iters" in budget else steps > 20  # a --max-time run planned its length
     assert (tmp_path / "ddp" / "model.safetensors").exists()
 
 
