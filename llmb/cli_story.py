@@ -47,9 +47,9 @@ def config_from_args(args):
 def cmd_sample(args):
     from llmb.checkpoint import load_checkpoint
     from llmb.device import resolve_device
-    from llmb.sample import generate
+    from llmb.sample import check_sampling, generate
 
-    check_sampling(args)
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     device = "cpu" if args.cpu_int8 else resolve_device(args.device)
     model, tokenizer, _ = load_checkpoint(args.ckpt, device, cpu_int8=args.cpu_int8)
     unknown = tokenizer.unknown(args.prompt)
@@ -61,17 +61,6 @@ def cmd_sample(args):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
-
-
-def check_sampling(args):
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens})")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be 0 (greedy) or more (got {args.temperature})")
-    if args.top_k is not None and args.top_k < 1:
-        raise UserError(f"--top-k must be at least 1 (got {args.top_k})")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise UserError(f"--top-p must be in (0, 1] (got {args.top_p})")
 
 
 def cmd_eval(args):

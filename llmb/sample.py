@@ -2,6 +2,8 @@
 
 import torch
 
+from llmb.errors import UserError
+
 
 def filter_logits(logits, top_k=None, top_p=None):
     """Keep the top_k most likely tokens and the smallest set whose probability reaches top_p."""
@@ -15,6 +17,18 @@ def filter_logits(logits, top_k=None, top_p=None):
         drop = cumulative - sorted_logits.softmax(-1) >= top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits
+
+
+def check_sampling(max_new_tokens, temperature, top_k=None, top_p=None):
+    """One clear error for a sampling setting that makes no sense."""
+    if max_new_tokens < 1:
+        raise UserError(f"max new tokens must be at least 1 (got {max_new_tokens})")
+    if temperature < 0:
+        raise UserError(f"temperature must be 0 (greedy) or more (got {temperature})")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"top-k must be at least 1 (got {top_k})")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError(f"top-p must be in (0, 1] (got {top_p})")
 
 
 def next_token(logits, temperature, top_k, top_p, generator):
@@ -36,6 +50,7 @@ def generate_ids(model, ids, max_new_tokens, temperature=1.0, top_k=None, top_p=
     """
     if not ids:
         raise ValueError("the prompt must contain at least one token")
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     model.eval()
     device = next(model.parameters()).device
     context = model.receptive_field

@@ -61,3 +61,16 @@ def test_should_stop_stops_at_once():
     for token in generate_ids(model, [1], 100, should_stop=lambda: len(produced) >= 5):
         produced.append(token)
     assert len(produced) == 5
+
+
+def test_nonsense_settings_are_one_clear_error():
+    import pytest
+
+    from llmb.errors import UserError
+
+    model = tiny_model()
+    for bad, message in [(dict(temperature=-1), "temperature"), (dict(top_k=0), "top-k"),
+                         (dict(top_p=1.5), "top-p"), (dict(max_new_tokens=0), "max new tokens")]:
+        settings = {"max_new_tokens": 5, **bad}
+        with pytest.raises(UserError, match=message):
+            list(generate_ids(model, [1], **settings))
