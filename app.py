@@ -16,20 +16,28 @@ import sys
 import time
 import traceback
 
-from llmb import app_config
+from llmb.app import config as app_config
 
 for _key, _value in app_config.environment().items():  # before gradio: no analytics; HF cache on /data
     os.environ.setdefault(_key, _value)
 
 import gradio as gr  # noqa: E402
 
-from llmb.app_config import find_adapters, find_story_checkpoints  # noqa: E402
-from llmb.app_models import (Assistant, StopFlags, StoryModels, check_chat_settings, check_prompt,  # noqa: E402
-                             check_story_settings, continue_story, plain_messages)
+from llmb.app.config import find_adapters, find_story_checkpoints  # noqa: E402
+from llmb.app.jobs import JobManager, JobSpec, log_tail, lr_find, progress, save_upload  # noqa: E402
+from llmb.app.models import (  # noqa: E402
+    Assistant,
+    StopFlags,
+    StoryModels,
+    check_chat_settings,
+    check_prompt,
+    check_story_settings,
+    continue_story,
+    plain_messages,
+)
+from llmb.assistant.config import TrainConfig as QLoRAConfig  # noqa: E402
 from llmb.errors import UserError  # noqa: E402
-from llmb.jobs import JobManager, JobSpec, log_tail, lr_find, progress, save_upload  # noqa: E402
-from llmb.qlora import TrainConfig as QLoRAConfig  # noqa: E402
-from llmb.train import TrainConfig as StoryConfig  # noqa: E402
+from llmb.story.train import TrainConfig as StoryConfig  # noqa: E402
 
 
 class Context:

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 VARIANTS = ["fp32", "bf16", "nf4", "int8"]
 PROMPT = "### Human: Can you explain what a large language model is, in two sentences?### Assistant:"
@@ -83,7 +82,7 @@ def build(variant, config_path):
     if variant == "nf4":
         return to_nf4(random_phi(config_path, torch.bfloat16))
     if variant == "int8":
-        from llmb.chat import quantize_linears_int8
+        from llmb.assistant.engine import quantize_linears_int8
 
         return quantize_linears_int8(random_phi(config_path, torch.bfloat16))
     raise SystemExit(f"unknown variant {variant}; choose from {VARIANTS}")

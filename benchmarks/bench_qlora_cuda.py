@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def random_checkpoint(config_path, tokenizer_path, folder):
@@ -42,8 +41,10 @@ def random_checkpoint(config_path, tokenizer_path, folder):
 def main():
     import torch
 
+    from llmb.assistant.config import TrainConfig
+    from llmb.assistant.loading import load_base_model
+    from llmb.assistant.train import add_lora, make_optimizer
     from llmb.errors import UserError
-    from llmb.qlora import TrainConfig, add_lora, load_base_model, make_optimizer
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", default="microsoft/phi-2")

@@ -14,10 +14,10 @@ import time
 import torch
 from common import REPO  # noqa: F401  (puts the repo on sys.path)
 
-from llmb.model import GPT, GPTConfig
 from llmb.quantize import quantize_linears_int8
-from llmb.sample import generate
-from llmb.tokenizer import CharTokenizer
+from llmb.story.model import GPT, GPTConfig
+from llmb.story.sample import generate
+from llmb.story.tokenizer import CharTokenizer
 
 p = argparse.ArgumentParser()
 p.add_argument("--tokens", type=int, default=1000)

@@ -13,8 +13,8 @@ import tempfile
 
 from common import SHARED_DATA
 
-from llmb.metrics import read_metrics
-from llmb.train import TrainConfig, train
+from llmb.runlog import read_metrics
+from llmb.story.train import TrainConfig, train
 
 NANOGPT_TOKENS_PER_SEC = 12_600
 

@@ -1,7 +1,7 @@
 """Command line: `python -m llmb <command> ...`.
 
 Each command lives beside the code it drives and registers itself here:
-story model commands in `llmb.cli_story`, assistant commands in `llmb.cli_assistant`.
+story model commands in `llmb.story.cli`, assistant commands in `llmb.assistant.cli`.
 """
 
 import argparse
@@ -11,7 +11,8 @@ from llmb.errors import UserError
 
 
 def build_parser():
-    from llmb import cli_assistant, cli_story
+    from llmb.assistant import cli as cli_assistant
+    from llmb.story import cli as cli_story
 
     parser = argparse.ArgumentParser(prog="python -m llmb", description="LLM basics: story model and assistant.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

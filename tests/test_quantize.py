@@ -1,9 +1,9 @@
 import torch
 import torch.nn.functional as F
 
-from llmb.model import GPT, GPTConfig
 from llmb.quantize import quantize_linears_int8
-from llmb.sample import generate_ids
+from llmb.story.model import GPT, GPTConfig
+from llmb.story.sample import generate_ids
 
 
 def test_int8_linears_keep_the_predictions():

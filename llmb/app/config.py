@@ -1,0 +1,202 @@
+"""Settings of the Gradio app (`python app.py`): flags, environment variables and folders.
+
+Every flag has an environment variable, so a Hugging Face Space (which cannot pass flags)
+is configured the same way:
+
+    --host / GRADIO_SERVER_NAME      --story-ckpt / LLMB_STORY_CKPT   --device / LLMB_DEVICE
+    --port / GRADIO_SERVER_PORT      --base / LLMB_BASE               --cpu-int8 / LLMB_CPU_INT8
+    --checkpoints / LLMB_CHECKPOINTS --adapter / LLMB_ADAPTER         --data-dir / LLMB_DATA_DIRS
+    --work-dir / LLMB_WORK_DIR       --allow-training / LLMB_ALLOW_TRAINING
+
+This module also decides which folders the app may read data from and write to, and finds
+the story checkpoints and LoRA adapters the pickers offer. It imports nothing heavy, so the
+app can answer HTTP before torch is loaded.
+"""
+
+import argparse
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llmb.errors import UserError
+from llmb.folders import is_adapter, is_story_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_BASE = "microsoft/phi-2"
+PERSISTENT = Path("/data")  # a Space with persistent storage mounts it here
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def truthy(value):
+    return str(value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def persistent_storage():
+    """/data when it exists and we may write there (a Space with persistent storage), else None."""
+    if PERSISTENT.is_dir() and os.access(PERSISTENT, os.W_OK):
+        return PERSISTENT
+    return None
+
+
+@dataclass
+class AppConfig:
+    host: str = "127.0.0.1"
+    port: int = 7860
+    share: bool = False
+    story_ckpt: Path = REPO / "checkpoints" / "oz-story"
+    base: str = DEFAULT_BASE
+    adapter: str = "auto"  # "auto" (newest under checkpoints), "none", or a folder
+    device: str = "auto"
+    cpu_int8: bool = False
+    checkpoints: Path = REPO / "checkpoints"  # scanned by the pickers; new runs are written here
+    data_dirs: list = field(default_factory=list)  # folders the Train tab may read data from
+    work_dir: Path = REPO / "runs" / "app"  # job state, uploads, LR finder plots
+    on_space: bool = False
+    allow_training: bool = True
+
+    @property
+    def uploads(self):
+        return self.work_dir / "uploads"
+
+    @property
+    def job_state(self):
+        return self.work_dir / "job.json"
+
+    @property
+    def allowed_data_roots(self):
+        return [*self.data_dirs, self.uploads]
+
+    def scan_dirs(self):
+        """Where checkpoints and adapters are looked for: the output folder and the repo's own."""
+        return list(dict.fromkeys([self.checkpoints, REPO / "checkpoints"]))
+
+
+def parse_args(argv=None, env=None):
+    """AppConfig from flags, falling back to environment variables, then to the defaults."""
+    env = os.environ if env is None else env
+    storage = persistent_storage()
+    default_checkpoints = storage / "checkpoints" if storage else REPO / "checkpoints"
+    default_work = storage / "llmb" if storage else REPO / "runs" / "app"
+    default_data = [d for d in (REPO / "data", REPO.parent / "shared" / "data") if d.is_dir()]
+    env_data = [d for d in env.get("LLMB_DATA_DIRS", "").split(os.pathsep) if d]
+
+    p = argparse.ArgumentParser(prog="python app.py", description="llmb: story model, assistant and training in a browser.")
+    p.add_argument("--host", default=env.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(env.get("GRADIO_SERVER_PORT", 7860)))
+    p.add_argument("--share", action="store_true", help="ask Gradio for a public share link")
+    p.add_argument("--story-ckpt", default=env.get("LLMB_STORY_CKPT", str(REPO / "checkpoints" / "oz-story")))
+    p.add_argument("--base", default=env.get("LLMB_BASE", DEFAULT_BASE), help="hub id or local folder")
+    p.add_argument("--adapter", default=env.get("LLMB_ADAPTER", "auto"),
+                   help="LoRA adapter folder, 'none', or 'auto' (the newest adapter under the checkpoints folder)")
+    p.add_argument("--device", default=env.get("LLMB_DEVICE", "auto"), choices=["auto", "cpu", "cuda"])
+    p.add_argument("--cpu-int8", action="store_true", default=truthy(env.get("LLMB_CPU_INT8")),
+                   help="assistant on CPU: int8 linear layers (faster, less memory)")
+    p.add_argument("--checkpoints", default=env.get("LLMB_CHECKPOINTS", str(default_checkpoints)),
+                   help="folder scanned for checkpoints and adapters; new training runs go here")
+    p.add_argument("--data-dir", action="append", default=None,
+                   help="folder the Train tab may read data from (repeat for several)")
+    p.add_argument("--work-dir", default=env.get("LLMB_WORK_DIR", str(default_work)),
+                   help="job state, uploads and LR finder output")
+    p.add_argument("--allow-training", action="store_true", default=truthy(env.get("LLMB_ALLOW_TRAINING")),
+                   help="allow training on a public Space (always allowed elsewhere)")
+    args = p.parse_args(argv)
+
+    on_space = bool(env.get("SPACE_ID"))
+    return AppConfig(
+        host=args.host, port=args.port, share=args.share, story_ckpt=Path(args.story_ckpt).resolve(), base=args.base,
+        adapter=args.adapter, device=args.device, cpu_int8=args.cpu_int8, checkpoints=Path(args.checkpoints).resolve(),
+        data_dirs=[Path(d).resolve() for d in (args.data_dir or env_data or default_data)],
+        work_dir=Path(args.work_dir).resolve(),
+        on_space=on_space, allow_training=args.allow_training or not on_space,
+    )
+
+
+def environment(env=None):
+    """Environment variables to set before gradio/huggingface_hub are imported.
+
+    No analytics; and with persistent storage the Hugging Face cache lives on /data, so the
+    Phi-2 download survives a restart of the Space.
+    """
+    env = os.environ if env is None else env
+    wanted = {"GRADIO_ANALYTICS_ENABLED": "False"}
+    storage = persistent_storage()
+    if storage and "HF_HOME" not in env:
+        wanted["HF_HOME"] = str(storage / ".huggingface")
+    return wanted
+
+
+# ---------------------------------------------------------------------------------- folders
+
+def inside(path, roots):
+    """`path` resolved, if it lies inside one of `roots`; else UserError (stops ../ tricks and symlinks out)."""
+    resolved = Path(path).resolve()
+    for root in roots:
+        if resolved.is_relative_to(Path(root).resolve()):
+            return resolved
+    raise UserError(f"{path} is outside the allowed data folders")
+
+
+def check_name(name):
+    """A run name becomes a folder name: letters, digits, '.', '_' and '-' only."""
+    name = (name or "").strip()
+    if not NAME.match(name) or name in (".", ".."):
+        raise UserError(f"run name {name!r} must be 1-64 letters, digits, '.', '_' or '-' (no slashes)")
+    return name
+
+
+def _subdirs(folders):
+    for folder in folders:
+        if Path(folder).is_dir():
+            yield from (d for d in sorted(Path(folder).iterdir()) if d.is_dir() and not d.name.startswith("."))
+
+
+def newest_first(paths):
+    return sorted(set(paths), key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def find_story_checkpoints(config):
+    """Story checkpoints: the configured one first, then the others under the checkpoints folders."""
+    found = [d for d in _subdirs(config.scan_dirs()) if is_story_checkpoint(d)]
+    found = newest_first(found)
+    if is_story_checkpoint(config.story_ckpt):
+        found = [config.story_ckpt] + [d for d in found if d.resolve() != config.story_ckpt.resolve()]
+    return found
+
+
+def find_adapters(config):
+    """LoRA adapter folders under the checkpoints folders, newest first."""
+    return newest_first(d for d in _subdirs(config.scan_dirs()) if is_adapter(d))
+
+
+def default_adapter(config):
+    """The adapter the assistant starts with: the flag's folder, none, or the newest one found."""
+    if config.adapter == "none":
+        return None
+    if config.adapter == "auto":
+        found = find_adapters(config)
+        return found[0] if found else None
+    return Path(config.adapter)
+
+
+def data_choices(config):
+    """(label, path) for every usable data source in the data folders and uploads.
+
+    A source is a .txt book, a folder of .txt books, or a .jsonl chat file.
+    """
+    choices = []
+    for root in config.allowed_data_roots:
+        root = Path(root)
+        if not root.is_dir():
+            continue
+        for path in sorted(root.rglob("*")):
+            rel = path.relative_to(root)
+            if any(part.startswith(".") for part in rel.parts) or len(rel.parts) > 3:
+                continue
+            if path.is_file() and path.suffix in (".txt", ".jsonl"):
+                choices.append((f"{root.name}/{rel}", str(path)))
+            elif path.is_dir():
+                books = list(path.glob("*.txt"))
+                if len(books) > 1:
+                    choices.append((f"{root.name}/{rel}/ ({len(books)} books)", str(path)))
+    return choices

@@ -1,0 +1,125 @@
+"""Assistant commands: chat, merge, push. Heavy imports live inside the functions so --help is fast."""
+
+import argparse
+import sys
+
+from llmb.assistant.config import DEFAULT_BASE
+
+
+def register(sub):
+    p = sub.add_parser("chat", help="chat with Phi-2 (optionally with a QLoRA adapter)")
+    p.add_argument("--base", default=DEFAULT_BASE, help="hub id or local folder of the base model")
+    p.add_argument("--adapter", help="LoRA adapter dir (the --out of training/train_qlora.py)")
+    p.add_argument("--quant", default="none", choices=["4bit", "8bit", "none"], help="load the base quantized (bitsandbytes)")
+    p.add_argument("--cpu-int8", action="store_true", help="CPU: int8 linear layers, faster decoding, less memory")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, help="CPU threads for torch (on a busy machine 1 can be faster with --cpu-int8)")
+    p.add_argument("--prompt", help="answer this one message and exit (default: interactive)")
+    p.add_argument("--system", help="system text put before the conversation")
+    add_sampling_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("merge", help="fold a LoRA adapter into the base weights")
+    p.add_argument("--base", default=DEFAULT_BASE)
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("push", help="upload an adapter or story checkpoint dir to the Hugging Face hub")
+    p.add_argument("dir")
+    p.add_argument("--repo", required=True, help="hub repo id, e.g. you/phi2-guanaco")
+    p.add_argument("--private", action="store_true")
+    p.set_defaults(func=cmd_push)
+
+
+def train_main(argv=None, description=None):
+    """`training/train_qlora.py`: the flags are generated from llmb.assistant.config.TrainConfig."""
+    from llmb.assistant.config import TrainConfig
+    from llmb.errors import UserError
+    from llmb.settings import add_arguments, from_args
+
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p, TrainConfig)
+    args = p.parse_args(argv)
+    try:
+        from llmb.assistant.train import train
+
+        summary = train(from_args(TrainConfig, args))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if summary:  # only the main process has one
+        how = f"stopped by {summary['stopped_by']}" if summary["stopped_by"] else "done"
+        losses = "".join(f", {name} {summary[key]:.4f}" for name, key in
+                         (("train loss", "final_train_loss"), ("val loss", "final_val_loss")) if summary[key] is not None)
+        print(f"{how}: {summary['steps']} steps{losses}; adapter in {args.out}")
+        if summary["stopped_by"]:
+            print(f"resume with: python training/train_qlora.py ... --out {args.out} --resume")
+    return 0
+
+
+def add_sampling_args(p):
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--repetition-penalty", type=float, default=1.1)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int)
+
+
+def cmd_chat(args):
+    import torch
+
+    from llmb.assistant.engine import ChatEngine
+    from llmb.errors import UserError
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    engine = ChatEngine(args.base, adapter=args.adapter, quant=args.quant, device=args.device, cpu_int8=args.cpu_int8)
+    sampling = dict(system=args.system, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                    repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    if args.prompt is not None:
+        for piece in engine.stream([], args.prompt, **sampling):
+            print(piece, end="", flush=True)
+        print()
+        return 0
+    print("Chat: empty line or /quit to leave, /reset to forget the conversation, Ctrl-C stops an answer.")
+    history = []
+    while True:
+        try:
+            message = input("\nyou> ").strip()
+        except EOFError:
+            return 0
+        if message in ("", "/quit"):
+            return 0
+        if message == "/reset":
+            history = []
+            continue
+        print("assistant> ", end="", flush=True)
+        answer = ""
+        try:
+            for piece in engine.stream(history, message, **sampling):
+                answer += piece
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:  # leaving the loop closes the stream, which stops generation
+            print(" [stopped]", end="")
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        print()
+        history.append((message, answer))
+
+
+def cmd_merge(args):
+    from llmb.assistant.merge import merge
+
+    out = merge(args.base, args.adapter, args.out, dtype=args.dtype)
+    print(f"merged model written to {out}")
+
+
+def cmd_push(args):
+    from llmb.hub import push
+
+    url = push(args.dir, args.repo, private=args.private)
+    print(f"pushed {args.dir} to {url}")

@@ -1,0 +1,46 @@
+"""Settings of the assistant's QLoRA trainer, each defined once (`training/train_qlora.py`, the app's form).
+
+Every field carries its help text and allowed range (see llmb.settings). Imports no torch.
+"""
+
+from dataclasses import dataclass
+
+from llmb.settings import setting
+
+DEFAULT_BASE = "microsoft/phi-2"
+DEFAULT_DATA = "timdettmers/openassistant-guanaco"
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]  # Phi attention + MLP linears
+
+
+@dataclass
+class TrainConfig:
+    base: str = setting(DEFAULT_BASE, "hub id or local folder of the base model")
+    data: list = setting(help="hub dataset ids and/or .jsonl/.json/.parquet files", factory=lambda: [DEFAULT_DATA])
+    out: str = setting("checkpoints/phi2-guanaco", "output folder: the adapter, metrics.jsonl, summary.json, "
+                       "checkpoints", required=True)
+    quant: str = setting("4bit", "load the base quantized: 4bit (QLoRA, NF4), 8bit or none (needs a GPU for 4/8 bit)",
+                         choices=("4bit", "8bit", "none"))
+    max_steps: int = setting(500, "optimizer steps", low=1, high=10**7, label="Max steps", form=True)
+    max_seq_len: int = setting(512, "longest example in tokens (longer ones are cut)", low=8, high=16384,
+                               label="Max sequence length", form=True)
+    lora_r: int = setting(16, "LoRA rank", low=1, high=1024, label="LoRA rank", form=True)
+    lora_alpha: int = setting(32, "LoRA scaling alpha (update scaled by alpha / r)", low=1, high=4096)
+    lora_dropout: float = setting(0.05, "dropout on the LoRA input", low=0.0, high=0.9)
+    lora_targets: list = setting(help="module names that get LoRA adapters", factory=lambda: list(DEFAULT_TARGETS))
+    lr: float = setting(2e-4, "peak learning rate", low=1e-8, high=1.0, label="Learning rate", form=True)
+    warmup_ratio: float = setting(0.03, "share of the steps spent warming up", low=0.0, high=0.5)
+    max_grad_norm: float = setting(0.3, "clip the gradient norm to this", low=0.0, high=1000.0)
+    batch_size: int = setting(4, "examples per micro-batch", low=1, high=4096, label="Batch size", form=True)
+    grad_accum: int = setting(4, "micro-batches per optimizer step", low=1, high=1024)
+    eval_steps: int = setting(50, "evaluate every N steps", low=1, high=10**7, label="Evaluate every", form=True)
+    save_steps: int = setting(100, "save a resumable checkpoint every N steps", low=1, high=10**7,
+                              label="Save every", form=True)
+    log_steps: int = setting(10, "log train loss every N steps", low=1, high=10**6)
+    eval_split: float = setting(0.05, "fraction of the data held out when there is no --eval-data", low=0.0, high=0.5)
+    eval_data: str | None = setting(None, "separate eval file (or hub id)")
+    max_eval_examples: int = setting(200, "evaluate on at most this many examples", low=1, high=10**6)
+    skip_bad_rows: bool = setting(False, "skip unusable rows instead of stopping")
+    device: str = setting("auto", "where to train", choices=("auto", "cpu", "cuda"))
+    gradient_checkpointing: bool = setting(True, "recompute activations in the backward pass (less memory)")
+    resume: bool = setting(False, "continue from the last checkpoint in --out")
+    seed: int = setting(0, "random seed", low=0, high=2**31 - 1)

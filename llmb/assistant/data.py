@@ -1,0 +1,303 @@
+"""Chat data: read conversations, turn them into training examples for a causal LM.
+
+Every source becomes a list of conversations, each a list of turns (role, content) with
+role "system", "user" or "assistant". Three row formats are understood, detected per file:
+
+    guanaco   {"text": "### Human: ...### Assistant: ...### Human: ..."}
+    openai    {"messages": [{"role": "user", "content": ...}, ...]}
+    llama2    {"text": "<s>[INST] ... [/INST] ... </s><s>[INST] ... [/INST] ... </s>"}
+
+Whatever came in, the model is trained on the guanaco prompt format (QLoRA paper, Dettmers
+et al. 2023), with the loss only on the assistant's words:
+
+    [system\n]### Human: {user}### Assistant: {assistant}<|endoftext|>### Human: ...
+    \_______ prompt: label -100 _______/\___ target: labels = ids ___/
+"""
+
+import json
+import random
+import re
+from pathlib import Path
+from typing import NamedTuple
+
+from llmb.errors import UserError
+
+HUMAN, ASSISTANT = "### Human:", "### Assistant:"
+IGNORE = -100  # label value that cross-entropy skips
+
+
+class Turn(NamedTuple):
+    role: str  # "system" | "user" | "assistant"
+    content: str
+
+
+class BadRow(Exception):
+    """One unusable row; collected and reported together with its file and line."""
+
+
+# ---------------------------------------------------------------------------
+# Row formats -> turns
+
+
+def parse_guanaco(text):
+    # re.split with a group keeps the separators: ['', 'Human', ' hi', 'Assistant', ' hello', ...]
+    parts = re.split(r"### (Human|Assistant):", text)
+    if parts[0].strip():
+        raise BadRow("text before the first '### Human:'")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [Turn(roles[who], said.strip()) for who, said in zip(parts[1::2], parts[2::2])]
+
+
+LLAMA2_EXCHANGE = re.compile(r"\[INST\](.*?)\[/INST\](.*?)(?:</s>|(?=<s>)|$)", re.S)
+LLAMA2_SYSTEM = re.compile(r"^\s*<<SYS>>(.*?)<</SYS>>", re.S)
+
+
+def parse_llama2(text):
+    turns = []
+    for i, m in enumerate(LLAMA2_EXCHANGE.finditer(text)):
+        user, answer = m.group(1), m.group(2)
+        system = LLAMA2_SYSTEM.match(user)
+        if system and i == 0:
+            turns.append(Turn("system", system.group(1).strip()))
+            user = user[system.end():]
+        turns += [Turn("user", user.strip()), Turn("assistant", answer.strip())]
+    return turns
+
+
+def parse_openai(messages):
+    if not isinstance(messages, list):
+        raise BadRow("'messages' is not a list")
+    turns = []
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise BadRow(f"message without role system/user/assistant: {str(m)[:60]}")
+        if not isinstance(m.get("content"), str):
+            raise BadRow(f"message content is not a string: {str(m)[:60]}")
+        turns.append(Turn(m["role"], m["content"].strip()))
+    return turns
+
+
+def detect_format(row):
+    if not isinstance(row, dict):
+        return None
+    if "messages" in row:
+        return "openai"
+    text = row.get("text")
+    if isinstance(text, str) and "[INST]" in text:
+        return "llama2"
+    if isinstance(text, str) and HUMAN in text:
+        return "guanaco"
+    return None
+
+
+def row_to_turns(row, fmt):
+    if isinstance(row, dict) and not (row.get("text") or row.get("messages")):
+        raise BadRow("empty text")
+    if detect_format(row) != fmt:
+        raise BadRow(f"not in this file's {fmt} format")
+    turns = parse_openai(row["messages"]) if fmt == "openai" else (parse_guanaco if fmt == "guanaco" else parse_llama2)(row["text"])
+    while turns and turns[-1].role != "assistant":  # a trailing question has nothing to learn from
+        turns.pop()
+    if not any(t.role == "assistant" for t in turns):
+        raise BadRow("no assistant turn")
+    if any(t.role == "assistant" and not t.content for t in turns):
+        raise BadRow("empty assistant turn")
+    return turns
+
+
+# ---------------------------------------------------------------------------
+# Sources -> conversations
+
+
+def read_rows(path):
+    """Yield (line_or_row_number, row_or_BadRow) from a .jsonl, .json or .parquet file."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    yield n, BadRow("empty line")
+                    continue
+                try:
+                    yield n, json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield n, BadRow(f"invalid JSON ({e.msg})")
+    elif suffix == ".json":
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        if not isinstance(rows, list):
+            raise UserError(f"{path}: expected a JSON list of rows")
+        yield from enumerate(rows, 1)
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        yield from enumerate(pq.read_table(path).to_pylist(), 1)
+    else:
+        raise UserError(f"{path}: unknown file type '{suffix}'; use .jsonl, .json or .parquet")
+
+
+def rows_to_conversations(rows, source, where="line"):
+    """Convert rows of one source; returns (conversations, bad) with bad = ['file:line: why', ...]."""
+    rows = list(rows)
+    fmt = next((detect_format(r) for _, r in rows if detect_format(r)), None)
+    if fmt is None:
+        raise UserError(f"{source}: no row in a known format (guanaco '### Human:' text, "
+                        "OpenAI 'messages', or Llama-2 '[INST]' text)")
+    conversations, bad = [], []
+    for n, row in rows:
+        try:
+            if isinstance(row, BadRow):
+                raise row
+            conversations.append(row_to_turns(row, fmt))
+        except BadRow as e:
+            bad.append(f"{source}:{n}: {e}" if where == "line" else f"{source} {where} {n}: {e}")
+    return conversations, bad
+
+
+def load_hub(name):
+    """A dataset on the Hugging Face hub: returns {split: rows}."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name)
+    except Exception as e:  # offline, unknown id, no network: one clear line
+        raise UserError(f"cannot load dataset '{name}' from the Hugging Face hub ({type(e).__name__}); "
+                        "check the name and your network, or pass a local .jsonl/.json/.parquet file") from None
+    return {split: list(enumerate(ds[split], 1)) for split in ds}
+
+
+def load_conversations(spec):
+    """A local file or a hub dataset id -> (train conversations, eval conversations or None, bad rows)."""
+    path = Path(spec)
+    if path.is_file():
+        convs, bad = rows_to_conversations(read_rows(path), str(path), "line" if path.suffix != ".parquet" else "row")
+        return convs, None, bad
+    if path.suffix.lower() in (".jsonl", ".json", ".parquet") or path.exists():
+        raise UserError(f"data file not found: {spec}")
+    splits = load_hub(spec)
+    train, bad = rows_to_conversations(splits.get("train", []), f"{spec}[train]", "row")
+    test = None
+    if "test" in splits:
+        test, bad_test = rows_to_conversations(splits["test"], f"{spec}[test]", "row")
+        bad += bad_test
+    return train, test, bad
+
+
+def load_chat_data(data, eval_data=None, eval_split=0.05, skip_bad_rows=False, seed=0):
+    """Everything the trainer needs: (train, eval) conversation lists.
+
+    `data` is one spec or a list of them. Eval comes from `eval_data` if given, else from a
+    hub dataset's test split, else a deterministic `eval_split` fraction of the train rows.
+    """
+    specs = [data] if isinstance(data, (str, Path)) else list(data)
+    train, evals, bad = [], [], []
+    for spec in specs:
+        tr, te, b = load_conversations(spec)
+        train += tr
+        evals += te or []
+        bad += b
+    if eval_data:
+        evals, b = [], []
+        for spec in [eval_data] if isinstance(eval_data, (str, Path)) else eval_data:
+            tr, te, b2 = load_conversations(spec)
+            evals += tr + (te or [])
+            b += b2
+        bad += b
+    if bad and not skip_bad_rows:
+        shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+        raise UserError(f"{len(bad)} bad rows (fix them or pass --skip-bad-rows):\n  {shown}")
+    if bad:
+        print(f"skipped {len(bad)} bad rows (first: {bad[0]})")
+    if not evals and eval_split > 0:
+        train, evals = split_eval(train, eval_split, seed)
+    if not train:
+        raise UserError("no training conversations left; check --data")
+    return train, evals
+
+
+def split_eval(conversations, fraction, seed=0):
+    """Deterministic split: the same data and seed always give the same eval rows."""
+    if not 0 < fraction < 1:
+        raise UserError(f"--eval-split must be between 0 and 1, got {fraction}")
+    order = list(range(len(conversations)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(len(conversations) * fraction))
+    held = set(order[:n_eval])
+    train = [c for i, c in enumerate(conversations) if i not in held]
+    evals = [conversations[i] for i in sorted(held)]
+    return train, evals
+
+
+# ---------------------------------------------------------------------------
+# Turns -> token ids and labels
+
+
+def encode_exchanges(tokenizer, turns):
+    """Token ids of a conversation as (system_ids, [(prompt_ids, answer_ids), ...]).
+
+    Each exchange is "### Human: {user}### Assistant:" (the prompt) followed by
+    " {assistant}<|endoftext|>" (the answer). An assistant turn of None leaves the last answer
+    empty, which is how the chat asks the model to continue. Consecutive user turns are joined.
+    """
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    system = [t.content for t in turns if t.role == "system"]
+    system_ids = enc("\n".join(system) + "\n") if system and any(system) else []
+    exchanges, users = [], []
+    for role, content in turns:
+        if role == "user":
+            users.append(content)
+        elif role == "assistant":
+            prompt = f"{HUMAN} {chr(10).join(users)}{ASSISTANT}"
+            answer = enc(f" {content}") + [tokenizer.eos_token_id] if content is not None else []
+            exchanges.append((enc(prompt), answer))
+            users = []
+    return system_ids, exchanges
+
+
+def fit_exchanges(system_ids, exchanges, max_len, min_answer=None):
+    """Make a conversation fit in `max_len` tokens.
+
+    Whole early exchanges go first. If the last exchange alone is still too long, its prompt
+    is cut from the left and its answer from the right, keeping at least `min_answer`
+    answer tokens (default max_len // 2) so the answer is never cut to nothing. The system
+    text is kept when it fits beside the last exchange, else dropped.
+    """
+    total = lambda ex: sum(len(p) + len(a) for p, a in ex)  # noqa: E731
+    while len(exchanges) > 1 and len(system_ids) + total(exchanges) > max_len:
+        exchanges = exchanges[1:]
+    if len(system_ids) + total(exchanges) > max_len:
+        system_ids = []
+    if total(exchanges) > max_len:
+        prompt, answer = exchanges[-1]
+        keep_answer = min(len(answer), max(max_len - len(prompt), min_answer or max_len // 2))
+        exchanges = [(prompt[len(prompt) - (max_len - keep_answer):], answer[:keep_answer])]
+    return system_ids, exchanges
+
+
+def encode_example(tokenizer, turns, max_seq_len=512):
+    """A training example: {"input_ids", "labels"}, labels -100 everywhere but the answers."""
+    system_ids, exchanges = fit_exchanges(*encode_exchanges(tokenizer, turns), max_seq_len)
+    input_ids, labels = list(system_ids), [IGNORE] * len(system_ids)
+    for prompt, answer in exchanges:
+        input_ids += prompt + answer
+        labels += [IGNORE] * len(prompt) + answer
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def encode_dataset(tokenizer, conversations, max_seq_len=512):
+    return [encode_example(tokenizer, turns, max_seq_len) for turns in conversations]
+
+
+def collate(batch, pad_id):
+    """Right-pad a list of examples into tensors; padding is masked out of attention and loss."""
+    import torch
+
+    width = max(len(ex["input_ids"]) for ex in batch)
+    pad = lambda seq, value: seq + [value] * (width - len(seq))  # noqa: E731
+    return {
+        "input_ids": torch.tensor([pad(ex["input_ids"], pad_id) for ex in batch]),
+        "attention_mask": torch.tensor([pad([1] * len(ex["input_ids"]), 0) for ex in batch]),
+        "labels": torch.tensor([pad(ex["labels"], IGNORE) for ex in batch]),
+    }

@@ -1,0 +1,30 @@
+"""Merging: fold a LoRA adapter into its base, so the result loads with plain `from_pretrained`."""
+
+from pathlib import Path
+
+from llmb.assistant.loading import load_base_model, load_tokenizer
+from llmb.errors import UserError
+from llmb.fileio import save_dir_atomically
+from llmb.folders import require
+
+
+def merge(base, adapter, out, dtype="bfloat16"):
+    """Fold the LoRA update into the base weights (W = W0 + alpha/r * B A); `out` loads with from_pretrained.
+
+    Needs the full base in memory (Phi-2: ~5.6 GB in bf16, 11 GB in fp32). Never merged into a
+    4-bit base: rounding the sum back to 4 bits would lose most of the adapter.
+    """
+    import torch
+    from peft import PeftModel
+
+    require(adapter, "adapter", "pass the --out folder of training/train_qlora.py")
+    if dtype not in ("bfloat16", "float32"):
+        raise UserError(f"merge dtype must be bfloat16 or float32 (Phi-2 overflows in float16), got {dtype}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not (out / "config.json").exists():
+        raise UserError(f"{out} exists and does not hold a model; pick a new --out folder")
+    model = load_base_model(base, "none", "cpu", getattr(torch, dtype))
+    model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    tokenizer = load_tokenizer(adapter if (Path(adapter) / "tokenizer_config.json").exists() else base)
+    save_dir_atomically(out, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    return Path(out)

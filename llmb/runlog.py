@@ -1,0 +1,92 @@
+"""Run bookkeeping shared by both trainers: the one metrics log and the graceful stop.
+
+The metrics log is JSON lines, one object per log step: the CLI prints it, the app plots it
+and the benchmarks read it.
+"""
+
+import json
+import signal
+from pathlib import Path
+
+from llmb.fileio import atomic_path, write_json
+
+# How a run ended, the same words for both trainers: it reached its step budget, its time
+# budget, a signal (Ctrl-C, SIGTERM, the app's Stop) asked it to save and stop, or it failed.
+STOPPED_BY = ("done", "time", "signal", "error")
+
+
+class MetricsLog:
+    """Append-only `metrics.jsonl`. Each record is flushed at once so a reader sees it live."""
+
+    def __init__(self, path, truncate=False):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "w" if truncate else "a", encoding="utf-8")
+
+    def log(self, **record):
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+
+    def close(self):
+        self._f.close()
+
+
+def read_metrics(path):
+    """All complete records of a metrics log (a partly written last line is skipped)."""
+    records = []
+    path = Path(path)
+    if not path.exists():
+        return records
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def write_summary(out, *, data, steps, total_steps, train_loss, val_loss, elapsed_s, stopped_by, **extra):
+    """summary.json, the one run summary both trainers write and the model card / app / benchmarks read.
+
+    data: the data sources; steps: optimizer steps done; train_loss/val_loss: the last ones
+    (nats per token); elapsed_s: training time; stopped_by: one of STOPPED_BY. `extra` holds
+    what only one kind of run has (val_bpc for a story model, base and lora for an adapter).
+    """
+    if stopped_by not in STOPPED_BY:
+        raise ValueError(f"stopped_by must be one of {STOPPED_BY}, not {stopped_by!r}")
+    summary = {"data": [str(d) for d in data], "steps": steps, "total_steps": total_steps,
+               "final_train_loss": train_loss, "final_val_loss": val_loss, "elapsed_s": round(elapsed_s, 2),
+               "stopped_by": stopped_by, **extra}
+    write_json(Path(out) / "summary.json", summary)
+    return summary
+
+
+class StopSignal:
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves and exits. A second Ctrl-C kills."""
+
+    def __init__(self):
+        self.name = None
+
+    def _handle(self, signum, frame):
+        self.name = signal.Signals(signum).name
+        signal.signal(signum, signal.SIG_DFL)
+
+    def __enter__(self):
+        self._old = {}
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread (e.g. inside an app): no handler
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def trim_metrics(path, step):
+    """On resume, drop log lines written after the checkpoint we go back to."""
+    kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")

@@ -1,0 +1,237 @@
+"""Settings defined once: a dataclass field carries its default, help text and allowed values.
+
+    @dataclass
+    class StoryConfig:
+        n_layer: int = setting(4, "transformer blocks", low=1, high=64)
+
+Everything else is generated from those fields: the command line (`add_arguments`), the checks
+(`check`, `from_values`), the command line the app runs for a job (`to_argv`) and the app's
+Train form (`specs`). A config class may add a `check(self)` method for rules that tie several
+settings together (the width must split into heads). This module imports no torch, so the app
+can build its form without loading any model code.
+"""
+
+import argparse
+import math
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+
+from llmb.errors import UserError
+
+
+def setting(default=MISSING, help="", *, low=None, high=None, choices=None, words=(), label=None, form=False,
+            required=False, factory=None):
+    """A dataclass field that knows its help text and allowed values.
+
+    low/high: the inclusive range of a number; choices: the allowed strings; words: strings
+    allowed instead of a number (e.g. "auto"); label: the app's name for it; form: shown in the
+    app's Train tab; required: the command line must give it (the dataclass keeps a default
+    so that code can build a config step by step).
+    """
+    meta = dict(help=help, low=low, high=high, choices=tuple(choices) if choices else None, words=tuple(words),
+                label=label, form=form, required=required)
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One setting as the parsers and the form see it."""
+
+    name: str
+    kind: type  # int, float, str, bool or list
+    default: object
+    help: str
+    low: float | None = None
+    high: float | None = None
+    choices: tuple | None = None
+    words: tuple = ()
+    optional: bool = False  # None is allowed (e.g. no time limit)
+    label: str | None = None
+    form: bool = False
+    required: bool = False
+
+    @property
+    def flag(self):
+        return "--" + self.name.replace("_", "-")
+
+    def allowed(self):
+        """What the setting accepts, in words: 'a whole number from 1 to 64', 'one of a, b'."""
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        if self.kind in (int, float):
+            what = "a whole number" if self.kind is int else "a number"
+            if self.low is not None and self.high is not None:
+                what += f" from {self.low:g} to {self.high:g}"
+            elif self.low is not None:
+                what += f" of at least {self.low:g}"
+            return what + "".join(f" or '{w}'" for w in self.words)
+        return {bool: "true or false", list: "one or more values"}.get(self.kind, "text")
+
+
+def _kind(annotation):
+    """(base type, None allowed) of a field's annotation: int | None -> (int, True)."""
+    if isinstance(annotation, (types.UnionType, typing._UnionGenericAlias)):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(annotation))
+        numeric = [a for a in args if a in (int, float)]
+        return (numeric[0] if numeric else args[0]), optional
+    return (typing.get_origin(annotation) or annotation), False
+
+
+def specs(cls):
+    """The Spec of every field of the config class `cls`, in order."""
+    out = []
+    for f in fields(cls):
+        kind, optional = _kind(f.type)
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        meta = dict(f.metadata)
+        out.append(Spec(f.name, kind, default, meta.pop("help", ""), optional=optional or default is None, **meta))
+    return out
+
+
+def spec_of(cls, name):
+    return next(s for s in specs(cls) if s.name == name)
+
+
+# ------------------------------------------------------------------------------------- checks
+
+def check_number(label, value, low=None, high=None, kind=float):
+    """`value` (a number or its text) as `kind`, inside [low, high]; else a UserError naming `label`.
+
+    The one bounded-number check of the project: the CLIs, the trainers and the app use it.
+    """
+    if isinstance(value, bool):
+        raise UserError(f"{label} must be a number (got {value})")
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{label} must be a number (got {str(value)[:30]!r})") from None
+    if not math.isfinite(x):
+        raise UserError(f"{label} must be a finite number (got {value})")
+    if kind is int and x != int(x):
+        raise UserError(f"{label} must be a whole number (got {x:g})")
+    if (low is not None and x < low) or (high is not None and x > high):
+        span = f"between {low:g} and {high:g}" if low is not None and high is not None else \
+            f"at least {low:g}" if low is not None else f"at most {high:g}"
+        raise UserError(f"{label} must be {span} (got {x:g})")
+    return kind(x)
+
+
+def parse(spec, value, label=None):
+    """`value` (text from a command line or a form, or a Python value) as the setting wants it.
+
+    UserError names the setting (its flag, or `label`) and what it accepts.
+    """
+    name = label or spec.flag
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if spec.optional:
+            return None
+        raise UserError(f"{name} is empty; give {spec.allowed()}")
+    if spec.kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise UserError(f"{name} must be true or false (got {value!r})")
+    if spec.kind is list:
+        items = [value] if isinstance(value, str) else list(value)
+        items = [part.strip() for item in items for part in str(item).split(",") if part.strip()]  # a,b works too
+        if not items:
+            raise UserError(f"{name} needs at least one value")
+        return [str(item) for item in items]
+    if isinstance(value, str) and value.strip() in spec.words:
+        return value.strip()
+    if spec.kind is str:
+        if not isinstance(value, str):
+            raise UserError(f"{name} must be text (got {value!r})")
+        if spec.choices and value not in spec.choices:
+            raise UserError(f"{name} must be {spec.allowed()} (got {value!r})")
+        return value
+    try:
+        return check_number(name, value, spec.low, spec.high, spec.kind)
+    except UserError:
+        if spec.words:  # say what else it takes
+            raise UserError(f"{name} must be {spec.allowed()} (got {str(value)[:30]!r})") from None
+        raise
+
+
+def check(cfg):
+    """Check every setting of a config instance, then its own cross-setting rules; UserError names the flag."""
+    for spec in specs(type(cfg)):
+        setattr(cfg, spec.name, parse(spec, getattr(cfg, spec.name)))
+    if hasattr(cfg, "check"):
+        cfg.check()
+    return cfg
+
+
+def from_values(cls, values, labels=False):
+    """A checked config from {name: value} (form fields or API values); unknown names are refused."""
+    known = {s.name: s for s in specs(cls)}
+    parsed = {}
+    for name, value in values.items():
+        if name not in known:
+            raise UserError(f"{name!r} is not a setting of {cls.__name__}")
+        spec = known[name]
+        parsed[name] = parse(spec, value, (spec.label or name.replace("_", " ")) if labels else None)
+    return check(cls(**parsed))
+
+
+# ------------------------------------------------------------------------------ command line
+
+def _argparse_type(spec):
+    def convert(text):
+        try:
+            return parse(spec, text, label="")
+        except UserError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix(" ")) from None
+    convert.__name__ = spec.kind.__name__  # argparse names it in "invalid int value"
+    return convert
+
+
+def add_arguments(parser, cls, only=None, skip=()):
+    """One flag per setting of `cls` (or of the names in `only`), with its help, default and range."""
+    for spec in specs(cls):
+        if spec.name in skip or (only is not None and spec.name not in only):
+            continue
+        default = None if spec.required else spec.default
+        shown = "" if spec.required or default in (None, [], "") or spec.kind is bool else f" (default: {default})"
+        limits = f" [{spec.allowed()}]" if spec.kind in (int, float) and (spec.low is not None or spec.words) else ""
+        text = spec.help + shown + limits
+        if spec.kind is bool and spec.default:
+            parser.add_argument(f"--no-{spec.flag[2:]}", dest=spec.name, action="store_false", help=text)
+        elif spec.kind is bool:
+            parser.add_argument(spec.flag, action="store_true", help=text)
+        elif spec.kind is list:
+            parser.add_argument(spec.flag, nargs="+", default=default, required=spec.required, metavar="VALUE",
+                                help=text)
+        else:
+            parser.add_argument(spec.flag, type=_argparse_type(spec), default=default, required=spec.required,
+                                choices=spec.choices, metavar=None if spec.choices else spec.name.upper(), help=text)
+
+
+def from_args(cls, args):
+    """The config of `cls` from parsed arguments (names not in `cls` are ignored), checked."""
+    names = {s.name for s in specs(cls)}
+    return check(cls(**{k: v for k, v in vars(args).items() if k in names}))
+
+
+def to_argv(cfg, skip=()):
+    """The flags that give `cfg` on a command line: only settings that differ from the default."""
+    argv = []
+    for spec in specs(type(cfg)):
+        value = getattr(cfg, spec.name)
+        if spec.name in skip or (value == spec.default and not spec.required) or value is None:
+            continue
+        if spec.kind is bool:
+            argv.append(spec.flag if value else f"--no-{spec.flag[2:]}")
+        elif spec.kind is list:
+            argv += [spec.flag, *map(str, value)]
+        else:
+            argv += [spec.flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    return argv

@@ -1,0 +1,101 @@
+"""Story model command line: `python -m llmb sample|eval|lr-find` and `training/train_char.py`.
+
+The trainer's flags are generated from llmb.story.config.TrainConfig (lr-find takes the model's share).
+"""
+
+import argparse
+import json
+import sys
+
+from llmb.errors import UserError
+from llmb.settings import add_arguments, from_args
+
+MODEL_SETTINGS = ("data", "out", "tokenizer", "vocab_size", "val_fraction", "n_layer", "n_head", "n_embd",
+                  "block_size", "dropout", "bias", "batch_size", "weight_decay", "grad_clip", "seed", "device", "progress")
+
+
+def train_parser(description=None):
+    """The trainer's command line (`training/train_char.py`), generated from TrainConfig's fields."""
+    from llmb.story.config import TrainConfig
+
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p, TrainConfig)
+    return p
+
+
+def train_main(argv=None, description=None):
+    from llmb.story.config import TrainConfig
+
+    args = train_parser(description).parse_args(argv)
+    try:
+        from llmb.story.train import train
+
+        train(from_args(TrainConfig, args))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_sample(args):
+    from llmb.device import resolve_device
+    from llmb.story.checkpoint import load_checkpoint
+    from llmb.story.sample import check_sampling, generate
+
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    device = "cpu" if args.cpu_int8 else resolve_device(args.device)
+    model, tokenizer, _ = load_checkpoint(args.ckpt, device, cpu_int8=args.cpu_int8)
+    unknown = tokenizer.unknown(args.prompt)
+    if unknown:
+        print(f"note: dropped characters the model never saw: {''.join(unknown)!r}", file=sys.stderr)
+    sys.stdout.write(args.prompt)
+    for piece in generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
+                          args.top_k, args.top_p, args.seed):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_eval(args):
+    from llmb.story.train import evaluate_checkpoint
+
+    print(json.dumps(evaluate_checkpoint(args.ckpt, args.data, args.val_fraction, args.batch_size)))
+
+
+def cmd_lr_find(args):
+    from llmb.story.config import TrainConfig
+    from llmb.story.train import find_lr
+
+    find_lr(from_args(TrainConfig, args), num_iters=args.num_iters, start_lr=args.start_lr, end_lr=args.end_lr,
+            out_dir=args.out)
+    print(f"wrote {args.out}/lr_find.png and {args.out}/lr_find.json")
+
+
+def register(sub):
+    from llmb.story.config import TrainConfig
+
+    p = sub.add_parser("sample", help="continue a prompt with a story model (streams)")
+    p.add_argument("--ckpt", required=True, metavar="DIR", help="checkpoint folder (a training --out)")
+    p.add_argument("--prompt", default="\n", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=500)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--cpu-int8", action="store_true", help="int8 linear layers: faster sampling on a CPU")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("eval", help="val loss (nats/token) and bits per character on the validation split")
+    p.add_argument("--ckpt", required=True, metavar="DIR")
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH")
+    p.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("lr-find", help="LR range test: writes lr_find.png and lr_find.json to --out")
+    add_arguments(p, TrainConfig, only=MODEL_SETTINGS)
+    p.add_argument("--num-iters", type=int, default=200, help="batches in the sweep")
+    p.add_argument("--start-lr", type=float, default=1e-5)
+    p.add_argument("--end-lr", type=float, default=1.0)
+    p.set_defaults(func=cmd_lr_find)

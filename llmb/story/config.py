@@ -1,0 +1,65 @@
+"""Settings of the story model's trainer, each defined once (`training/train_char.py`, the app's form).
+
+Every field carries its help text and allowed range (see llmb.settings): the command line, the
+app's Train tab, the job command line and the checks are all generated from this class. It
+imports no torch.
+"""
+
+from dataclasses import dataclass
+
+from llmb.errors import UserError
+from llmb.settings import setting
+
+DAY = 24 * 3600.0
+
+
+@dataclass
+class TrainConfig:
+    # data and output
+    data: list = setting(help="text files and/or folders of .txt books (read in sorted order)", factory=list,
+                         required=True)
+    out: str = setting("checkpoints/story", "checkpoint folder (config, weights, tokenizer, metrics)", required=True)
+    tokenizer: str = setting("char", "char, wordpiece (trained on the corpus) or a pretrained hub id / local folder")
+    vocab_size: int = setting(2000, "vocabulary size for --tokenizer wordpiece", low=64, high=200_000)
+    val_fraction: float = setting(0.1, "last part of every book held out for validation", low=0.01, high=0.5)
+    # the model
+    n_layer: int = setting(4, "transformer blocks", low=1, high=64, label="Layers", form=True)
+    n_head: int = setting(4, "attention heads per block", low=1, high=64, label="Heads", form=True)
+    n_embd: int = setting(128, "embedding width (a multiple of 2 x heads)", low=2, high=4096,
+                          label="Embedding width", form=True)
+    block_size: int = setting(64, "context length in tokens", low=2, high=8192, label="Context (characters)",
+                              form=True)
+    dropout: float = setting(0.0, "dropout probability", low=0.0, high=0.9, label="Dropout", form=True)
+    bias: bool = setting(False, "bias in linear layers and layer norms")
+    # optimisation
+    batch_size: int = setting(8, "sequences per step; small batches, many updates suit a short CPU run",
+                              low=1, high=4096, label="Batch size", form=True)
+    lr: float | str = setting(2e-3, "peak learning rate, or 'auto' to run the LR finder first", low=1e-8, high=10.0,
+                              words=("auto",), label="Learning rate", form=True)
+    schedule: str = setting("onecycle", "learning-rate schedule", choices=("onecycle", "cosine", "constant"))
+    pct_start: float = setting(0.25, "share of the one-cycle spent warming up", low=0.01, high=0.9)
+    weight_decay: float = setting(0.1, "AdamW weight decay", low=0.0, high=1.0)
+    grad_clip: float = setting(1.0, "clip the gradient norm to this (0 = off)", low=0.0, high=1000.0)
+    # how long
+    max_iters: int | None = setting(None, "stop after N steps", low=1, high=10**7, label="Max steps", form=True)
+    max_time: float | None = setting(None, "stop after S seconds of training (plans the schedule to fit)",
+                                     low=1.0, high=7 * DAY, label="Max time (s)", form=True)
+    eval_interval: int = setting(250, "evaluate (val loss, bpc, a sample) and save every N steps", low=1,
+                                 high=10**7, label="Evaluate every", form=True)
+    eval_iters: int = setting(20, "batches per evaluation", low=1, high=10**4)
+    log_interval: int = setting(10, "log train loss every N steps", low=1, high=10**6)
+    sample_chars: int = setting(120, "characters sampled at each evaluation", low=0, high=10_000)
+    # the run
+    seed: int = setting(1337, "random seed", low=0, high=2**31 - 1)
+    device: str = setting("auto", "where to train", choices=("auto", "cpu", "cuda"))
+    resume: bool = setting(False, "continue the run saved in --out")
+    progress: bool = setting(True, "show a progress bar")
+
+    def check(self):
+        """Rules that tie settings together (each setting's own range is checked from its field)."""
+        if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
+            raise UserError(f"--n-embd {self.n_embd} must split into --n-head {self.n_head} heads of even width")
+
+    def check_length(self):
+        if self.max_iters is None and self.max_time is None:
+            raise UserError("say how long to train: --max-iters N or --max-time SECONDS")

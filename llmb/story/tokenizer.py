@@ -1,0 +1,142 @@
+"""Tokenizers for the story model: characters (default), a WordPiece trained on the corpus,
+or any pretrained tokenizer (hub id or local folder).
+
+All three share one small interface: encode, decode, vocab_size, unknown, save, and
+`load_tokenizer(dir)` reads back whichever was saved with a checkpoint.
+"""
+
+import json
+from pathlib import Path
+
+from llmb.errors import UserError
+from llmb.fileio import atomic_path
+
+CHAR_FILE = "char_vocab.json"
+SUBWORD_FILE = "tokenizer.json"
+
+
+class CharTokenizer:
+    """One token per character; the vocabulary is the set of characters in the corpus."""
+
+    kind = "char"
+
+    def __init__(self, chars):
+        self.chars = list(chars)
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+
+    @classmethod
+    def train(cls, text):
+        return cls(sorted(set(text)))
+
+    @property
+    def vocab_size(self):
+        return len(self.chars)
+
+    def unknown(self, text):
+        """The characters of text this vocabulary lacks, in order of first appearance."""
+        return list(dict.fromkeys(c for c in text if c not in self.stoi))
+
+    def encode(self, text, drop_unknown=False):
+        if drop_unknown:
+            return [self.stoi[c] for c in text if c in self.stoi]
+        try:
+            return [self.stoi[c] for c in text]
+        except KeyError as e:
+            raise UserError(f"character {e.args[0]!r} is not in the model's vocabulary") from None
+
+    def decode(self, ids):
+        return "".join(self.chars[i] for i in ids)
+
+    def save(self, directory):
+        with atomic_path(Path(directory) / CHAR_FILE) as tmp:
+            tmp.write_text(json.dumps({"kind": "char", "chars": self.chars}, ensure_ascii=False), encoding="utf-8")
+
+
+class SubwordTokenizer:
+    """A `tokenizers.Tokenizer`: WordPiece trained here, or a pretrained one (e.g. BERT, Phi-2)."""
+
+    kind = "subword"
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.unk_id = None
+        model = json.loads(tokenizer.to_str())["model"]
+        if model.get("unk_token") is not None:
+            self.unk_id = tokenizer.token_to_id(model["unk_token"])
+
+    @classmethod
+    def train_wordpiece(cls, text, vocab_size=2000):
+        """BERT-style WordPiece trained on the corpus (cased, so no information is thrown away)."""
+        from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=["[UNK]"])
+        lines = text.split("\n")
+        tok.train_from_iterator((lines[i:i + 1000] for i in range(0, len(lines), 1000)), trainer=trainer)
+        return cls(tok)
+
+    @classmethod
+    def from_pretrained(cls, name):
+        """A hub id (needs internet the first time) or a local folder with tokenizer files."""
+        from transformers import AutoTokenizer
+
+        try:
+            hf = AutoTokenizer.from_pretrained(name)
+        except Exception as e:  # transformers raises OSError/ValueError/HF errors for a bad id or path
+            raise UserError(
+                f"could not load tokenizer {name!r} ({type(e).__name__}). Pass 'char', 'wordpiece', "
+                "a local folder with tokenizer.json, or a hub id while online."
+            ) from None
+        if getattr(hf, "backend_tokenizer", None) is None:
+            raise UserError(f"tokenizer {name!r} has no fast (tokenizers) version; pick another")
+        tok = hf.backend_tokenizer
+        tok.no_padding()
+        tok.no_truncation()
+        return cls(tok)
+
+    @property
+    def vocab_size(self):
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def unknown(self, text):
+        if self.unk_id is None:
+            return []
+        enc = self.tok.encode(text, add_special_tokens=False)
+        return list(dict.fromkeys(text[a:b] for i, (a, b) in zip(enc.ids, enc.offsets) if i == self.unk_id))
+
+    def encode(self, text, drop_unknown=False):
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        if drop_unknown and self.unk_id is not None:
+            ids = [i for i in ids if i != self.unk_id]
+        return ids
+
+    def decode(self, ids):
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+    def save(self, directory):
+        with atomic_path(Path(directory) / SUBWORD_FILE) as tmp:
+            self.tok.save(str(tmp))
+
+
+def build_tokenizer(name, text, vocab_size=2000):
+    """`char`, `wordpiece` (trained on text) or a pretrained tokenizer's hub id / local path."""
+    if name == "char":
+        return CharTokenizer.train(text)
+    if name == "wordpiece":
+        return SubwordTokenizer.train_wordpiece(text, vocab_size)
+    return SubwordTokenizer.from_pretrained(name)
+
+
+def load_tokenizer(directory):
+    directory = Path(directory)
+    if (directory / CHAR_FILE).exists():
+        data = json.loads((directory / CHAR_FILE).read_text(encoding="utf-8"))
+        return CharTokenizer(data["chars"])
+    if (directory / SUBWORD_FILE).exists():
+        from tokenizers import Tokenizer
+
+        return SubwordTokenizer(Tokenizer.from_file(str(directory / SUBWORD_FILE)))
+    raise UserError(f"no tokenizer in {directory} (expected {CHAR_FILE} or {SUBWORD_FILE})")

@@ -1,0 +1,141 @@
+"""The app in a real browser: Playwright driving Debian's Chromium (/usr/bin/chromium).
+
+One app (python app.py in a subprocess) and one browser for the module. Screenshots of every
+tab go to artifacts/screenshots/ for a person to look at.
+
+Chromium: `apt-get install -y chromium`. Without it these tests fail (they do not skip).
+"""
+
+from pathlib import Path
+
+import pytest
+
+from tests.app.app_server import REPO, app_folders, launch_app, stop_app, stop_training
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SHOTS = REPO / "artifacts" / "screenshots"
+TINY_MODEL = {"n-layer": "2", "n-head": "2", "n-embd": "32", "block-size": "32", "batch-size": "16",
+              "max-iters": "100000", "eval-interval": "10"}
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, shared_data, tiny_phi):
+    root = tmp_path_factory.mktemp("browser-app")
+    ckpts, data, work = app_folders(root, shared_data)
+    app = launch_app(root, ["--checkpoints", ckpts, "--story-ckpt", ckpts / "tiny-story", "--base", tiny_phi,
+                            "--adapter", "none", "--data-dir", data, "--work-dir", work, "--device", "cpu"])
+    app.ckpts, app.work = ckpts, work
+    yield app
+    stop_training(work)
+    stop_app(app)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.is_file():
+        pytest.fail(f"Chromium not found at {CHROMIUM}: install it with `apt-get install -y chromium`")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(app, browser):
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.set_default_timeout(30_000)
+    page.goto(app.url)
+    page.wait_for_selector("#story-generate")
+    yield page
+    page.close()
+
+
+def shot(page, name):
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def wait_for_text(page, selector, text, timeout=60_000):
+    """Wait until the element shows `text`; on failure say what it showed, and keep a screenshot."""
+    from playwright.sync_api import TimeoutError
+
+    try:
+        page.wait_for_function("([sel, text]) => (document.querySelector(sel)?.innerText || '').includes(text)",
+                               arg=[selector, text], timeout=timeout)
+    except TimeoutError:
+        shot(page, "failure")
+        shown = page.locator(selector).first.inner_text() if page.locator(selector).count() else "(no such element)"
+        pytest.fail(f"{selector} did not show {text!r} within {timeout / 1000:.0f} s; it shows {shown[:500]!r}")
+
+
+def open_tab(page, name):
+    page.get_by_role("tab", name=name).click()
+
+
+def test_story_streams_text(page):
+    prompt = page.locator("#story-output textarea")
+    page.locator("#story-generate").click()
+    wait_for_text(page, "#story-note", "done")
+    assert prompt.input_value().startswith("Dorothy looked at the Scarecrow and said")
+    assert len(prompt.input_value()) > len("Dorothy looked at the Scarecrow and said") + 100
+    wait_for_text(page, "#story-model-status", "loaded on cpu")
+    shot(page, "story")
+
+
+def test_chat_answers_and_the_history_survives_a_reload(page):
+    open_tab(page, "Assistant")
+    page.get_by_text("Sampling settings").click()
+    page.locator("#chat-max-new input[type=number]").fill("16")
+    page.locator("#chat-max-new input[type=number]").press("Enter")
+    page.locator("#chat-message textarea").fill("Hello there, assistant!")
+    page.locator("#chat-send").click()
+    wait_for_text(page, "#chat-status", "tokens/s")
+    bot = page.locator("#chatbot")
+    assert "Hello there, assistant!" in bot.inner_text()
+    assert bot.locator(".bot").count() >= 1 or bot.locator("[data-testid='bot']").count() >= 1
+    wait_for_text(page, "#chat-model-status", "loaded on cpu")
+    shot(page, "assistant")
+    page.reload()
+    page.wait_for_selector("#story-generate")
+    open_tab(page, "Assistant")
+    wait_for_text(page, "#chatbot", "Hello there, assistant!")
+
+
+def test_train_live_progress_reattach_after_reload_stop_and_pick(page, app):
+    open_tab(page, "Train")
+    for name, value in TINY_MODEL.items():
+        page.locator(f"#train-{name} input").fill(value)
+    page.locator("#train-name textarea, #train-name input").first.fill("browser-run")
+    page.locator("#train-start").click()
+    wait_for_text(page, "#train-message", "started browser-run")
+    wait_for_text(page, "#train-command", "python training/train_char.py")
+    wait_for_text(page, "#train-status", "tokens/s")  # the timer brought the first metrics
+    plot = page.locator("#train-plot")
+    page.wait_for_function("document.querySelectorAll('#train-plot svg path, #train-plot canvas').length > 0")
+    before = plot.inner_html()
+    page.wait_for_function("(old) => document.querySelector('#train-plot').innerHTML !== old", arg=before)
+    assert page.locator("#train-sample textarea").input_value(), "the latest sample is shown"
+    shot(page, "train-running")
+
+    page.reload()  # a reload (or another browser) re-attaches to the running job from its state on disk
+    page.wait_for_selector("#story-generate")
+    open_tab(page, "Train")
+    wait_for_text(page, "#train-status", "browser-run")
+    wait_for_text(page, "#train-status", "running")
+
+    page.locator("#train-stop").click()
+    wait_for_text(page, "#train-message", "stop requested")
+    wait_for_text(page, "#train-status", "stopped")
+    wait_for_text(page, "#train-status", "story checkpoint picker")
+    shot(page, "train-stopped")
+
+    open_tab(page, "Continue the story")
+    page.locator("#story-ckpt input").click()
+    page.get_by_role("option", name="browser-run").click()
+    page.locator("#story-generate").click()
+    wait_for_text(page, "#story-note", "done")
+    wait_for_text(page, "#story-model-status", "Story model browser-run")

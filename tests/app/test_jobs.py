@@ -1,0 +1,232 @@
+"""The training-job manager (llmb.jobs) and the app's settings and folders (llmb.app_config)."""
+
+import json
+import os
+import time
+
+import pytest
+
+from llmb.app import config as app_config
+from llmb.app.jobs import JobManager, JobSpec, check_spec, command_line, progress, save_upload
+from llmb.errors import UserError
+from llmb.story.checkpoint import load_checkpoint
+from tests.app.app_server import BOOK, make_story_checkpoint
+
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=16, eval_interval=10, eval_iters=2)
+
+
+def story_spec(shared_data, out, **params):
+    return JobSpec("story", [str(shared_data / BOOK)], str(out), TINY | {"max_iters": 100_000} | params)
+
+
+def wait_until(condition, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    pytest.fail("timed out")
+
+
+def saved_a_checkpoint(out):
+    return lambda: (out / "model.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------------- specs
+
+def test_command_line_is_what_a_user_would_type(tmp_path, shared_data):
+    line = command_line(story_spec(shared_data, tmp_path / "run", lr="auto"))
+    assert line.startswith(f"python training/train_char.py --data {shared_data / BOOK} --out {tmp_path / 'run'} ")
+    assert "--n-layer 2" in line and "--lr auto" in line and "--max-iters 100000" in line
+    qlora = command_line(JobSpec("qlora", ["chats.jsonl"], "out", {"base": "microsoft/phi-2", "max_steps": 10,
+                                                                   "quant": "none"}))
+    assert qlora == "python training/train_qlora.py --data chats.jsonl --out out --base microsoft/phi-2 " \
+                    "--max-steps 10 --quant none"
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"n_layer": 0}, "n layer must be between 1 and 64"),
+    ({"n_embd": -8}, "n embd must be between"),
+    ({"batch_size": 2.5}, "batch size must be a whole number"),
+    ({"lr": "nan"}, "lr must be a finite number"),
+    ({"lr": "inf"}, "lr must be a finite number"),
+    ({"max_iters": 10**12}, "max iters must be between"),
+    ({"max_time": 0}, "max time must be between"),
+    ({"device": "tpu"}, "device must be one of auto, cpu, cuda"),
+    ({"lora_r": 8}, "lora_r is not a setting of a story job"),
+    ({"max_iters": None}, "say how long to train"),
+])
+def test_bad_settings_are_refused_before_starting(tmp_path, shared_data, params, message):
+    with pytest.raises(UserError, match=message):
+        check_spec(story_spec(shared_data, tmp_path / "run", **params))
+
+
+def test_empty_data_and_unknown_kind_are_refused(tmp_path):
+    with pytest.raises(UserError, match="pick or upload training data"):
+        check_spec(JobSpec("story", [], str(tmp_path), {"max_iters": 5}))
+    with pytest.raises(UserError, match="unknown job type"):
+        check_spec(JobSpec("dpo", ["x"], str(tmp_path), {}))
+
+
+# ------------------------------------------------------------------------------- running jobs
+
+def test_start_refuse_a_second_and_stop_gracefully(tmp_path, shared_data):
+    manager = JobManager(tmp_path / "job.json")
+    job = manager.start(story_spec(shared_data, tmp_path / "run1"))
+    assert job["status"] == "running" and json.loads((tmp_path / "job.json").read_text())["pid"] == job["pid"]
+    try:
+        with pytest.raises(UserError, match=r"already running \(run1"):
+            manager.start(story_spec(shared_data, tmp_path / "run2"))
+        assert not (tmp_path / "run2").exists()
+        wait_until(saved_a_checkpoint(tmp_path / "run1"))
+        p = progress(manager.current())
+        assert p.step >= 10 and p.total == 100_000 and p.tokens_per_sec > 0 and p.eta_s > 0
+        assert {row["split"] for row in p.losses} == {"train", "val"} and p.sample
+    finally:
+        assert manager.stop()["status"] == "stopping"
+    job = manager.wait(60)
+    assert job["status"] == "stopped" and job["returncode"] == 0
+    assert job["summary"]["stopped_by"] == "signal"
+    model, tokenizer, meta = load_checkpoint(tmp_path / "run1")
+    assert meta["step"] == job["summary"]["steps"]
+    assert manager.stop() is None, "nothing left to stop"
+    with pytest.raises(UserError, match="already exists"):
+        manager.start(story_spec(shared_data, tmp_path / "run1"))
+
+
+def test_a_new_manager_reattaches_from_the_state_file(tmp_path, shared_data):
+    first = JobManager(tmp_path / "job.json")
+    job = first.start(story_spec(shared_data, tmp_path / "run"))
+    try:
+        wait_until(saved_a_checkpoint(tmp_path / "run"))
+        # a page reload, a second browser or a restarted app: only the state file is shared
+        second = JobManager(tmp_path / "job.json")
+        assert second.current()["status"] == "running" and second.current()["pid"] == job["pid"]
+        with pytest.raises(UserError, match="already running"):
+            second.start(story_spec(shared_data, tmp_path / "other"))
+        assert second.stop()["status"] == "stopping"
+        assert first.stop()["status"] == "stopping", "a second stop does not signal again (that would kill it)"
+    finally:
+        first.stop()
+    first.process.wait(60)  # only the parent can reap the child; then the state file says how it ended
+    job = JobManager(tmp_path / "job.json").wait(10)
+    assert job["status"] == "stopped" and job["summary"]["steps"] >= 10, job
+
+
+def test_a_failing_run_reports_the_trainers_error(tmp_path):
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("too short\n")
+    manager = JobManager(tmp_path / "job.json")
+    manager.start(JobSpec("story", [str(tiny)], str(tmp_path / "run"), TINY | {"max_iters": 5}))
+    job = manager.wait(60)
+    assert job["status"] == "failed" and job["returncode"] == 2
+    assert job["error"].startswith("error: the training split has") and "fewer than one block" in job["error"]
+
+
+def test_state_file_of_a_dead_process_is_not_running(tmp_path):
+    state = {"name": "gone", "kind": "story", "out": str(tmp_path / "gone"), "log": str(tmp_path / "gone.log"),
+             "pid": 2**22 + 12345, "command": "python ...", "spec": {"params": {}}, "started_at": time.time(),
+             "status": "running"}
+    (tmp_path / "job.json").write_text(json.dumps(state))
+    job = JobManager(tmp_path / "job.json").current()
+    assert job["status"] == "failed"
+
+
+def test_progress_reads_the_metrics_log(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    lines = [{"step": 10, "train_loss": 3.0, "tokens_per_sec": 100.0, "elapsed_s": 5.0, "total_steps": 40},
+             {"step": 20, "train_loss": 2.5, "tokens_per_sec": 120.0, "elapsed_s": 10.0, "total_steps": 40,
+              "val_loss": 2.6, "sample": "Dorothy"}]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"step": 3')
+    p = progress({"out": str(out), "spec": {"params": {}}})
+    assert (p.step, p.total, p.tokens_per_sec, p.eta_s, p.sample) == (20, 40, 120.0, 10.0, "Dorothy")
+    assert p.losses == [{"step": 10, "loss": 3.0, "split": "train"}, {"step": 20, "loss": 2.5, "split": "train"},
+                        {"step": 20, "loss": 2.6, "split": "val"}]
+
+
+# ------------------------------------------------------------------------------- folders
+
+def test_paths_outside_the_allowed_folders_are_refused(tmp_path):
+    data = tmp_path / "data"
+    (data / "books").mkdir(parents=True)
+    (data / "books" / "a.txt").write_text("text")
+    (tmp_path / "secret.txt").write_text("secret")
+    os.symlink(tmp_path / "secret.txt", data / "link.txt")
+    assert app_config.inside(data / "books" / "a.txt", [data]) == (data / "books" / "a.txt").resolve()
+    for bad in (data / ".." / "secret.txt", "/etc/passwd", data / "link.txt", f"{data}/books/../../secret.txt"):
+        with pytest.raises(UserError, match="outside the allowed data folders"):
+            app_config.inside(bad, [data])
+
+
+@pytest.mark.parametrize("name", ["..", ".", "../x", "a/b", "/abs", "", "x" * 65, "a b", ".hidden"])
+def test_run_names_cannot_escape_the_checkpoints_folder(name):
+    with pytest.raises(UserError, match="run name"):
+        app_config.check_name(name)
+
+
+def test_uploads_are_checked_and_renamed(tmp_path):
+    uploads = tmp_path / "uploads"
+    book = tmp_path / "my book?.txt"
+    book.write_text("Once upon a time.\n" * 10)
+    assert save_upload(book, uploads) == uploads / "my_book_.txt"
+    blob = tmp_path / "blob.txt"
+    blob.write_bytes(b"\x00\x01\x02" * 100)
+    with pytest.raises(UserError, match="binary"):
+        save_upload(blob, uploads)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "### Human: hi### Assistant: hello"}\n[1, 2\n')
+    with pytest.raises(UserError, match="invalid JSON"):
+        save_upload(broken, uploads)
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"text": "\xe9"}\n')
+    with pytest.raises(UserError, match="not UTF-8"):
+        save_upload(latin, uploads)
+    with pytest.raises(UserError, match="upload .txt books or .jsonl chats"):
+        save_upload(tmp_path / "model.bin", uploads)
+    assert sorted(p.name for p in uploads.iterdir()) == ["my_book_.txt"]
+
+
+# ------------------------------------------------------------------------------- settings
+
+def test_flags_and_environment_variables(tmp_path):
+    env = {"LLMB_STORY_CKPT": str(tmp_path / "s"), "LLMB_BASE": "some/model", "LLMB_DEVICE": "cpu",
+           "LLMB_CPU_INT8": "1", "GRADIO_SERVER_PORT": "9999", "LLMB_DATA_DIRS": f"{tmp_path}/a{os.pathsep}{tmp_path}/b"}
+    c = app_config.parse_args([], env)
+    assert (c.port, c.base, c.device, c.cpu_int8, c.story_ckpt) == (9999, "some/model", "cpu", True, tmp_path / "s")
+    assert c.data_dirs == [tmp_path / "a", tmp_path / "b"] and c.host == "127.0.0.1" and not c.share
+    c = app_config.parse_args(["--port", "1234", "--base", "other", "--data-dir", str(tmp_path)], env)
+    assert (c.port, c.base, c.data_dirs) == (1234, "other", [tmp_path])
+    assert app_config.environment({})["GRADIO_ANALYTICS_ENABLED"] == "False"
+
+
+def test_training_is_off_on_a_public_space_unless_allowed():
+    assert app_config.parse_args([], {}).allow_training
+    assert not app_config.parse_args([], {"SPACE_ID": "me/llmb"}).allow_training
+    assert app_config.parse_args([], {"SPACE_ID": "me/llmb", "LLMB_ALLOW_TRAINING": "1"}).allow_training
+
+
+def test_pickers_find_checkpoints_adapters_and_data(tmp_path, shared_data):
+    ckpts = tmp_path / "checkpoints"
+    make_story_checkpoint(ckpts / "story-a", shared_data)
+    for name in ("adapter-old", "adapter-new"):
+        (ckpts / name).mkdir()
+        (ckpts / name / "adapter_config.json").write_text("{}")
+        time.sleep(0.01)
+    (ckpts / "half-written").mkdir()
+    data = tmp_path / "data"
+    (data / "oz").mkdir(parents=True)
+    for n in (1, 2):
+        (data / "oz" / f"{n}.txt").write_text("book")
+    (data / "chats.jsonl").write_text("{}")
+    (data / "notes.md").write_text("not data")
+    c = app_config.parse_args(["--checkpoints", str(ckpts), "--story-ckpt", str(tmp_path / "missing"),
+                               "--data-dir", str(data), "--work-dir", str(tmp_path / "work")], {})
+    stories = app_config.find_story_checkpoints(c)
+    assert ckpts / "story-a" in stories and ckpts / "half-written" not in stories
+    assert tmp_path / "missing" not in stories
+    assert app_config.find_adapters(c)[:2] == [ckpts / "adapter-new", ckpts / "adapter-old"]
+    assert app_config.default_adapter(c) == ckpts / "adapter-new"
+    assert app_config.default_adapter(app_config.parse_args(["--adapter", "none"], {})) is None
+    labels = [label for label, _ in app_config.data_choices(c)]
+    assert labels == ["data/chats.jsonl", "data/oz/ (2 books)", "data/oz/1.txt", "data/oz/2.txt"]

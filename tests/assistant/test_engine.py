@@ -1,0 +1,202 @@
+import json
+import threading
+
+import pytest
+import torch
+from transformers import AutoTokenizer, PhiForCausalLM
+
+from llmb.assistant.engine import STOP_MARKERS, ChatEngine, history_to_turns, partial_marker_len
+from llmb.errors import UserError
+from llmb.quantize import quantize_linears_int8
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_phi):
+    return ChatEngine(str(tiny_phi), device="cpu")
+
+
+def scripted_phi(path, tiny_phi, script):
+    """A real PhiForCausalLM whose greedy continuation of ':' is `script`, looping.
+
+    Attention and MLP outputs are zeroed, so each position's hidden state is its token's
+    embedding; embeddings are one-hot and lm_head maps each token to the next in the loop.
+    """
+    tok = AutoTokenizer.from_pretrained(tiny_phi)
+    cycle = tok(script, add_special_tokens=False)["input_ids"]
+    colon = tok(":", add_special_tokens=False)["input_ids"][0]
+    order = [colon] + [t for t in cycle if t != colon]
+    assert len(set(cycle)) == len(cycle) and len(order) <= 64
+    following = {t: cycle[(cycle.index(t) + 1) % len(cycle)] if t in cycle else cycle[0] for t in order}
+    model = PhiForCausalLM.from_pretrained(tiny_phi)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for lin in (layer.self_attn.dense, layer.mlp.fc2):
+                lin.weight.zero_()
+                lin.bias.zero_()
+        model.model.embed_tokens.weight.zero_()
+        model.lm_head.weight.zero_()
+        model.lm_head.bias.zero_()
+        for slot, t in enumerate(order):
+            model.model.embed_tokens.weight[t, slot] = 1.0
+            model.lm_head.weight[following[t], slot] = 10.0
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_prompt_format_and_history_styles(engine):
+    pairs = [("Hi", "Hello!"), ("Who are you?", "A model.")]
+    dicts = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": [{"type": "text", "text": "Hello!"}]},
+             {"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "A model."}]
+    assert history_to_turns(pairs) == history_to_turns(dicts)
+    ids, dropped = engine.prompt_ids(pairs, "And now?", system="Be brief.")
+    assert dropped == 0
+    assert engine.tokenizer.decode(ids) == ("Be brief.\n### Human: Hi### Assistant: Hello!<|endoftext|>"
+                                            "### Human: Who are you?### Assistant: A model.<|endoftext|>"
+                                            "### Human: And now?### Assistant:")
+    assert engine.prompt_ids(dicts, "And now?", system="Be brief.")[0] == ids
+
+
+def test_context_trimming_drops_oldest_turns_keeps_message(engine, shared_data):
+    rows = (shared_data / "guanaco" / "openassistant_best_replies_eval.jsonl").read_text(encoding="utf-8").splitlines()
+    texts = [json.loads(r)["text"].split("### Assistant:")[0].removeprefix("### Human: ")[:200] for r in rows[:12]]
+    history = [(t, f"answer number {i}") for i, t in enumerate(texts)]
+    full, none_dropped = engine.prompt_ids(history, "What now?", system="Be brief.", max_new_tokens=100)
+    assert none_dropped == 0 and len(full) > 400
+    engine.context_len, saved = 500, engine.context_len
+    try:
+        ids, dropped = engine.prompt_ids(history, "What now?", system="Be brief.", max_new_tokens=100)
+        with pytest.raises(UserError, match="shorten it or lower max new tokens"):
+            engine.prompt_ids(history, "word " * 600, max_new_tokens=100)
+    finally:
+        engine.context_len = saved
+    text = engine.tokenizer.decode(ids)
+    assert 0 < dropped < len(history) and len(ids) <= 400
+    assert text.startswith("Be brief.\n### Human: ")  # the system text stays
+    assert text.endswith(f"### Assistant: answer number {len(history) - 1}<|endoftext|>### Human: What now?### Assistant:")
+    assert "answer number 0<" not in text
+
+
+def test_partial_marker_len():
+    assert partial_marker_len("Hello ##") == 2 and partial_marker_len("Hello ### Hu") == 6
+    assert partial_marker_len("Hello") == 0 and partial_marker_len("a <|endof") == 7
+    assert all(partial_marker_len(m[:-1]) == len(m) - 1 for m in STOP_MARKERS)
+
+
+def test_stop_marker_ends_the_answer_and_is_never_shown(tiny_phi, tmp_path):
+    engine = ChatEngine(str(scripted_phi(tmp_path, tiny_phi, " Hello there, friend.### Human:")), device="cpu")
+    pieces = list(engine.stream([], "Hi", temperature=0, max_new_tokens=200))
+    assert "".join(pieces) == "Hello there, friend."
+    assert len(pieces) > 1 and not any("#" in p for p in pieces)
+    # 8 scripted tokens, +1 the streamer waits for (it releases whole words), +1 in flight
+    assert engine.last_stats["stopped_by"] == "marker" and engine.last_stats["new_tokens"] <= 10
+
+
+def test_text_like_a_marker_start_is_released(tiny_phi, tmp_path):
+    engine = ChatEngine(str(scripted_phi(tmp_path, tiny_phi, " a### b.")), device="cpu")
+    assert engine.reply([], "Hi", temperature=0, max_new_tokens=12) == "a### b. a### b. a### b."
+    assert engine.last_stats["stopped_by"] == "length"
+
+
+class CountingEvent(threading.Event):
+    """Counts how often generation looked at it, before and after it was set."""
+
+    def __init__(self):
+        super().__init__()
+        self.checks, self.checks_after_set = 0, 0
+
+    def is_set(self):
+        was_set = super().is_set()
+        self.checks += 1
+        self.checks_after_set += was_set
+        return was_set
+
+
+def test_cancel_stops_generation_within_a_token(tiny_phi, tmp_path):
+    engine = ChatEngine(str(scripted_phi(tmp_path, tiny_phi, " Hello there, friend.")), device="cpu")
+    cancel = CountingEvent()
+    seen = ""
+    for piece in engine.stream([], "Hi", temperature=0, max_new_tokens=1000, cancel=cancel):
+        seen += piece
+        cancel.set()
+    stats = engine.last_stats
+    assert stats["stopped_by"] == "cancel" and stats["new_tokens"] < 50
+    assert cancel.checks == stats["new_tokens"]  # checked once per token ...
+    assert cancel.checks_after_set == 1  # ... and the first check after cancel stopped it
+    assert seen.startswith("Hello there")
+
+
+def test_leaving_the_stream_early_stops_generation(tiny_phi, tmp_path):
+    engine = ChatEngine(str(scripted_phi(tmp_path, tiny_phi, " Hello there, friend.")), device="cpu")
+    stream = engine.stream([], "Hi", temperature=0, max_new_tokens=1000)
+    next(stream)
+    stream.close()
+    assert engine.last_stats["new_tokens"] < 100 and not engine.lock.locked()
+
+
+def test_adapter_on_off(tiny_phi, tiny_phi_adapter, engine):
+    tuned = ChatEngine(str(tiny_phi), adapter=str(tiny_phi_adapter), device="cpu")
+    kw = dict(temperature=0, max_new_tokens=16)
+    on = tuned.reply([], "How do I sort a list in Python?", **kw)
+    off = tuned.reply([], "How do I sort a list in Python?", use_adapter=False, **kw)
+    assert on != off
+    assert off == engine.reply([], "How do I sort a list in Python?", **kw)  # adapter off = the plain base
+    assert tuned.last_stats["adapter"] is False and tuned.last_stats["new_tokens"] == 16
+
+
+def test_sampling_seed_is_reproducible(engine):
+    kw = dict(temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=12)
+    assert engine.reply([], "Hi", seed=3, **kw) == engine.reply([], "Hi", seed=3, **kw)
+    assert engine.reply([], "Hi", seed=3, **kw) != engine.reply([], "Hi", seed=4, **kw)
+
+
+def test_cpu_int8_logits_close_to_fp32(tiny_phi, shared_data):
+    rows = (shared_data / "guanaco" / "openassistant_best_replies_eval.jsonl").read_text(encoding="utf-8").splitlines()
+    tok = AutoTokenizer.from_pretrained(tiny_phi)
+    ids = torch.tensor([tok(json.loads(r)["text"])["input_ids"][:96] for r in rows[:6]])
+    model = PhiForCausalLM.from_pretrained(tiny_phi).eval()
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        got = quantize_linears_int8(model)(input_ids=ids).logits
+    assert type(model.model.layers[0].mlp.fc1).__name__ == "Linear" and "quantized" in type(model.lm_head).__module__
+    max_abs = (got - ref).abs().max().item()
+    top1 = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    print(f"int8 vs fp32: max abs logit diff {max_abs:.4f} (logit range {(ref.max() - ref.min()).item():.3f}), top-1 agreement {top1:.3f}")
+    assert max_abs < 0.05 * (ref.max() - ref.min()).item()
+    assert top1 > 0.85  # random tiny model: near-uniform logits, so near-ties flip; trained models agree more
+
+
+def test_cpu_int8_engine_keeps_adapter_switch(tiny_phi, tiny_phi_adapter):
+    fp32 = ChatEngine(str(tiny_phi), adapter=str(tiny_phi_adapter), device="cpu")
+    int8 = ChatEngine(str(tiny_phi), adapter=str(tiny_phi_adapter), device="cpu", cpu_int8=True)
+    ids, _ = fp32.prompt_ids([], "Hello there")
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        a, b = fp32.model(input_ids=x).logits, int8.model(input_ids=x).logits
+        with int8.model.disable_adapter():
+            b_off = int8.model(input_ids=x).logits
+    assert (a - b).abs().max() < 0.05 * (a.max() - a.min())
+    assert (b - b_off).abs().max() > 10 * (a - b).abs().max()  # the adapter still acts on int8 base layers
+    with pytest.raises(UserError, match="cpu-int8"):
+        ChatEngine(str(tiny_phi), device="cpu", quant="4bit", cpu_int8=True)
+
+
+def test_empty_message_and_bad_adapter(engine, tiny_phi, tmp_path):
+    with pytest.raises(UserError, match="empty message"):
+        list(engine.stream([], "  "))
+    with pytest.raises(UserError, match="not a LoRA adapter dir"):
+        ChatEngine(str(tiny_phi), adapter=str(tmp_path), device="cpu")
+
+
+def test_cli_chat_prompt_streams_an_answer(tiny_phi, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    path = scripted_phi(tmp_path, tiny_phi, " Hello there, friend.### Human:")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "llmb", "chat", "--base", str(path), "--prompt", "Hi",
+                           "--temperature", "0", "--device", "cpu", "--max-new-tokens", "50"],
+                          cwd=repo, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "Hello there, friend.\n"

@@ -1,0 +1,168 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from llmb.assistant.config import TrainConfig
+from llmb.assistant.loading import load_base_model
+from llmb.assistant.merge import merge
+from llmb.assistant.train import add_lora, save_adapter, train
+from llmb.fileio import read_json
+from llmb.runlog import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory, shared_data):
+    rows = (shared_data / "guanaco" / "openassistant_best_replies_eval.jsonl").read_text(encoding="utf-8").splitlines()
+    path = tmp_path_factory.mktemp("data") / "small.jsonl"
+    path.write_text("\n".join(rows[:8]) + "\n", encoding="utf-8")
+    return path
+
+
+def tokens(n=24, seed=0):
+    return torch.randint(0, 50000, (2, n), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def check_run(out, steps):
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(5, steps + 1, 5))
+    assert all({"step", "train_loss", "lr", "tokens_per_sec", "elapsed_s"} <= r.keys() for r in records)
+    evaluated = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in evaluated] == list(range(10, steps + 1, 10))
+    assert all(abs(r["val_ppl"] - torch.tensor(r["val_loss"]).exp().item()) < 1e-3 * r["val_ppl"] for r in evaluated)
+    first, last = records[0]["train_loss"], records[-1]["train_loss"]
+    assert last < first - 0.2, f"train loss did not fall: {first:.3f} -> {last:.3f}"
+    summary = read_json(out / "summary.json")
+    assert summary["steps"] == steps and summary["final_train_loss"] == last
+    assert summary["final_val_loss"] == evaluated[-1]["val_loss"]
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "training_args.json"):
+        assert (out / name).is_file(), name
+    assert (out / f"checkpoint-{steps}" / "training_state.pt").is_file()
+    assert not list(out.glob(".tmp-*"))
+    return summary
+
+
+def test_lora_fp32_loss_falls(tiny_phi_adapter):
+    summary = check_run(tiny_phi_adapter, 30)
+    assert summary["quant"] == "none" and summary["stopped_by"] is None
+    assert json.loads((tiny_phi_adapter / "training_args.json").read_text())["lr"] == 1e-2
+
+
+def test_nf4_loss_falls(tiny_phi, small_data, tmp_path):
+    import bitsandbytes as bnb
+
+    model = load_base_model(str(tiny_phi), "4bit", "cpu")
+    q = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, bnb.nn.Linear4bit) and q.weight.quant_state.quant_type == "nf4"
+    assert q.weight.quant_state.nested  # double quantization
+    out = tmp_path / "nf4"
+    train(TrainConfig(base=str(tiny_phi), data=[str(small_data)], out=str(out), quant="4bit", max_steps=30,
+                      max_seq_len=64, batch_size=2, grad_accum=1, lr=1e-2, eval_steps=10, save_steps=10,
+                      log_steps=5, eval_split=0.25, device="cpu"))
+    assert check_run(out, 30)["quant"] == "4bit"
+
+
+def test_adapter_save_reload_gives_identical_logits(tiny_phi, tmp_path):
+    from peft import PeftModel
+
+    from llmb.assistant.loading import load_tokenizer
+
+    model = add_lora(load_base_model(str(tiny_phi), "none", "cpu"), TrainConfig(gradient_checkpointing=False))
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)  # B starts at zero; make the adapter do something
+    model.eval()
+    save_adapter(tmp_path, model, load_tokenizer(str(tiny_phi)))
+    reloaded = PeftModel.from_pretrained(load_base_model(str(tiny_phi), "none", "cpu"), tmp_path).eval()
+    ids = tokens()
+    assert torch.equal(logits(model, ids), logits(reloaded, ids))
+    with reloaded.disable_adapter():
+        assert not torch.allclose(logits(reloaded, ids), logits(model, ids), atol=1e-3)
+
+
+def test_merged_model_matches_adapter_model(tiny_phi, tiny_phi_adapter, tmp_path):
+    from peft import PeftModel
+
+    base = load_base_model(str(tiny_phi), "none", "cpu")
+    ids = tokens()
+    base_logits = logits(base, ids)
+    adapted = logits(PeftModel.from_pretrained(base, tiny_phi_adapter).eval(), ids)
+    merge(str(tiny_phi), str(tiny_phi_adapter), tmp_path / "merged", dtype="float32")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert torch.allclose(logits(merged, ids), adapted, atol=1e-4)
+    assert (adapted - base_logits).abs().max() > 1e-2  # the adapter really changed the model
+    assert (tmp_path / "merged" / "tokenizer.json").is_file()
+
+
+def run_train(args, env=None, **kw):
+    cmd = [sys.executable, os.path.join(REPO, "training", "train_qlora.py")] + [str(a) for a in args]
+    return subprocess.Popen(cmd, cwd=REPO, env=env or os.environ.copy(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_cli_sigint_saves_adapter_then_resume_continues(tiny_phi, small_data, tmp_path):
+    out = tmp_path / "run"
+    args = ["--base", tiny_phi, "--data", small_data, "--out", out, "--quant", "none", "--max-seq-len", 64,
+            "--batch-size", 2, "--grad-accum", 1, "--log-steps", 1, "--eval-steps", 1000, "--save-steps", 1000,
+            "--eval-split", 0.25, "--device", "cpu", "--lr", 1e-2]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    proc = run_train(args + ["--max-steps", 100_000], env)
+    deadline = time.time() + 120
+    while not read_metrics(out / "metrics.jsonl") and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    summary = read_json(out / "summary.json")
+    stopped_at = summary["steps"]
+    assert summary["stopped_by"] == "SIGINT" and 1 <= stopped_at < 100_000
+    assert "stopped by SIGINT" in stdout and "--resume" in stdout
+    assert (out / "adapter_model.safetensors").is_file() and (out / f"checkpoint-{stopped_at}").is_dir()
+    assert "Traceback" not in stderr
+
+    proc = run_train(args + ["--max-steps", stopped_at + 3, "--resume"], env)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert f"resuming from {out / f'checkpoint-{stopped_at}'} (step {stopped_at})" in stdout
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl")]
+    assert steps == list(range(1, stopped_at + 4))  # no step repeated, none missing
+    assert read_json(out / "summary.json")["steps"] == stopped_at + 3
+
+
+def test_cli_offline_hub_id_gives_one_clear_line(tmp_path, shared_data):
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}  # an empty cache
+    data = shared_data / "guanaco" / "openassistant_best_replies_eval.jsonl"
+    proc = run_train(["--base", "microsoft/phi-2", "--data", data, "--out", tmp_path / "o", "--max-steps", 1], env)
+    _, stderr = proc.communicate(timeout=120)
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(lines) == 1, stderr
+    assert "cannot load 'microsoft/phi-2': offline" in lines[0] and "--base /path/to" in lines[0]
+    assert "Traceback" not in stderr
+
+    chat = subprocess.run([sys.executable, "-m", "llmb", "chat", "--base", "microsoft/phi-2", "--prompt", "hi"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert chat.returncode == 2 and "cannot load 'microsoft/phi-2': offline" in chat.stderr
+    assert "Traceback" not in chat.stderr
+
+
+def test_cli_bad_rows_exit_2(tiny_phi, shared_data, tmp_path):
+    data = shared_data / "guanaco" / "guanaco-llama2-1k_train.jsonl"
+    proc = run_train(["--base", tiny_phi, "--data", data, "--out", tmp_path / "o", "--max-steps", 1])
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "\nerror: 1 bad rows" in "\n" + stderr and f"{data}:900: empty assistant turn" in stderr
+    assert "Traceback" not in stderr

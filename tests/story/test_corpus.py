@@ -1,0 +1,64 @@
+import pytest
+
+from llmb.errors import UserError
+from llmb.story.corpus import find_files, load_corpus, strip_gutenberg
+
+
+def test_oz_books_are_read_clean(shared_data):
+    corpus = load_corpus([shared_data / "books" / "oz"])
+    names = [b.name for b in corpus.books]
+    assert names == sorted(names) and len(names) == 7  # book order kept
+    for book in corpus.books:
+        assert "\r" not in book.text  # CRLF and CR became LF
+        assert "PROJECT GUTENBERG" not in book.text.upper()  # header, licence and trailers gone
+        assert len(book.text) > 150_000
+    land = corpus.books[1]  # CRLF file with the full Gutenberg header and licence
+    assert land.text.lstrip().startswith("The Marvelous")
+    assert "riches of content" in land.text[-300:]
+    wizard = corpus.books[0]
+    assert "\u201c" in wizard.text and "\u2019" in wizard.text  # curly quotes survive decoding
+
+
+def test_split_covers_every_book_and_is_deterministic(shared_data):
+    corpus = load_corpus([shared_data / "books" / "oz"])
+    train, val = corpus.split(0.1)
+    assert corpus.split(0.1) == (train, val)
+    for book in corpus.books:
+        tail = book.text[-200:]
+        assert tail in val and tail not in train
+        assert book.text[:200] in train
+    total = sum(len(b.text) for b in corpus.books)
+    assert abs(len(val) - 0.1 * total) < 0.01 * total
+
+
+def test_files_and_folders_mix(tmp_path, shared_data):
+    (tmp_path / "b.txt").write_text("second book\n")
+    (tmp_path / "a.txt").write_text("first book\n")
+    (tmp_path / "notes.md").write_text("not a book")
+    single = shared_data / "tinyshakespeare.txt"
+    files = find_files([tmp_path, single])
+    assert [f.name for f in files] == ["a.txt", "b.txt", "tinyshakespeare.txt"]
+
+
+def test_cp1252_falls_back_with_a_warning(tmp_path):
+    (tmp_path / "old.txt").write_bytes("caf\u00e9 \u201cquoted\u201d\r\nline two\r".encode("cp1252"))
+    corpus = load_corpus(tmp_path / "old.txt")
+    assert corpus.books[0].text == "caf\u00e9 \u201cquoted\u201d\nline two\n"
+    assert corpus.warnings == ["old.txt is not UTF-8; decoded it as cp1252"]
+
+
+def test_gutenberg_markers():
+    text = "licence\n*** START OF THE PROJECT GUTENBERG EBOOK X ***\nStory.\n*** END OF THE PROJECT GUTENBERG EBOOK X ***\nlegal"
+    assert strip_gutenberg(text) == "Story.\n"
+    assert strip_gutenberg("No markers here.") == "No markers here.\n"
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: d / "missing", "does not exist"),
+    (lambda d: (d / "empty").mkdir() or d / "empty", "has no .txt files"),
+    (lambda d: (d / "x.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00") and d / "x.txt", "binary"),
+    (lambda d: (d / "blank.txt").write_text("\n\n  \n") and d / "blank.txt", "no text"),
+])
+def test_bad_input_is_one_clear_error(tmp_path, make, message):
+    with pytest.raises(UserError, match=message):
+        load_corpus([make(tmp_path)])
