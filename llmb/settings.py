@@ -187,9 +187,9 @@ def from_values(cls, values, labels=False):
 def _argparse_type(spec):
     def convert(text):
         try:
-            return parse(spec, text, label="")
-        except UserError as e:
-            raise argparse.ArgumentTypeError(str(e).removeprefix(" ")) from None
+            return parse(spec, text)
+        except UserError as e:  # argparse names the flag already: "argument --n-layer: must be ..."
+            raise argparse.ArgumentTypeError(str(e).removeprefix(spec.flag + " ")) from None
     convert.__name__ = spec.kind.__name__  # argparse names it in "invalid int value"
     return convert
 

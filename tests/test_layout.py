@@ -1,0 +1,97 @@
+"""The architecture rules of issue #7, checked by walking the imports of every module.
+
+- llmb.story and llmb.assistant never import each other or llmb.app;
+- inference (sampling, loading, chatting) never imports training;
+- settings and config modules import no torch, so the app can build its forms before torch loads;
+- no file edits sys.path: the package is installed (pyproject.toml) or run from the checkout.
+"""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "llmb"
+INFERENCE = ["llmb.story.model", "llmb.story.sample", "llmb.story.checkpoint", "llmb.story.tokenizer",
+             "llmb.assistant.engine", "llmb.assistant.loading"]
+TRAINING = ["llmb.story.train", "llmb.story.lr_finder", "llmb.assistant.train"]
+NO_TORCH = ["llmb.settings", "llmb.story.config", "llmb.assistant.config", "llmb.folders", "llmb.errors",
+            "llmb.fileio", "llmb.runlog", "llmb.app.config"]
+
+
+def module_name(path):
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path):
+    """Every module a file imports, at the top or inside a function (absolute names)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+MODULES = {module_name(p): imports_of(p) for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imported(module, prefix):
+    return sorted(name for name in MODULES[module] if name == prefix or name.startswith(prefix + "."))
+
+
+def test_the_walk_sees_the_packages():
+    assert {"llmb.story.train", "llmb.assistant.engine", "llmb.app.config", "llmb.settings"} <= set(MODULES)
+
+
+@pytest.mark.parametrize("part, others", [("llmb.story", ["llmb.assistant", "llmb.app"]),
+                                          ("llmb.assistant", ["llmb.story", "llmb.app"])])
+def test_story_and_assistant_are_independent(part, others):
+    for module in (m for m in MODULES if m.startswith(part)):
+        for other in others:
+            assert not imported(module, other), f"{module} imports {imported(module, other)}"
+
+
+@pytest.mark.parametrize("module", INFERENCE)
+def test_inference_never_imports_training(module):
+    for training in TRAINING:
+        assert not imported(module, training), f"{module} imports {training}"
+
+
+@pytest.mark.parametrize("module", NO_TORCH)
+def test_settings_and_configs_name_no_heavy_library(module):
+    for heavy in ("torch", "transformers", "peft", "gradio", "bitsandbytes"):
+        assert not imported(module, heavy), f"{module} imports {imported(module, heavy)}"
+
+
+def test_settings_and_configs_load_without_torch():
+    code = "import sys; import " + ", ".join(NO_TORCH) + \
+        "; print(sorted(m for m in ('torch', 'transformers', 'peft', 'gradio') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def edits_sys_path(node):
+    """Is `node` a call such as sys.path.insert(...) or sys.path.append(...)?"""
+    f = getattr(node, "func", None)
+    return isinstance(f, ast.Attribute) and isinstance(f.value, ast.Attribute) and f.value.attr == "path" \
+        and isinstance(f.value.value, ast.Name) and f.value.value.id == "sys"
+
+
+def test_no_file_edits_sys_path():
+    files = [*REPO.glob("*.py"), *(p for d in ("llmb", "training", "benchmarks", "tests") for p in (REPO / d).rglob("*.py"))]
+    assert len(files) > 30
+    for path in files:
+        assert not any(edits_sys_path(n) for n in ast.walk(ast.parse(path.read_text(encoding="utf-8")))), path
+
+
+def test_console_script_and_module_run_the_same_cli():
+    for cmd in (["llmb", "--help"], [sys.executable, "-m", "llmb", "--help"]):
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=REPO / "tests")
+        assert out.returncode == 0 and "sample" in out.stdout and "chat" in out.stdout, out.stderr

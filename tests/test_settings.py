@@ -1,0 +1,122 @@
+"""Settings are defined once, on the config dataclasses: the CLI, the checks and job command lines follow."""
+
+import argparse
+from dataclasses import dataclass
+
+import pytest
+
+from llmb.assistant.config import TrainConfig as QLoRAConfig
+from llmb.errors import UserError
+from llmb.settings import (
+    add_arguments,
+    check,
+    check_number,
+    from_args,
+    from_values,
+    parse,
+    setting,
+    spec_of,
+    specs,
+    to_argv,
+)
+from llmb.story.config import TrainConfig as StoryConfig
+
+CONFIGS = [StoryConfig, QLoRAConfig]
+
+
+@dataclass
+class Toy:
+    name: list = setting(help="inputs", factory=list, required=True)
+    layers: int = setting(4, "blocks", low=1, high=64, label="Layers", form=True)
+    lr: float | str = setting(1e-3, "learning rate or auto", low=1e-8, high=10.0, words=("auto",))
+    limit: float | None = setting(None, "seconds", low=1.0, high=100.0)
+    mode: str = setting("a", "a mode", choices=("a", "b"))
+    fast: bool = setting(False, "go fast")
+    bar: bool = setting(True, "show a bar")
+
+
+def parser_for(cls):
+    p = argparse.ArgumentParser(exit_on_error=False)
+    add_arguments(p, cls)
+    return p
+
+
+@pytest.mark.parametrize("cls", CONFIGS)
+def test_every_setting_has_help_and_numbers_have_a_range(cls):
+    for spec in specs(cls):
+        assert spec.help, f"{cls.__module__}.{spec.name} has no help text"
+        if spec.kind in (int, float):
+            assert spec.low is not None and spec.high is not None, f"{spec.name} has no range"
+            if spec.default is not None:
+                assert spec.low <= spec.default <= spec.high, f"{spec.name}'s default is outside its range"
+        if spec.form:
+            assert spec.label, f"{spec.name} is on the app's form without a label"
+
+
+@pytest.mark.parametrize("cls", CONFIGS)
+def test_defaults_pass_their_own_checks_and_round_trip_through_the_command_line(cls):
+    cfg = cls(data=["books"], out="runs/x")
+    check(cfg)
+    argv = to_argv(cfg)
+    assert from_args(cls, parser_for(cls).parse_args(argv)) == cfg
+
+
+def test_command_line_round_trip_of_changed_values():
+    cfg = Toy(name=["a", "b"], layers=7, lr="auto", limit=2.5, mode="b", fast=True, bar=False)
+    argv = to_argv(cfg)
+    assert argv == ["--name", "a", "b", "--layers", "7", "--lr", "auto", "--limit", "2.5", "--mode", "b",
+                    "--fast", "--no-bar"]
+    assert from_args(Toy, parser_for(Toy).parse_args(argv)) == cfg
+    assert to_argv(Toy(name=["a"])) == ["--name", "a"]  # defaults are left out, required values are not
+
+
+def test_cli_refuses_out_of_range_values_naming_the_flag():
+    p = parser_for(Toy)
+    with pytest.raises(argparse.ArgumentError, match="--layers.*between 1 and 64"):
+        p.parse_args(["--name", "x", "--layers", "0"])
+    with pytest.raises(argparse.ArgumentError, match="--lr.*'auto'"):
+        p.parse_args(["--name", "x", "--lr", "fast"])
+    with pytest.raises(argparse.ArgumentError, match="--mode"):
+        p.parse_args(["--name", "x", "--mode", "c"])
+    assert p.parse_args(["--name", "x", "--lr", "auto"]).lr == "auto"
+
+
+def test_help_shows_default_and_range():
+    text = parser_for(StoryConfig).format_help()
+    assert "--n-layer" in text and "transformer blocks (default: 4) [a whole number from 1 to 64]" in " ".join(text.split())
+
+
+def test_parse_values_as_a_form_sends_them():
+    layers = spec_of(Toy, "layers")
+    assert parse(layers, "12") == 12 and parse(layers, 12.0) == 12
+    with pytest.raises(UserError, match="Layers must be a whole number"):
+        parse(layers, "2.5", label="Layers")
+    with pytest.raises(UserError, match="is empty"):
+        parse(layers, " ")
+    assert parse(spec_of(Toy, "limit"), "") is None  # optional: empty means no limit
+    assert parse(spec_of(Toy, "name"), "a, b,c") == ["a", "b", "c"]
+    with pytest.raises(UserError, match="true or false"):
+        parse(spec_of(Toy, "fast"), "maybe")
+
+
+@pytest.mark.parametrize("value, message", [
+    (float("nan"), "finite"), (float("inf"), "finite"), ("1e400", "finite"), (True, "must be a number"),
+    ([1], "must be a number"), ("ten", "must be a number"), (0, "between 1 and 64"), (65, "between 1 and 64"),
+])
+def test_check_number_refuses_what_is_not_a_number_in_range(value, message):
+    with pytest.raises(UserError, match=message):
+        check_number("layers", value, 1, 64, int)
+
+
+def test_from_values_names_unknown_and_bad_fields_and_runs_the_class_check():
+    with pytest.raises(UserError, match="'colour' is not a setting"):
+        from_values(Toy, {"name": ["a"], "colour": "red"})
+    with pytest.raises(UserError, match="Layers must be between 1 and 64"):
+        from_values(Toy, {"name": ["a"], "layers": "100"}, labels=True)
+    with pytest.raises(UserError, match="--n-embd 100 must split into --n-head 3"):
+        from_values(StoryConfig, {"data": ["x"], "n_embd": 100, "n_head": 3})
+
+
+def test_check_catches_bad_values_set_in_code():
+    with pytest.raises(UserError, match="--batch-size must be between"):
+        check(QLoRAConfig(out="x", batch_size=0))
