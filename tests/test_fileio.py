@@ -1,0 +1,33 @@
+"""Atomic writes: a failure part-way leaves the old file or folder, never half of a new one."""
+
+import os
+
+import pytest
+
+from llmb.fileio import atomic_path, read_json, save_dir_atomically, write_json
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "state.json"
+    write_json(target, {"step": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text('{"step": 2, "half": ', encoding="utf-8")
+            raise RuntimeError("disk full")
+    assert read_json(target) == {"step": 1}
+    assert os.listdir(tmp_path) == ["state.json"]
+
+
+def test_folder_replaced_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "ckpt"
+    save_dir_atomically(target, lambda d: (d / "a.txt").write_text("old"))
+
+    def half_write(d):
+        (d / "a.txt").write_text("new")
+        raise OSError("killed")
+
+    with pytest.raises(OSError):
+        save_dir_atomically(target, half_write)
+    assert (target / "a.txt").read_text() == "old"
+    save_dir_atomically(target, lambda d: (d / "b.txt").write_text("new"))
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
