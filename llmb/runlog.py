@@ -61,28 +61,47 @@ def write_summary(out, *, data, steps, total_steps, train_loss, val_loss, elapse
     return summary
 
 
+_requested = {"name": None}  # the stop signal received, if any (set by the handler below)
+
+
+def _on_stop(signum, frame):
+    _requested["name"] = signal.Signals(signum).name
+    signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C ends the process at once
+
+
+def listen_for_stop():
+    """From now on SIGINT/SIGTERM ask the run to save and stop: call it first thing in a trainer.
+
+    It replaces whatever the process inherited, SIG_IGN included: a server started with
+    `nohup ... &` ignores SIGINT, and so would its trainer, losing the app's Stop.
+    """
+    for s in (signal.SIGINT, signal.SIGTERM):
+        try:
+            signal.signal(s, _on_stop)
+        except ValueError:  # not the main thread (e.g. inside an app): no handler
+            pass
+
+
 class StopSignal:
-    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves and exits. A second Ctrl-C kills."""
-
-    def __init__(self):
-        self.name = None
-
-    def _handle(self, signum, frame):
-        self.name = signal.Signals(signum).name
-        signal.signal(signum, signal.SIG_DFL)
+    """Within `with StopSignal() as stop:`, a SIGINT/SIGTERM sets `stop.name` (e.g. "SIGINT"); the loop
+    finishes its step, saves and exits. A signal received earlier (after listen_for_stop) counts too."""
 
     def __enter__(self):
-        self._old = {}
-        for s in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[s] = signal.signal(s, self._handle)
-            except ValueError:  # not the main thread (e.g. inside an app): no handler
-                pass
+        self._old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        listen_for_stop()
         return self
 
+    @property
+    def name(self):
+        return _requested["name"]
+
     def __exit__(self, *exc):
+        _requested["name"] = None
         for s, h in self._old.items():
-            signal.signal(s, h)
+            try:
+                signal.signal(s, h if h is not None else signal.SIG_DFL)
+            except ValueError:
+                pass
 
 
 def trim_metrics(path, step):

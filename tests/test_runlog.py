@@ -41,3 +41,21 @@ def test_stop_signal_is_caught_once_then_restored():
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.name == "SIGTERM"
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_stop_before_the_loop_is_not_lost_even_when_sigint_was_ignored():
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import os, signal
+        from llmb.runlog import StopSignal, listen_for_stop
+        listen_for_stop()                      # first thing in the trainer
+        os.kill(os.getpid(), signal.SIGINT)    # the app's Stop, while data is still loading
+        with StopSignal() as stop:
+            print(stop.name)
+    """)
+    ignore = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)  # noqa: E731  (as under `nohup ... &`)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, preexec_fn=ignore)
+    assert out.stdout.strip() == "SIGINT", out.stderr
