@@ -204,7 +204,7 @@ def add_arguments(parser, cls, only=None, skip=()):
         limits = f" [{spec.allowed()}]" if spec.kind in (int, float) and (spec.low is not None or spec.words) else ""
         text = spec.help + shown + limits
         if spec.kind is bool and spec.default:
-            parser.add_argument(f"--no-{spec.flag[2:]}", dest=spec.name, action="store_false", help=text)
+            parser.add_argument(f"--no-{spec.flag[2:]}", dest=spec.name, action="store_false", help="turn off: " + text)
         elif spec.kind is bool:
             parser.add_argument(spec.flag, action="store_true", help=text)
         elif spec.kind is list:

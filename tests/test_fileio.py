@@ -31,3 +31,13 @@ def test_folder_replaced_whole_or_not_at_all(tmp_path):
     assert (target / "a.txt").read_text() == "old"
     save_dir_atomically(target, lambda d: (d / "b.txt").write_text("new"))
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_written_files_follow_the_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        write_json(tmp_path / "summary.json", {})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "summary.json").stat().st_mode & 0o777 == mode
