@@ -76,20 +76,21 @@ def prepare_data(cfg, tokenizer=None):
     unknown = tokenizer.count_unknown(val_text)
     report = corpus.report() + (f"\n  tokens: {len(train):,} train, {len(val):,} val "
                                 f"({tokenizer.kind}, vocab {tokenizer.vocab_size})")
-    for warning in corpus.warnings + data_warnings(tokenizer, unknown, len(val_text)):
+    for warning in corpus.warnings + data_warnings(tokenizer.lossless, unknown, len(val_text)):
         report += f"\n  warning: {warning}"
     return Data(tokenizer, train, val, len(val_text) - unknown, unknown, report)
 
 
-def data_warnings(tokenizer, unknown, val_chars):
-    warnings = []
+def data_warnings(lossless, unknown, val_chars):
+    """What makes bits per character partial (unencodable characters) or not comparable (a lossy tokenizer)."""
+    notes = []
     if unknown:
-        warnings.append(f"{unknown:,} of {val_chars:,} validation characters cannot be encoded; "
-                        "bits per character leave them out")
-    if not tokenizer.lossless:
-        warnings.append("this tokenizer is lossy (it drops whitespace): its bits per character are not "
-                        "comparable with a character or bpe model's")
-    return warnings
+        notes.append(f"{unknown:,} of {val_chars:,} validation characters cannot be encoded; "
+                     "bits per character leave them out")
+    if not lossless:
+        notes.append("this tokenizer is lossy (it drops whitespace): its bits per character are not "
+                     "comparable with a character or bpe model's")
+    return notes
 
 
 def get_batch(data, block_size, batch_size, generator, device):
@@ -573,9 +574,12 @@ def finish(run, stopped_by):
     if run.main:
         run.metrics.close()
         if not run.replace:
-            summary = write_summary(run.out, data=run.cfg.data, steps=run.step, total_steps=run.total_steps,
-                                    train_loss=run.last["train_loss"], val_loss=run.last["val_loss"],
-                                    elapsed_s=run.elapsed, stopped_by=stopped_by, **extra)
+            try:
+                summary = write_summary(run.out, data=run.cfg.data, steps=run.step, total_steps=run.total_steps,
+                                        train_loss=run.last["train_loss"], val_loss=run.last["val_loss"],
+                                        elapsed_s=run.elapsed, stopped_by=stopped_by, **extra)
+            except OSError as e:  # a full disk: say so, and let the run's own outcome (or error) stand
+                run.say(f"warning: could not write {run.out / 'summary.json'}: {e.strerror or e}")
         if stopped_by != "error":
             run.say(f"saved {run.out} (step {run.step}, val {run.last['val_loss']:.4f} nats/token, "
                     f"{run.last['val_bpc']:.4f} {bpc_label(run.data.tokenizer)})"
@@ -598,4 +602,5 @@ def evaluate_checkpoint(ckpt, data_paths, val_fraction=0.1, batch_size=32, devic
     loss = evaluate(model, data.val, model.config.block_size, cfg.batch_size)
     return {"val_loss": round(loss, 4), "val_bpc": round(bits_per_char(loss, data.val_chars_per_token), 4),
             "bpc_lossless": tokenizer.lossless, "unencodable_chars": data.unknown_chars,
+            "val_chars": data.val_chars + data.unknown_chars,
             "val_tokens": len(data.val), "step": meta.get("step")}
