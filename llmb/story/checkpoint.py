@@ -75,8 +75,10 @@ def save_checkpoint(out_dir, model, tokenizer, meta, state=None, replace=False):
 
 
 def _sync(folder, files=True):
-    """fsync the files of a folder, then the folder itself (so the renames are on disk too)."""
+    """fsync the files of a folder (first giving them the umask's mode: safetensors writes 0600),
+    then the folder itself (so the renames are on disk too)."""
     for f in folder.iterdir() if files else ():
+        f.chmod(0o666 & ~_umask())
         with open(f, "rb") as handle:
             os.fsync(handle.fileno())
     fd = os.open(folder, os.O_RDONLY)
@@ -84,6 +86,12 @@ def _sync(folder, files=True):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _umask():
+    mask = os.umask(0)  # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def load_train_state(out_dir):

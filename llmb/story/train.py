@@ -178,8 +178,8 @@ def plan_steps(step, step_time, eval_cost, time_left, eval_interval):
 def plan_schedule(run, total_steps):
     """The schedule from run.schedule_start to total_steps, moved on to the current step.
 
-    Under --max-time the calibration steps ran at the warm-up's start (a provisional schedule
-    too long to leave it); the planned schedule continues from there, so one-cycle never restarts.
+    Under --max-time the calibration steps ran at the warm-up's first lr (a provisional schedule
+    too long to leave it); the planned schedule starts from there, so one-cycle never restarts.
     On resume the same call rebuilds the schedule where the run stopped (with a new --max-iters,
     the curve is stretched to end there).
     """
@@ -203,6 +203,7 @@ def calibrate(run, now):
     eval_cost = time.perf_counter() - t0
     time_left = cfg.max_time - (time.perf_counter() - run.start)
     total = agree(run.accelerator, plan_steps(run.step, step_time, eval_cost, time_left, cfg.eval_interval))
+    run.schedule_start = run.step  # the planned schedule starts here, at the lr the calibration used
     plan_schedule(run, min(total, cfg.max_iters or total))
     run.bar.total = run.total_steps
     run.bar.refresh()
@@ -305,7 +306,8 @@ class Run:
     raw_model: object = None
     optimizer: object = None
     scheduler: object = None
-    lr: float = None
+    lr: float = None  # the peak learning rate
+    lr_used: float = None  # the learning rate of the last step
     generator: object = None
     metrics: MetricsLog = None
     bar: object = None
@@ -458,6 +460,7 @@ def train_step(run):
     if run.cfg.grad_clip:
         run.accelerator.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
     run.optimizer.step()
+    run.lr_used = run.optimizer.param_groups[0]["lr"]
     run.scheduler.step()
     run.step += 1
     return loss
@@ -540,8 +543,9 @@ def loop(run):
             done = run.total_steps is not None and run.step >= run.total_steps
             out_of_time = cfg.max_time is not None and now - run.start >= cfg.max_time and not done
             stopped_by = [None, "time", "signal"][agree(run.accelerator, 2 if stop.name else int(out_of_time))]
-            if run.step % cfg.log_interval == 0 or done or stopped_by:
-                log_step(run, loss.item(), now, evaluate_now=run.step % cfg.eval_interval == 0 or done or stopped_by)
+            evaluate_now = run.step % cfg.eval_interval == 0 or done or stopped_by
+            if run.step % cfg.log_interval == 0 or evaluate_now:
+                log_step(run, loss.item(), now, evaluate_now)
             if done or stopped_by:
                 return stopped_by or "done"
 
@@ -550,7 +554,7 @@ def log_step(run, loss, now, evaluate_now):
     """One metrics.jsonl record (the run contract's fields), with an eval and a save when due."""
     run.last["train_loss"] = loss
     tokens_per_sec = (run.step - run.step_log) * run.tokens_per_step / max(now - run.t_log, 1e-9)
-    record = {"step": run.step, "train_loss": round(loss, 4), "lr": run.optimizer.param_groups[0]["lr"],
+    record = {"step": run.step, "train_loss": round(loss, 4), "lr": run.lr_used,
               "tokens_per_sec": round(tokens_per_sec, 1), "elapsed_s": round(run.elapsed, 2),
               "total_steps": run.total_steps}
     run.t_log, run.step_log = now, run.step
