@@ -45,6 +45,20 @@ def run_cli(*args, timeout=300):
                           text=True, timeout=timeout)
 
 
+def cli(argv, capsys):
+    """A command line run in this process: (exit code, stdout, stderr). "train" is training/train_char.py."""
+    from llmb.__main__ import main
+    from llmb.story.cli import train_main
+
+    argv = [str(a) for a in argv]
+    try:
+        code = train_main(argv[1:]) if argv[0] == "train" else main(argv)
+    except SystemExit as e:  # argparse refuses a flag's value
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 @contextmanager
 def tmpfs(path, size="16m", fill_from=None, read_only=False):
     """A real small file system at `path` (full at `size`; read-only after copying `fill_from` in)."""

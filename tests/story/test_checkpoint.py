@@ -5,8 +5,8 @@ import pytest
 
 from llmb.errors import UserError
 from llmb.fileio import read_json
-from llmb.runlog import read_metrics
 from llmb.folders import is_story_checkpoint
+from llmb.runlog import read_metrics
 from llmb.story.checkpoint import STAGING, load_checkpoint, load_train_state
 from llmb.story.train import TrainConfig, train
 from tests.story.conftest import TINY

@@ -20,7 +20,7 @@ from llmb.runlog import read_metrics
 from llmb.story.checkpoint import load_checkpoint
 from llmb.story.train import TrainConfig, train
 from tests.conftest import REPO
-from tests.story.conftest import TINY, TINY_FLAGS, run_cli, tmpfs
+from tests.story.conftest import TINY, TINY_FLAGS, cli, run_cli, tmpfs
 
 # The flags of the `trained` fixture's run: what a --resume must repeat.
 RESUME = ["--resume", *TINY_FLAGS]
@@ -73,19 +73,6 @@ BAD_INPUTS = [  # (what, command line from the probe's paths, what the error lin
 ]
 
 
-def cli(argv, capsys):
-    """A command line run in this process: (exit code, stderr). "train" is training/train_char.py."""
-    from llmb.__main__ import main
-    from llmb.story.cli import train_main
-
-    argv = [str(a) for a in argv]
-    try:
-        code = train_main(argv[1:]) if argv[0] == "train" else main(argv)
-    except SystemExit as e:  # argparse refuses a flag's value
-        code = e.code
-    return code, capsys.readouterr().err
-
-
 def snapshot(folder):
     return {f.name: f.read_bytes() for f in sorted(folder.iterdir()) if f.is_file()}
 
@@ -100,7 +87,7 @@ def probe(corpus, run_copy, tmp_path):
 @pytest.mark.parametrize("what, argv, message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
 def test_bad_input_is_one_error_line_and_changes_nothing(probe, capsys, what, argv, message):
     before = snapshot(probe.run)
-    code, err = cli(argv(probe), capsys)
+    code, _, err = cli(argv(probe), capsys)
     assert code == 2, err
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
