@@ -118,6 +118,9 @@ def load_checkpoint(path, device="cpu", cpu_int8=False):
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise UserError(f"{path / CONFIG} is not a valid story config ({e})") from None
     tokenizer = load_tokenizer(path)
+    if tokenizer.vocab_size != config.vocab_size:  # e.g. files of two runs mixed by hand
+        raise UserError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model {config.vocab_size}; "
+                        "the folder mixes files of two runs")
     model = GPT(config)
     try:
         load_model(model, str(path / WEIGHTS), device="cpu")

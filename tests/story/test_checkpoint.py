@@ -1,3 +1,4 @@
+import json
 import os
 import stat
 
@@ -72,3 +73,11 @@ def test_a_save_interrupted_between_its_moves_is_named_on_resume(corpus, run_cop
     assert load_checkpoint(run_copy)[2]["step"] == 20  # still loads (same run, same vocabulary)
     with pytest.raises(UserError, match="last save was interrupted"):
         load_train_state(run_copy)
+
+
+def test_a_tokenizer_from_another_run_is_named_not_sampled_from(run_copy):
+    vocab = json.loads((run_copy / "char_vocab.json").read_text())
+    vocab["chars"] = vocab["chars"][:-5]
+    (run_copy / "char_vocab.json").write_text(json.dumps(vocab))
+    with pytest.raises(UserError, match="mixes files of two runs"):
+        load_checkpoint(run_copy)

@@ -47,6 +47,7 @@ def test_pretrained_tokenizer_from_local_folder(shared_data, tmp_path):
     assert load_tokenizer(tmp_path).encode(text) == tok.encode(text)
 
 
+@pytest.mark.slow  # imports transformers
 def test_unknown_pretrained_name_is_a_clear_error():
     from llmb.errors import UserError
 
