@@ -48,6 +48,7 @@ class Data:
     val_chars: int  # characters of the val split the tokens stand for (unencodable ones left out)
     unknown_chars: int  # characters of the val split the tokenizer cannot encode
     report: str
+    train_unknown: int = 0  # training characters a saved tokenizer cannot encode (the text changed)
 
     @property
     def val_chars_per_token(self):  # to turn nats/token into bits/character
@@ -62,9 +63,12 @@ def prepare_data(cfg, tokenizer=None):
     """
     corpus = load_corpus(cfg.data)
     train_text, val_text = corpus.split(cfg.val_fraction)
+    train_unknown = 0
     if tokenizer is None:
         text = train_text + val_text if cfg.tokenizer == "char" else train_text
         tokenizer = build_tokenizer(cfg.tokenizer, text, cfg.vocab_size)
+    else:
+        train_unknown = tokenizer.count_unknown(train_text)
     train = torch.tensor(tokenizer.encode(train_text, drop_unknown=True), dtype=torch.long)
     val = torch.tensor(tokenizer.encode(val_text, drop_unknown=True), dtype=torch.long)
     for name, ids in (("training", train), ("validation", val)):
@@ -78,7 +82,7 @@ def prepare_data(cfg, tokenizer=None):
                                 f"({tokenizer.kind}, vocab {tokenizer.vocab_size})")
     for warning in corpus.warnings + data_warnings(tokenizer.lossless, unknown, len(val_text)):
         report += f"\n  warning: {warning}"
-    return Data(tokenizer, train, val, len(val_text) - unknown, unknown, report)
+    return Data(tokenizer, train, val, len(val_text) - unknown, unknown, report, train_unknown)
 
 
 def data_warnings(lossless, unknown, val_chars):
@@ -380,6 +384,9 @@ def prepare(cfg, log=print):
         model, tokenizer, meta = load_checkpoint(run.out)
         check_resume(cfg, meta["train"])
         run.data = prepare_data(cfg, tokenizer)
+        if run.data.train_unknown:
+            raise UserError(f"the training text has {run.data.train_unknown:,} character(s) not in the saved "
+                            "vocabulary: the data changed since the run started; start a new run")
         run.lr = meta["train"]["lr"]
     else:
         run.data = prepare_data(cfg)
@@ -417,10 +424,11 @@ def restore(run, state):
         raise UserError(f"{run.out / STATE} was saved by an older llmb and cannot resume exactly; start a new run")
     run.step, run.elapsed_before = state["step"], state["elapsed_s"]
     run.schedule_start, total = state["schedule_start"], state["total_steps"]
+    run.say(f"resuming from step {run.step} in {run.out}")
     if cfg.max_iters is not None and cfg.max_iters != state["max_iters"]:
         if cfg.max_iters <= run.step:
             raise UserError(f"the run in {run.out} is at step {run.step}; give --max-iters above that")
-        run.say(f"--max-iters {state['max_iters']} -> {cfg.max_iters}: the schedule now ends at step {cfg.max_iters}")
+        run.say(f"--max-iters {cfg.max_iters}: the schedule now ends at step {cfg.max_iters} (it ended at {total})")
         total = cfg.max_iters
     if total is not None and run.step >= total:
         raise UserError(f"the run in {run.out} already finished ({run.step} steps); give a larger --max-iters "
@@ -435,7 +443,6 @@ def restore(run, state):
     torch.set_rng_state(rank["torch"])  # dropout draws from the global generator
     if rank["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(rank["cuda"])
-    run.say(f"resuming from step {run.step} in {run.out}")
 
 
 def open_metrics(run, resumed):

@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+from llmb.errors import UserError
 from llmb.runlog import read_metrics
 from llmb.story.checkpoint import load_checkpoint
 from llmb.story.train import TrainConfig, make_scheduler, train
@@ -84,6 +85,17 @@ def test_resume_with_more_steps_continues_the_run(run_copy, corpus):
                                    eval_interval=10, eval_iters=2, sample_chars=0, **TINY), log=messages.append)
     assert "resuming from step 20" in "\n".join(messages) and "the schedule now ends at step 30" in "\n".join(messages)
     assert summary["steps"] == 30 and [r["step"] for r in read_metrics(run_copy / "metrics.jsonl")][-1] == 30
+
+
+def test_resume_refuses_text_changed_under_the_same_path(tmp_path, corpus):
+    book = tmp_path / "book.txt"
+    book.write_text(corpus.read_text()[:50_000])
+    cfg = dict(data=[str(book)], out=str(tmp_path / "run"), max_iters=10, eval_interval=5, eval_iters=1,
+               sample_chars=0, **TINY)
+    train(TrainConfig(**cfg), **QUIET)
+    book.write_text("\u2603 " + corpus.read_text()[:50_000])
+    with pytest.raises(UserError, match=r"training text has 1 character\(s\) not in the saved vocabulary"):
+        train(TrainConfig(**{**cfg, "max_iters": 20}, resume=True), **QUIET)
 
 
 def test_max_time_plans_the_schedule_inside_its_warm_up_and_stops_on_time(corpus, tmp_path):
