@@ -23,7 +23,7 @@ import torch
 
 from llmb.device import resolve_device
 from llmb.errors import UserError
-from llmb.folders import is_story_checkpoint
+from llmb.folders import folder_kind, is_story_checkpoint
 from llmb.runlog import MetricsLog, StopSignal, trim_metrics, write_summary
 from llmb.settings import check, check_number
 from llmb.story.checkpoint import STATE, check_out_folder, load_checkpoint, load_train_state, save_checkpoint
@@ -350,6 +350,8 @@ def open_run(cfg, log):
     say = log if accelerator.is_main_process else (lambda *a, **k: None)
     run = Run(cfg, out, accelerator, say)
     has_run = is_story_checkpoint(out) or (out / STATE).is_file()
+    if not has_run and ((out / "config.json").exists() or folder_kind(out)):  # e.g. an adapter or a base model
+        raise UserError(f"{out} holds another model's files (config.json); give --out a folder of its own")
     if not cfg.resume:
         if has_run and not cfg.overwrite:
             raise UserError(f"{out} already holds a checkpoint; give --resume to continue it, --overwrite to "

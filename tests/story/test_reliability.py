@@ -46,6 +46,8 @@ BAD_INPUTS = [  # (what, command line from the probe's paths, what the error lin
      "cannot change --data"),
     ("--resume with dropout", lambda d: ["train", "--data", d.corpus, "--out", d.run, "--max-iters", "30", *RESUME,
                                          "--dropout", "0.1"], "cannot change --dropout"),
+    ("--out holds another model", lambda d: ["train", "--data", d.corpus, "--out", d.adapter, "--max-iters", "5"],
+     "holds another model's files"),
     ("--log-interval 0", lambda d: ["train", "--data", d.corpus, "--out", d.tmp / "o", "--max-iters", "5",
                                     "--log-interval", "0"], "--log-interval"),
     ("--vocab-size 0", lambda d: ["train", "--data", d.corpus, "--out", d.tmp / "o", "--max-iters", "5",
@@ -81,7 +83,11 @@ def snapshot(folder):
 def probe(corpus, run_copy, tmp_path):
     other = tmp_path / "other.txt"
     other.write_text(corpus.read_text()[::-1])
-    return SimpleNamespace(corpus=corpus, run=run_copy, tmp=tmp_path, other=other)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "config.json").write_text('{"model_type": "phi"}')
+    return SimpleNamespace(corpus=corpus, run=run_copy, tmp=tmp_path, other=other, adapter=adapter)
 
 
 @pytest.mark.parametrize("what, argv, message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
@@ -93,6 +99,7 @@ def test_bad_input_is_one_error_line_and_changes_nothing(probe, capsys, what, ar
     last = err.strip().splitlines()[-1]
     assert "error: " in last and message in last, err
     assert snapshot(probe.run) == before
+    assert sorted(f.name for f in probe.adapter.iterdir()) == ["adapter_config.json", "config.json"]
     assert not (probe.tmp / "o").exists() and not (probe.tmp / "none").exists()
 
 
