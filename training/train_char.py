@@ -2,7 +2,8 @@
 
     python training/train_char.py --data path/to/books --out checkpoints/my-story --max-time 600
 
-Ctrl-C saves and exits; --resume continues. Several processes: accelerate launch training/train_char.py ...
+Ctrl-C saves and exits; --resume continues (same flags; only how long and how often may change);
+--overwrite replaces a run already in --out. Several processes: accelerate launch training/train_char.py ...
 """
 
 import sys

@@ -3,45 +3,106 @@
     config.json         {"llmb": "story", "model": GPTConfig fields, "tokenizer": ..., "step": ...}
     model.safetensors   the weights
     char_vocab.json | tokenizer.json
-    train_state.pt      optimizer/scheduler/step for --resume (training only)
+    train_state.pt      optimizer, scheduler, step and random states for --resume (training only)
     metrics.jsonl, summary.json
 
-Every file is written atomically (temporary file + rename), so a run killed at any moment
-leaves the previous checkpoint loadable.
+A checkpoint is written whole into a staging folder beside it, then its files are moved in,
+config.json last. A run killed at any moment leaves the previous checkpoint loadable; files
+are created with the user's umask (not private to root) like any other file they write.
 """
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_model, save_model
 
 from llmb.errors import UserError
-from llmb.fileio import atomic_path, read_json, write_json
+from llmb.fileio import read_json
 from llmb.folders import STORY_CONFIG as CONFIG
 from llmb.folders import STORY_WEIGHTS as WEIGHTS
 from llmb.folders import require
 from llmb.story.model import GPT, GPTConfig
+from llmb.story.tokenizer import FILES as TOKENIZER_FILES
 from llmb.story.tokenizer import load_tokenizer
 
 STATE = "train_state.pt"
+STAGING = ".saving"
 
 
-def save_checkpoint(out_dir, model, meta):
-    """Write weights then config (tokenizer files are written once, at the start of training)."""
+def check_out_folder(out):
+    """--out must be a folder we can write (or one we can create); checked before any work starts."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for the checkpoint")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write in {parent} (read-only or not yours); give --out a folder you can write")
+    return out
+
+
+def save_checkpoint(out_dir, model, tokenizer, meta, state=None, replace=False):
+    """Save weights, tokenizer, config (+ training state): complete in staging, then moved in.
+
+    replace: the folder holds another run's checkpoint (--overwrite). Its config.json goes first,
+    so a kill during the moves leaves no checkpoint rather than a mix of two runs' files.
+    """
     out_dir = Path(out_dir)
-    with atomic_path(out_dir / WEIGHTS) as tmp:
-        save_model(model, str(tmp))
-    write_json(out_dir / CONFIG, {"llmb": "story", "model": model.config.to_dict(), **meta})
+    staging = out_dir / STAGING
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        tokenizer.save(staging)
+        save_model(model, str(staging / WEIGHTS))
+        if state is not None:
+            torch.save(state, staging / STATE)
+        (staging / CONFIG).write_text(json.dumps({"llmb": "story", "model": model.config.to_dict(), **meta},
+                                                 indent=2) + "\n", encoding="utf-8")
+        _sync(staging)
+        if replace:
+            for name in (CONFIG, STATE, *TOKENIZER_FILES):
+                (out_dir / name).unlink(missing_ok=True)
+        for f in sorted(staging.iterdir(), key=lambda f: f.name == CONFIG):  # config.json last
+            os.replace(f, out_dir / f.name)
+        _sync(out_dir, files=False)
+        staging.rmdir()
+    except OSError as e:
+        raise UserError(f"could not save the checkpoint in {out_dir}: {e.strerror or e}") from None
 
 
-def save_train_state(out_dir, state):
-    with atomic_path(Path(out_dir) / STATE) as tmp:
-        torch.save(state, tmp)
+def _sync(folder, files=True):
+    """fsync the files of a folder (first giving them the umask's mode: safetensors writes 0600),
+    then the folder itself (so the renames are on disk too)."""
+    for f in folder.iterdir() if files else ():
+        f.chmod(0o666 & ~_umask())
+        with open(f, "rb") as handle:
+            os.fsync(handle.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask():
+    mask = os.umask(0)  # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def load_train_state(out_dir):
-    return torch.load(Path(out_dir) / STATE, map_location="cpu", weights_only=False)
+    """The training state saved beside the weights, checked to belong to the same save."""
+    out_dir = Path(out_dir)
+    state = torch.load(out_dir / STATE, map_location="cpu", weights_only=False)
+    saved_step = read_json(out_dir / CONFIG).get("step")
+    if state.get("step") != saved_step:
+        raise UserError(f"{out_dir}: the training state (step {state.get('step')}) does not match the weights "
+                        f"(step {saved_step}): the last save was interrupted; start a new run with --overwrite")
+    return state
 
 
 def load_checkpoint(path, device="cpu", cpu_int8=False):
@@ -57,6 +118,9 @@ def load_checkpoint(path, device="cpu", cpu_int8=False):
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise UserError(f"{path / CONFIG} is not a valid story config ({e})") from None
     tokenizer = load_tokenizer(path)
+    if tokenizer.vocab_size != config.vocab_size:  # e.g. files of two runs mixed by hand
+        raise UserError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model {config.vocab_size}; "
+                        "the folder mixes files of two runs")
     model = GPT(config)
     try:
         load_model(model, str(path / WEIGHTS), device="cpu")

@@ -12,6 +12,7 @@ from llmb.settings import add_arguments, from_args
 
 MODEL_SETTINGS = ("data", "out", "tokenizer", "vocab_size", "val_fraction", "n_layer", "n_head", "n_embd",
                   "block_size", "dropout", "bias", "batch_size", "weight_decay", "grad_clip", "seed", "device", "progress")
+EVAL_SETTINGS = ("data", "val_fraction", "batch_size", "device")
 
 
 def train_parser(description=None):
@@ -57,9 +58,13 @@ def cmd_sample(args):
 
 
 def cmd_eval(args):
-    from llmb.story.train import evaluate_checkpoint
+    from llmb.device import resolve_device
+    from llmb.story.train import data_warnings, evaluate_checkpoint
 
-    print(json.dumps(evaluate_checkpoint(args.ckpt, args.data, args.val_fraction, args.batch_size)))
+    result = evaluate_checkpoint(args.ckpt, args.data, args.val_fraction, args.batch_size, resolve_device(args.device))
+    for warning in data_warnings(result["bpc_lossless"], result["unencodable_chars"], result["val_chars"]):
+        print(f"warning: {warning}", file=sys.stderr)
+    print(json.dumps(result))
 
 
 def cmd_lr_find(args):
@@ -88,9 +93,7 @@ def register(sub):
 
     p = sub.add_parser("eval", help="val loss (nats/token) and bits per character on the validation split")
     p.add_argument("--ckpt", required=True, metavar="DIR")
-    p.add_argument("--data", nargs="+", required=True, metavar="PATH")
-    p.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction)
-    p.add_argument("--batch-size", type=int, default=32)
+    add_arguments(p, TrainConfig, only=EVAL_SETTINGS)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("lr-find", help="LR range test: writes lr_find.png and lr_find.json to --out")

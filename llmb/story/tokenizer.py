@@ -1,24 +1,29 @@
-"""Tokenizers for the story model: characters (default), a WordPiece trained on the corpus,
-or any pretrained tokenizer (hub id or local folder).
+"""Tokenizers for the story model: characters (default), a byte-level BPE or a WordPiece trained
+on the training split, or any pretrained tokenizer (hub id or local folder).
 
-All three share one small interface: encode, decode, vocab_size, unknown, save, and
-`load_tokenizer(dir)` reads back whichever was saved with a checkpoint.
+All share one small interface: encode, decode, vocab_size, unknown, count_unknown, lossless,
+save, and `load_tokenizer(dir)` reads back whichever was saved with a checkpoint.
+
+Lossless means decode(encode(text)) == text. Characters and byte-level BPE are lossless, so their
+bits per character compare fairly; WordPiece drops whitespace (newlines, runs of spaces), so its
+bits per character leave those characters out and are labelled lossy.
 """
 
 import json
 from pathlib import Path
 
 from llmb.errors import UserError
-from llmb.fileio import atomic_path
 
 CHAR_FILE = "char_vocab.json"
 SUBWORD_FILE = "tokenizer.json"
+FILES = (CHAR_FILE, SUBWORD_FILE)
 
 
 class CharTokenizer:
     """One token per character; the vocabulary is the set of characters in the corpus."""
 
     kind = "char"
+    lossless = True
 
     def __init__(self, chars):
         self.chars = list(chars)
@@ -36,6 +41,10 @@ class CharTokenizer:
         """The characters of text this vocabulary lacks, in order of first appearance."""
         return list(dict.fromkeys(c for c in text if c not in self.stoi))
 
+    def count_unknown(self, text):
+        """How many characters of text cannot be encoded."""
+        return sum(c not in self.stoi for c in text)
+
     def encode(self, text, drop_unknown=False):
         if drop_unknown:
             return [self.stoi[c] for c in text if c in self.stoi]
@@ -48,12 +57,16 @@ class CharTokenizer:
         return "".join(self.chars[i] for i in ids)
 
     def save(self, directory):
-        with atomic_path(Path(directory) / CHAR_FILE) as tmp:
-            tmp.write_text(json.dumps({"kind": "char", "chars": self.chars}, ensure_ascii=False), encoding="utf-8")
+        """Write char_vocab.json (checkpoints save into a staging folder, see llmb.story.checkpoint)."""
+        data = json.dumps({"kind": "char", "chars": self.chars}, ensure_ascii=False)
+        (Path(directory) / CHAR_FILE).write_text(data, encoding="utf-8")
+
+
+PROBE = "Line one.\n\n  Two\tthree   spaces, caf\u00e9 \u201cquoted\u201d.\n"  # whitespace a lossy tokenizer drops
 
 
 class SubwordTokenizer:
-    """A `tokenizers.Tokenizer`: WordPiece trained here, or a pretrained one (e.g. BERT, Phi-2)."""
+    """A `tokenizers.Tokenizer`: byte-level BPE or WordPiece trained here, or a pretrained one (BERT, Phi-2)."""
 
     kind = "subword"
 
@@ -63,6 +76,21 @@ class SubwordTokenizer:
         model = json.loads(tokenizer.to_str())["model"]
         if model.get("unk_token") is not None:
             self.unk_id = tokenizer.token_to_id(model["unk_token"])
+        self.lossless = self.decode(self.encode(PROBE)) == PROBE
+
+    @classmethod
+    def train_bpe(cls, text, vocab_size=2000):
+        """Byte-level BPE (GPT-2 style) trained on text: every byte has a token, so nothing is unknown
+        and decoding gives the text back exactly."""
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=False)
+        tok.train_from_iterator(_chunks(text), trainer=trainer)
+        return cls(tok)
 
     @classmethod
     def train_wordpiece(cls, text, vocab_size=2000):
@@ -73,9 +101,8 @@ class SubwordTokenizer:
         tok.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=["[UNK]"])
-        lines = text.split("\n")
-        tok.train_from_iterator((lines[i:i + 1000] for i in range(0, len(lines), 1000)), trainer=trainer)
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=["[UNK]"], show_progress=False)
+        tok.train_from_iterator(_chunks(text), trainer=trainer)
         return cls(tok)
 
     @classmethod
@@ -101,11 +128,18 @@ class SubwordTokenizer:
     def vocab_size(self):
         return self.tok.get_vocab_size(with_added_tokens=True)
 
-    def unknown(self, text):
+    def _unknown_spans(self, text):
         if self.unk_id is None:
             return []
         enc = self.tok.encode(text, add_special_tokens=False)
-        return list(dict.fromkeys(text[a:b] for i, (a, b) in zip(enc.ids, enc.offsets) if i == self.unk_id))
+        return [text[a:b] for i, (a, b) in zip(enc.ids, enc.offsets) if i == self.unk_id]
+
+    def unknown(self, text):
+        return list(dict.fromkeys(self._unknown_spans(text)))
+
+    def count_unknown(self, text):
+        """How many characters of text only an unknown token ([UNK]) stands for."""
+        return sum(map(len, self._unknown_spans(text)))
 
     def encode(self, text, drop_unknown=False):
         ids = self.tok.encode(text, add_special_tokens=False).ids
@@ -117,14 +151,21 @@ class SubwordTokenizer:
         return self.tok.decode(list(ids), skip_special_tokens=False)
 
     def save(self, directory):
-        with atomic_path(Path(directory) / SUBWORD_FILE) as tmp:
-            self.tok.save(str(tmp))
+        """Write tokenizer.json (checkpoints save into a staging folder, see llmb.story.checkpoint)."""
+        self.tok.save(str(Path(directory) / SUBWORD_FILE))
+
+
+def _chunks(text, lines_per_chunk=1000):
+    lines = text.split("\n")
+    return ("\n".join(lines[i:i + lines_per_chunk]) for i in range(0, len(lines), lines_per_chunk))
 
 
 def build_tokenizer(name, text, vocab_size=2000):
-    """`char`, `wordpiece` (trained on text) or a pretrained tokenizer's hub id / local path."""
+    """`char`, `bpe` or `wordpiece` (trained on text) or a pretrained tokenizer's hub id / local path."""
     if name == "char":
         return CharTokenizer.train(text)
+    if name == "bpe":
+        return SubwordTokenizer.train_bpe(text, vocab_size)
     if name == "wordpiece":
         return SubwordTokenizer.train_wordpiece(text, vocab_size)
     return SubwordTokenizer.from_pretrained(name)

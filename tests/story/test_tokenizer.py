@@ -36,6 +36,7 @@ def test_wordpiece_trained_on_corpus(oz_text, tmp_path):
     assert load_tokenizer(tmp_path).encode(line) == ids
 
 
+@pytest.mark.slow  # imports transformers
 def test_pretrained_tokenizer_from_local_folder(shared_data, tmp_path):
     tok = SubwordTokenizer.from_pretrained(str(shared_data / "phi-2-tokenizer"))
     assert tok.encode("Hello world") == [15496, 995]
@@ -46,8 +47,27 @@ def test_pretrained_tokenizer_from_local_folder(shared_data, tmp_path):
     assert load_tokenizer(tmp_path).encode(text) == tok.encode(text)
 
 
+@pytest.mark.slow  # imports transformers
 def test_unknown_pretrained_name_is_a_clear_error():
     from llmb.errors import UserError
 
     with pytest.raises(UserError, match="could not load tokenizer"):
         build_tokenizer("no-such-org/no-such-tokenizer", "text")
+
+
+def test_byte_level_bpe_is_lossless_and_wordpiece_is_labelled_lossy(oz_text, tmp_path):
+    bpe = build_tokenizer("bpe", oz_text, vocab_size=500)
+    assert bpe.vocab_size == 500 and bpe.lossless
+    sample = oz_text[:5000] + "\n\n\t  caf\u00e9 \u2603 \U0001f600\n"  # whitespace runs, unseen characters
+    ids = bpe.encode(sample)
+    assert bpe.decode(ids) == sample and bpe.count_unknown(sample) == 0  # every byte has a token
+    assert len(ids) < 0.6 * len(sample)
+    bpe.save(tmp_path)
+    again = load_tokenizer(tmp_path)
+    assert again.encode(sample) == ids and again.lossless
+
+    wordpiece = build_tokenizer("wordpiece", oz_text, vocab_size=500)
+    assert not wordpiece.lossless
+    assert wordpiece.decode(wordpiece.encode("one\n\ntwo")) != "one\n\ntwo"  # the newlines are gone
+    assert wordpiece.count_unknown("Dorothy \u2603\u2603 ran") == 2
+    assert CharTokenizer.train(oz_text).count_unknown("Dorothy \u2603\u2603 ran") == 2

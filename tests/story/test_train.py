@@ -12,40 +12,31 @@ import torch
 from llmb.errors import UserError
 from llmb.runlog import read_metrics
 from llmb.story.checkpoint import load_checkpoint
-from llmb.story.lr_finder import lr_sweep, suggest_lr
 from llmb.story.train import TrainConfig, make_scheduler, train
 from tests.conftest import REPO
+from tests.story.conftest import TINY, run_cli
 
-TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=16, dropout=0.0, progress=False)
-
-
-@pytest.fixture(scope="module")
-def corpus(shared_data, tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "shakespeare_200k.txt"
-    path.write_text((shared_data / "tinyshakespeare.txt").read_text()[:200_000])
-    return path
+QUIET = dict(log=lambda *a: None)
+SUMMARY_KEYS = {"data", "steps", "total_steps", "final_train_loss", "final_val_loss", "elapsed_s", "stopped_by"}
+RECORD_KEYS = {"step", "train_loss", "lr", "tokens_per_sec", "elapsed_s", "total_steps"}
 
 
-def run_cli(*args, timeout=300):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def test_training_lowers_val_loss_and_writes_its_files(corpus, tmp_path):
+def test_training_lowers_val_loss_and_keeps_the_run_contract(corpus, tmp_path):
     out = tmp_path / "run"
     cfg = TrainConfig(data=[str(corpus)], out=str(out), max_iters=100, eval_interval=50, lr=3e-3, **TINY)
-    model, summary = train(cfg, log=lambda *a: None)
+    model, summary = train(cfg, **QUIET)
     records = read_metrics(out / "metrics.jsonl")
     evals = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in evals] == [50, 100]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] < math.log(65)
     assert evals[-1]["val_bpc"] == pytest.approx(evals[-1]["val_loss"] / math.log(2), abs=1e-3)  # chars: 1 token each
-    for key in ("step", "train_loss", "lr", "tokens_per_sec", "elapsed_s"):
-        assert all(key in r for r in records)
+    assert all(RECORD_KEYS <= r.keys() for r in records) and records[-1]["total_steps"] == 100
     assert isinstance(evals[-1]["sample"], str) and evals[-1]["sample"]
-    assert summary["steps"] == 100 and summary["stopped_by"] == "done"
-    assert json.loads((out / "summary.json").read_text())["final_val_loss"] == summary["final_val_loss"]
+    saved = json.loads((out / "summary.json").read_text())
+    assert SUMMARY_KEYS <= saved.keys() and saved == summary
+    assert summary["steps"] == 100 and summary["stopped_by"] == "done" and summary["data"] == [str(corpus)]
+    assert summary["final_train_loss"] == records[-1]["train_loss"] or \
+        round(summary["final_train_loss"], 4) == records[-1]["train_loss"]
     assert sorted(p.name for p in out.iterdir()) == [
         "char_vocab.json", "config.json", "metrics.jsonl", "model.safetensors", "summary.json", "train_state.pt"]
 
@@ -57,6 +48,115 @@ def test_training_lowers_val_loss_and_writes_its_files(corpus, tmp_path):
     assert meta["step"] == 100 and meta["tokenizer"] == "char"
 
 
+def stop_at(step):
+    """Wrap train_step so that the run gets a SIGINT (as from Ctrl-C or the app's Stop) at `step`."""
+    import llmb.story.train as story_train
+
+    real = story_train.train_step
+
+    def step_then_signal(run):
+        loss = real(run)
+        if run.step == step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss
+
+    return step_then_signal
+
+
+def test_stop_and_resume_with_dropout_equals_an_uninterrupted_run(corpus, tmp_path, monkeypatch):
+    import llmb.story.train as story_train
+
+    run = dict(data=[str(corpus)], max_iters=40, eval_interval=20, eval_iters=2, sample_chars=0,
+               **{**TINY, "dropout": 0.1})
+    straight, _ = train(TrainConfig(out=str(tmp_path / "straight"), **run), **QUIET)
+    with monkeypatch.context() as m:
+        m.setattr(story_train, "train_step", stop_at(13))
+        _, summary = train(TrainConfig(out=str(tmp_path / "stopped"), **run), **QUIET)
+    assert summary["stopped_by"] == "signal" and summary["steps"] == 13
+    resumed, summary = train(TrainConfig(out=str(tmp_path / "stopped"), resume=True, **run), **QUIET)
+    assert summary["steps"] == 40 and summary["stopped_by"] == "done"
+    for (name, p), q in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_resume_with_more_steps_continues_the_run(run_copy, corpus):
+    messages = []
+    _, summary = train(TrainConfig(data=[str(corpus)], out=str(run_copy), resume=True, max_iters=30,
+                                   eval_interval=10, eval_iters=2, sample_chars=0, **TINY), log=messages.append)
+    assert "resuming from step 20" in "\n".join(messages) and "the schedule now ends at step 30" in "\n".join(messages)
+    assert summary["steps"] == 30 and [r["step"] for r in read_metrics(run_copy / "metrics.jsonl")][-1] == 30
+
+
+def test_resume_refuses_text_changed_under_the_same_path(tmp_path, corpus):
+    book = tmp_path / "book.txt"
+    book.write_text(corpus.read_text()[:50_000])
+    cfg = dict(data=[str(book)], out=str(tmp_path / "run"), max_iters=10, eval_interval=5, eval_iters=1,
+               sample_chars=0, **TINY)
+    train(TrainConfig(**cfg), **QUIET)
+    book.write_text("\u2603 " + corpus.read_text()[:50_000])
+    with pytest.raises(UserError, match=r"training text has 1 character\(s\) not in the saved vocabulary"):
+        train(TrainConfig(**{**cfg, "max_iters": 20}, resume=True), **QUIET)
+
+
+def test_max_time_plans_the_schedule_inside_its_warm_up_and_stops_on_time(corpus, tmp_path):
+    cfg = TrainConfig(data=[str(corpus)], out=str(tmp_path / "timed"), max_time=2.5, eval_interval=50,
+                      eval_iters=2, log_interval=1, lr=1e-2, **TINY)
+    start = time.perf_counter()
+    _, summary = train(cfg, **QUIET)
+    assert summary["stopped_by"] in ("done", "time")
+    assert summary["total_steps"] > 20  # the one-cycle length was planned from measured throughput
+    assert summary["elapsed_s"] <= 2.5 + 1.0 and time.perf_counter() - start < 12
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "timed" / "metrics.jsonl")]
+    peak = lrs.index(max(lrs))
+    assert lrs[0] < 1e-2 / 20  # measuring happened at the warm-up's start, not at the peak
+    assert all(a <= b * (1 + 1e-5) for a, b in zip(lrs[:peak], lrs[1:peak + 1]))  # rises once ...
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))  # ... then anneals: one-cycle never restarts
+
+
+def test_one_cycle_shape():
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
+    sched = make_scheduler(opt, "onecycle", 1e-2, 100, pct_start=0.25)
+    lrs, betas = [], []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        betas.append(opt.param_groups[0]["betas"][0])
+        opt.step()
+        sched.step()
+    peak = lrs.index(max(lrs))
+    assert 20 <= peak <= 26 and max(lrs) == pytest.approx(1e-2)
+    assert lrs[0] == pytest.approx(1e-2 / 25) and lrs[-1] < lrs[0] / 10
+    assert all(a <= b for a, b in zip(lrs[:peak], lrs[1:peak + 1]))  # rises ...
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))  # ... then anneals
+    assert betas[0] == pytest.approx(0.95) and betas[peak] == pytest.approx(0.85) and betas[-1] > 0.94
+
+
+@pytest.mark.parametrize("tokenizer, lossless", [("bpe", True), ("wordpiece", False)])
+def test_subword_runs_report_bits_per_character_and_say_when_lossy(corpus, tmp_path, tokenizer, lossless):
+    messages = []
+    cfg = TrainConfig(data=[str(corpus)], out=str(tmp_path / tokenizer), tokenizer=tokenizer, vocab_size=400,
+                      max_iters=20, eval_interval=20, eval_iters=4, sample_chars=0, **TINY)
+    _, summary = train(cfg, log=messages.append)
+    # several characters per token: bpc is well below nats/token / ln 2
+    assert summary["final_val_bpc"] < 0.6 * summary["final_val_loss"] / math.log(2)
+    assert summary["bpc_lossless"] is lossless
+    assert ("tokenizer is lossy" in "\n".join(messages)) is not lossless
+    loaded, tok, _ = load_checkpoint(tmp_path / tokenizer)
+    assert tok.kind == "subword" and loaded.config.vocab_size == tok.vocab_size
+
+
+@pytest.mark.slow
+def test_lr_auto_runs_the_finder_and_trains_with_its_suggestion(corpus, tmp_path):
+    out = tmp_path / "auto"
+    messages = []
+    _, summary = train(TrainConfig(data=[str(corpus)], out=str(out), lr="auto", max_iters=10, eval_interval=10,
+                                   eval_iters=2, sample_chars=0, **TINY), log=messages.append)
+    suggested = json.loads((out / "lr_find.json").read_text())["suggested_lr"]
+    assert summary["lr"] == suggested
+    assert any(m.startswith(f"--lr auto: using lr {suggested:.2e}") for m in messages)
+    assert (out / "lr_find.png").exists()
+
+
+@pytest.mark.slow
 def test_sigterm_saves_and_resume_continues_to_the_same_weights(corpus, tmp_path):
     common = ["--data", corpus, "--n-layer", 2, "--n-head", 2, "--n-embd", 32, "--block-size", 32,
               "--batch-size", 16, "--max-iters", 200, "--eval-interval", 1000, "--eval-iters", 2,
@@ -65,9 +165,8 @@ def test_sigterm_saves_and_resume_continues_to_the_same_weights(corpus, tmp_path
     assert run_cli("training/train_char.py", "--out", straight, *common).returncode == 0
 
     stopped = tmp_path / "stopped"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "training/train_char.py", "--out", str(stopped), *map(str, common)],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while time.time() < deadline and len(read_metrics(stopped / "metrics.jsonl")) < 20:
         time.sleep(0.05)
@@ -90,120 +189,7 @@ def test_sigterm_saves_and_resume_continues_to_the_same_weights(corpus, tmp_path
         torch.testing.assert_close(p, q, msg=name)
 
 
-def test_max_time_stops_on_time(corpus, tmp_path):
-    cfg = TrainConfig(data=[str(corpus)], out=str(tmp_path / "timed"), max_time=4.0, eval_interval=50,
-                      eval_iters=2, **TINY)
-    start = time.perf_counter()
-    _, summary = train(cfg, log=lambda *a: None)
-    assert summary["stopped_by"] in ("done", "time")
-    assert summary["total_steps"] > 20  # the one-cycle length was planned from measured throughput
-    assert summary["elapsed_s"] <= 4.0 + 1.0
-    assert time.perf_counter() - start < 15
-
-
-def test_one_cycle_shape():
-    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
-    sched = make_scheduler(opt, "onecycle", 1e-2, 100, pct_start=0.25)
-    lrs, betas = [], []
-    for _ in range(100):
-        lrs.append(opt.param_groups[0]["lr"])
-        betas.append(opt.param_groups[0]["betas"][0])
-        opt.step()
-        sched.step()
-    peak = lrs.index(max(lrs))
-    assert 20 <= peak <= 26 and max(lrs) == pytest.approx(1e-2)
-    assert lrs[0] == pytest.approx(1e-2 / 25) and lrs[-1] < lrs[0] / 10
-    assert all(a <= b for a, b in zip(lrs[:peak], lrs[1:peak + 1]))  # rises ...
-    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))  # ... then anneals
-    assert betas[0] == pytest.approx(0.95) and betas[peak] == pytest.approx(0.85) and betas[-1] > 0.94
-
-
-def test_lr_sweep_suggests_a_rate_inside_the_sweep_on_a_toy_problem():
-    # noisy least squares with minibatch SGD: it learns for small lr and diverges past about 2 / L
-    torch.manual_seed(0)
-    X = torch.randn(1024, 8)
-    y = X @ torch.randn(8) + 0.1 * torch.randn(1024)
-    w = torch.zeros(8, requires_grad=True)
-    L = 2 * torch.linalg.eigvalsh(X.T @ X / 1024).max().item()
-
-    def step(lr):
-        i = torch.randint(0, 1024, (32,))
-        loss = ((X[i] @ w - y[i]) ** 2).mean()
-        loss.backward()
-        with torch.no_grad():
-            w.sub_(lr * w.grad)
-            w.grad = None
-        return loss.item()
-
-    lrs, losses = lr_sweep(step, start_lr=1e-4, end_lr=10.0, num_iters=150)
-    suggestion = suggest_lr(lrs, losses)
-    assert lrs[0] < suggestion < lrs[-1]
-    assert 1e-3 < suggestion < 2 / L  # a rate that learns, below the divergence point
-    assert len(lrs) < 150  # the sweep stopped once the loss blew up
-
-
-def test_lr_find_cli_writes_plot_and_json(corpus, tmp_path):
-    r = run_cli("-m", "llmb", "lr-find", "--data", corpus, "--out", tmp_path, "--n-layer", 1, "--n-embd", 32,
-                "--n-head", 2, "--block-size", 32, "--batch-size", 8, "--num-iters", 60, "--no-progress")
-    assert r.returncode == 0, r.stderr
-    result = json.loads((tmp_path / "lr_find.json").read_text())
-    assert result["lrs"][0] <= result["suggested_lr"] <= result["lrs"][-1]
-    assert (tmp_path / "lr_find.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_sample_and_eval_cli(corpus, tmp_path):
-    out = tmp_path / "ckpt"
-    train(TrainConfig(data=[str(corpus)], out=str(out), max_iters=30, eval_interval=30, **TINY), log=lambda *a: None)
-    r = run_cli("-m", "llmb", "sample", "--ckpt", out, "--prompt", "KING \u2603:", "--max-new-tokens", 50,
-                "--seed", 3)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("KING \u2603:") and len(r.stdout) >= len("KING \u2603:") + 50
-    assert "dropped characters the model never saw: '\u2603'" in r.stderr
-    again = run_cli("-m", "llmb", "sample", "--ckpt", out, "--prompt", "KING:", "--max-new-tokens", 50, "--seed", 3)
-    assert again.stdout == run_cli("-m", "llmb", "sample", "--ckpt", out, "--prompt", "KING:",
-                                   "--max-new-tokens", 50, "--seed", 3).stdout
-    r = run_cli("-m", "llmb", "eval", "--ckpt", out, "--data", corpus)
-    assert r.returncode == 0, r.stderr
-    line = json.loads(r.stdout.strip())
-    assert 0 < line["val_loss"] < math.log(65) and line["val_bpc"] == pytest.approx(line["val_loss"] / math.log(2), abs=1e-3)
-
-
-def test_wordpiece_run_reports_bits_per_character(corpus, tmp_path):
-    cfg = TrainConfig(data=[str(corpus)], out=str(tmp_path / "wp"), tokenizer="wordpiece", vocab_size=400,
-                      max_iters=20, eval_interval=20, **TINY)
-    _, summary = train(cfg, log=lambda *a: None)
-    # several characters per token: bpc is well below nats/token / ln 2
-    assert summary["final_val_bpc"] < 0.6 * summary["final_val_loss"] / math.log(2)
-    loaded, tokenizer, _ = load_checkpoint(tmp_path / "wp")
-    assert tokenizer.kind == "subword" and loaded.config.vocab_size == tokenizer.vocab_size
-
-
-@pytest.mark.parametrize("make, message", [
-    (lambda d: d / "missing", "does not exist"),
-    (lambda d: (d / "empty").mkdir() or d / "empty", "has no .txt files"),
-    (lambda d: (d / "notes").mkdir() or (d / "notes" / "a.md").write_text("x") and d / "notes", "has no .txt files"),
-    (lambda d: (d / "b.txt").write_bytes(bytes(range(256))) and d / "b.txt", "binary"),
-    (lambda d: (d / "short.txt").write_text("Too short a book.\n" * 4) and d / "short.txt", "fewer than one block"),
-])
-def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, make, message):
-    data = make(tmp_path)
-    out = tmp_path / "out"
-    r = run_cli("training/train_char.py", "--data", data, "--out", out, "--max-iters", 5)
-    assert r.returncode == 2
-    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and message in r.stderr
-    assert "Traceback" not in r.stderr and not out.exists()
-
-
-def test_bad_flags_are_user_errors(corpus, tmp_path):
-    for bad in (dict(n_embd=30, n_head=4), dict(max_iters=0), dict(lr=-1.0), dict(block_size=0)):
-        with pytest.raises(UserError):
-            train(TrainConfig(data=[str(corpus)], out=str(tmp_path / "x"), **{**TINY, "max_iters": 5, **bad}))
-    with pytest.raises(UserError, match="--max-iters N or --max-time"):
-        train(TrainConfig(data=[str(corpus)], out=str(tmp_path / "x"), **TINY))
-    with pytest.raises(UserError, match="no checkpoint"):
-        train(TrainConfig(data=[str(corpus)], out=str(tmp_path / "none"), resume=True, max_iters=5, **TINY))
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("budget", [{"max_iters": 20}, {"max_time": 5.0}])
 def test_two_process_ddp_ends_with_identical_weights(corpus, tmp_path, budget):
     script = tmp_path / "ddp_run.py"
@@ -228,12 +214,14 @@ print("tokens_seen", summary["tokens_seen"], "steps", summary["steps"])
     assert (tmp_path / "ddp" / "model.safetensors").exists()
 
 
-def test_lr_auto_runs_the_finder_and_trains_with_its_suggestion(corpus, tmp_path):
-    out = tmp_path / "auto"
-    messages = []
-    _, summary = train(TrainConfig(data=[str(corpus)], out=str(out), lr="auto", max_iters=10, eval_interval=10,
-                                   eval_iters=2, **TINY), log=messages.append)
-    suggested = json.loads((out / "lr_find.json").read_text())["suggested_lr"]
-    assert summary["lr"] == suggested
-    assert any(m.startswith(f"--lr auto: using lr {suggested:.2e}") for m in messages)
-    assert (out / "lr_find.png").exists()
+def test_a_trained_subword_vocabulary_sees_the_training_split_only(tmp_path):
+    from llmb.story.train import prepare_data
+
+    book = tmp_path / "book.txt"
+    book.write_text("The quick brown fox jumps over the lazy dog.\n" * 400 + "\u2603 snowman \u2603\n" * 40)
+    cfg = TrainConfig(data=[str(book)], val_fraction=0.1, block_size=16)
+    assert prepare_data(cfg).unknown_chars == 0  # characters: the vocabulary is the whole corpus
+    cfg.tokenizer, cfg.vocab_size = "wordpiece", 100
+    wordpiece = prepare_data(cfg)
+    assert wordpiece.unknown_chars == 80  # the snowmen are only in the validation split
+    assert "\u2603" not in wordpiece.tokenizer.tok.get_vocab()
