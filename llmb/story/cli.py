@@ -25,8 +25,10 @@ def train_parser(description=None):
 
 
 def train_main(argv=None, description=None):
+    from llmb.runlog import listen_for_stop
     from llmb.story.config import TrainConfig
 
+    listen_for_stop()  # first thing: a Stop while the data loads is kept, even under nohup
     args = train_parser(description).parse_args(argv)
     try:
         from llmb.story.train import train
