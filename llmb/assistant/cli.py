@@ -50,11 +50,11 @@ def train_main(argv=None, description=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     if summary:  # only the main process has one
-        how = f"stopped by {summary['stopped_by']}" if summary["stopped_by"] else "done"
+        how = "done" if summary["stopped_by"] == "done" else f"stopped by {summary['stopped_by']}"
         losses = "".join(f", {name} {summary[key]:.4f}" for name, key in
                          (("train loss", "final_train_loss"), ("val loss", "final_val_loss")) if summary[key] is not None)
         print(f"{how}: {summary['steps']} steps{losses}; adapter in {args.out}")
-        if summary["stopped_by"]:
+        if summary["stopped_by"] != "done":
             print(f"resume with: python training/train_qlora.py ... --out {args.out} --resume")
     return 0
 
