@@ -15,11 +15,10 @@ format the model does not know where its answer ends, so it would happily go on 
 import threading
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 from llmb.assistant.config import DEFAULT_BASE
 from llmb.assistant.data import ASSISTANT, HUMAN, Turn, encode_exchanges, fit_exchanges, is_guanaco
-from llmb.assistant.loading import load_adapter, load_base_model, load_tokenizer
+from llmb.assistant.loading import load_adapter, load_base_model, load_chat_tokenizer
 from llmb.device import resolve_device
 from llmb.errors import UserError
 from llmb.quantize import quantize_linears_int8
@@ -100,9 +99,7 @@ class ChatEngine:
         if cpu_int8 and (self.device != "cpu" or quant != "none"):
             raise UserError("--cpu-int8 is a CPU option for an unquantized base: use it with --device cpu --quant none")
         self.base, self.adapter = base, adapter
-        # the adapter's tokenizer files carry the prompt format it was trained with
-        own_tokenizer = adapter and (Path(adapter) / "tokenizer_config.json").is_file()
-        self.tokenizer = load_tokenizer(adapter if own_tokenizer else base)
+        self.tokenizer = load_chat_tokenizer(base, adapter)  # the adapter's prompt format, else the base's
         self.markers = STOP_MARKERS if is_guanaco(self.tokenizer) else ()
         # int8 starts from bf16 so the full model never sits in memory in fp32
         dtype = torch.bfloat16 if cpu_int8 else None

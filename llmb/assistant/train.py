@@ -181,6 +181,27 @@ def evaluate(model, batches, accelerator):
     return (sums[0] / sums[1].clamp(min=1)).item()
 
 
+def chat_eval(base, data, adapter=None, max_seq_len=512, batch_size=4, device="cpu", skip_bad_rows=False):
+    """Mean loss per answer token of base (+ adapter) on every row of `data`, masked as in training.
+
+    Returns {"loss", "ppl", "tokens", "rows"}: `python -m llmb chat-eval` prints it as one JSON line.
+    """
+    import torch
+
+    from llmb.assistant.loading import load_adapter, load_chat_tokenizer
+
+    tokenizer = load_chat_tokenizer(base, adapter)
+    convs, _ = load_chat_data(data, eval_split=0, skip_bad_rows=skip_bad_rows)
+    examples = encode_dataset(tokenizer, convs, max_seq_len)
+    model = load_base_model(base, "none", resolve_device(device), torch.float32)
+    if adapter:
+        model = load_adapter(model, adapter)
+    sums = loss_sums(model, eval_batches(examples, batch_size, tokenizer.pad_token_id), model.device)
+    loss = (sums[0] / sums[1].clamp(min=1)).item()
+    return {"loss": round(loss, 5), "ppl": round(math.exp(min(loss, 50)), 4), "tokens": int(sums[1]),
+            "rows": len(examples)}
+
+
 # ---------------------------------------------------------------------------
 # Checkpoints: adapter + optimizer + schedule + RNG, so a resumed run continues exactly
 
