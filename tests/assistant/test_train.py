@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -265,3 +266,24 @@ def test_qlora_casts_embeddings_and_head_to_bf16_keeps_norms_fp32(tiny_phi):
     assert inner.lm_head.weight.dtype == torch.bfloat16 and inner.model.embed_tokens.weight.dtype == torch.bfloat16
     assert inner.model.final_layernorm.weight.dtype == torch.float32
     assert inner.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.bfloat16
+
+
+def test_cli_chat_eval_one_json_line(tiny_phi, tiny_phi_adapter, small_data):
+    from llmb.assistant.data import encode_dataset, load_chat_data
+    from llmb.assistant.loading import load_chat_tokenizer
+
+    def chat_eval(*extra):
+        proc = subprocess.run([sys.executable, "-m", "llmb", "chat-eval", "--base", str(tiny_phi), "--data",
+                               str(small_data), "--max-seq-len", "64", "--device", "cpu", *extra],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout.strip())
+
+    base, tuned = chat_eval(), chat_eval("--adapter", str(tiny_phi_adapter))
+    convs, _ = load_chat_data(small_data, eval_split=0)
+    examples = encode_dataset(load_chat_tokenizer(str(tiny_phi)), convs, 64)
+    answer_tokens = sum(sum(label != -100 for label in ex["labels"][1:]) for ex in examples)
+    assert base.keys() == {"loss", "ppl", "tokens", "rows"} and base["rows"] == 8 == tuned["rows"]
+    assert base["tokens"] == tuned["tokens"] == answer_tokens  # the training mask: answer tokens only
+    assert tuned["loss"] < base["loss"] - 0.5  # the adapter was trained on these rows
+    assert abs(base["ppl"] - math.exp(base["loss"])) < 1e-3 * base["ppl"]
