@@ -1,6 +1,6 @@
 """A real fine-tune on 2 CPU cores: SmolLM2-135M-Instruct + LoRA on the shared guanaco rows.
 
-    python benchmarks/bench_real_finetune.py            # the fixed recipe below
+    python benchmarks/bench_real_finetune.py            # the fixed recipe below: ~12 min on 2 busy cores
     python benchmarks/bench_real_finetune.py --threads 1  # on a busy machine one thread is faster
 
 The recipe (fixed, so that runs compare):
@@ -97,7 +97,7 @@ def main():
     print(f"eval loss before {before['loss']:.4f} (ppl {before['ppl']:.2f}) -> after {after['loss']:.4f} "
           f"(ppl {after['ppl']:.2f})  [chat-eval, {eval_s:.0f} s each]")
     print(f"training: {train_s:.0f} s in all, {sum(speeds) / len(speeds):.0f} tokens/s (mean of the logged windows, "
-          f"prompt + answer tokens), peak memory (max RSS) {peak:.2f} GiB")
+          f"prompt + answer tokens), peak memory {peak:.2f} GiB (max RSS of the largest command so far)")
     print(f"answer before: {answer_before!r}")
     print(f"answer after:  {answer_after!r}")
 
