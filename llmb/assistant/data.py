@@ -7,11 +7,14 @@ role "system", "user" or "assistant". Three row formats are understood, detected
     openai    {"messages": [{"role": "user", "content": ...}, ...]}
     llama2    {"text": "<s>[INST] ... [/INST] ... </s><s>[INST] ... [/INST] ... </s>"}
 
-Whatever came in, the model is trained on the guanaco prompt format (QLoRA paper, Dettmers
-et al. 2023), with the loss only on the assistant's words:
+Whatever came in, the model is trained in one prompt format, the adapter's: a Jinja chat
+template (the base's own, e.g. SmolLM2's, or the QLoRA paper's guanaco format for bases without
+one, such as Phi-2), with the loss only on the assistant's words:
 
     [system\n]### Human: {user}### Assistant: {assistant}<|endoftext|>### Human: ...
     \_______ prompt: label -100 _______/\___ target: labels = ids ___/
+
+The template is saved with the adapter, so `apply_chat_template` gives exactly these ids.
 """
 
 import json
