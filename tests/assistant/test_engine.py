@@ -212,6 +212,7 @@ def test_empty_message_and_bad_adapter(engine, tiny_phi, tmp_path):
         ChatEngine(str(tiny_phi), adapter=str(tmp_path), device="cpu")
 
 
+@pytest.mark.slow  # a subprocess that imports torch and transformers
 def test_cli_chat_prompt_streams_an_answer(tiny_phi, tmp_path):
     import os
     import subprocess

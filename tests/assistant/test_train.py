@@ -8,11 +8,9 @@ import time
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from llmb.assistant.config import TrainConfig
 from llmb.assistant.loading import load_base_model
-from llmb.assistant.merge import merge
 from llmb.assistant.train import add_lora, save_adapter, train
 from llmb.errors import UserError
 from llmb.fileio import read_json
@@ -98,26 +96,13 @@ def test_adapter_save_reload_gives_identical_logits(tiny_phi, tmp_path):
         assert not torch.allclose(logits(reloaded, ids), logits(model, ids), atol=1e-3)
 
 
-def test_merged_model_matches_adapter_model(tiny_phi, tiny_phi_adapter, tmp_path):
-    from peft import PeftModel
-
-    base = load_base_model(str(tiny_phi), "none", "cpu")
-    ids = tokens()
-    base_logits = logits(base, ids)
-    adapted = logits(PeftModel.from_pretrained(base, tiny_phi_adapter).eval(), ids)
-    merge(str(tiny_phi), str(tiny_phi_adapter), tmp_path / "merged", dtype="float32")
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
-    assert torch.allclose(logits(merged, ids), adapted, atol=1e-4)
-    assert (adapted - base_logits).abs().max() > 1e-2  # the adapter really changed the model
-    assert (tmp_path / "merged" / "tokenizer.json").is_file()
-
-
 def run_train(args, env=None, **kw):
     cmd = [sys.executable, os.path.join(REPO, "training", "train_qlora.py")] + [str(a) for a in args]
     return subprocess.Popen(cmd, cwd=REPO, env=env or os.environ.copy(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
+@pytest.mark.slow  # a subprocess that imports torch and transformers
 def test_cli_sigint_saves_adapter_then_resume_continues(tiny_phi, small_data, tmp_path):
     out = tmp_path / "run"
     args = ["--base", tiny_phi, "--data", small_data, "--out", out, "--quant", "none", "--max-seq-len", 64,
@@ -147,6 +132,7 @@ def test_cli_sigint_saves_adapter_then_resume_continues(tiny_phi, small_data, tm
     assert read_json(out / "summary.json")["steps"] == stopped_at + 3
 
 
+@pytest.mark.slow  # a subprocess that imports torch and transformers
 def test_cli_offline_hub_id_gives_one_clear_line(tmp_path, shared_data):
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}  # an empty cache
     data = shared_data / "guanaco" / "openassistant_best_replies_eval.jsonl"
@@ -163,6 +149,7 @@ def test_cli_offline_hub_id_gives_one_clear_line(tmp_path, shared_data):
     assert "Traceback" not in chat.stderr
 
 
+@pytest.mark.slow  # a subprocess that imports torch and transformers
 def test_cli_bad_rows_exit_2(tiny_phi, shared_data, tmp_path):
     data = shared_data / "guanaco" / "guanaco-llama2-1k_train.jsonl"
     proc = run_train(["--base", tiny_phi, "--data", data, "--out", tmp_path / "o", "--max-steps", 1])
@@ -268,6 +255,7 @@ def test_qlora_casts_embeddings_and_head_to_bf16_keeps_norms_fp32(tiny_phi):
     assert inner.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.bfloat16
 
 
+@pytest.mark.slow  # a subprocess that imports torch and transformers
 def test_cli_chat_eval_one_json_line(tiny_phi, tiny_phi_adapter, small_data):
     from llmb.assistant.data import encode_dataset, load_chat_data
     from llmb.assistant.loading import load_chat_tokenizer
