@@ -1,17 +1,25 @@
-"""Share a trained model on the Hugging Face hub: a LoRA adapter dir or a story checkpoint dir.
+"""Share a trained model on the Hugging Face hub: a LoRA adapter, a merged model or a story checkpoint.
 
     push("checkpoints/phi2-guanaco", "you/phi2-guanaco-qlora")
 
 A model card (README.md: base, data, steps, final losses from summary.json) is written into
-the dir first, so the hub page says what the files are.
+the folder first, so the hub page says what the files are. What is uploaded is a cleaned copy:
+no resumable checkpoints, no training_args.json, and no local paths (a local base folder is
+named by the hub id it came from, when known, else by its folder name).
 """
 
 import json
 import os
+import re
+import shutil
+import tempfile
 from pathlib import Path
 
 from llmb.errors import UserError
 from llmb.folders import folder_kind
+
+SOURCE_FILE = "source.json"  # written by `import-gguf`: {"base_model": hub id, "gguf": file name}
+NOT_UPLOADED = ["checkpoint-*", ".tmp-*", ".old-*", "*.tmp", "training_args.json", "training_state.pt"]
 
 
 def hub_reachable(timeout=2.0):
@@ -36,11 +44,11 @@ def hub_offline():
 
 
 def model_kind(path):
-    """'adapter' or 'story': the kinds of folder that can be pushed."""
+    """'adapter', 'model' (e.g. a merged model) or 'story': the kinds of folder that can be pushed."""
     kind = folder_kind(path)
-    if kind not in ("adapter", "story"):
-        raise UserError(f"{path} is neither a LoRA adapter dir (adapter_config.json) nor a story checkpoint "
-                        "(model.safetensors + config.json with \"llmb\": \"story\")")
+    if kind is None:
+        raise UserError(f"{path} is neither a LoRA adapter dir (adapter_config.json), a model folder (config.json "
+                        "and weights) nor a story checkpoint (model.safetensors + config.json with \"llmb\": \"story\")")
     return kind
 
 
@@ -49,30 +57,88 @@ def read_summary(path):
     return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
 
 
-def model_card(path, repo):
-    """README.md text for the hub page, from the dir's own files."""
-    path, kind = Path(path), model_kind(path)
+def hub_name(base):
+    """What a card may call a base model: a hub id as it is; a local folder by the hub id it was
+    imported from (source.json), else by its folder name. Never a local path."""
+    if not base:
+        return None
+    path = Path(base)
+    if path.exists():
+        source = path / SOURCE_FILE
+        if source.is_file():
+            return json.loads(source.read_text(encoding="utf-8")).get("base_model") or path.name
+        return path.name
+    return str(base) if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", str(base)) else Path(str(base)).name
+
+
+def base_of(path, kind):
+    """The base model a folder was made from, as the hub should see it."""
     summary = read_summary(path)
-    fmt = lambda x: f"{x:.4f}" if isinstance(x, (int, float)) else "n/a"  # noqa: E731
     if kind == "adapter":
-        base = json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
-        base = summary.get("base", base)
-        header = f"---\nlibrary_name: peft\nbase_model: {base}\ntags: [llmb, qlora, lora]\n---\n"
-        what = (f"A LoRA adapter for `{base}`, trained with QLoRA by llmb.\n\n"
-                "```python\nfrom peft import AutoPeftModelForCausalLM\n"
-                f"model = AutoPeftModelForCausalLM.from_pretrained(\"{repo}\")\n```\n\n"
-                "Prompt format: `### Human: {question}### Assistant:`\n")
-    else:
-        base = "llmb story model (character-level GPT, trained from scratch)"
-        header = "---\ntags: [llmb, gpt, character-level]\n---\n"
-        what = "A small character-level GPT trained from scratch by llmb (`python -m llmb sample`).\n"
-    data = summary.get("data", "n/a")
-    rows = [("base", base), ("data", ", ".join(map(str, data)) if isinstance(data, list) else data),
-            ("steps", summary.get("steps", "n/a")), ("final train loss", fmt(summary.get("final_train_loss"))),
-            ("final val loss", fmt(summary.get("final_val_loss"))), ("final val perplexity", fmt(summary.get("final_val_ppl"))),
-            ("training time (s)", fmt(summary.get("train_time_s")))]
-    table = "| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
+        config = json.loads((Path(path) / "adapter_config.json").read_text(encoding="utf-8"))
+        return hub_name(summary.get("base") or config.get("base_model_name_or_path"))
+    if kind == "model":  # a merged or imported model: its source.json names where it came from
+        return hub_name(summary.get("base") or (str(path) if (Path(path) / SOURCE_FILE).is_file() else None))
+    return None
+
+
+def card_header(kind, base, repo):
+    """The YAML front matter and the first paragraph of the card."""
+    meta = f"base_model: {base}\n" if base and "/" in base else ""
+    if kind == "adapter":
+        return (f"---\nlibrary_name: peft\n{meta}tags: [llmb, qlora, lora]\n---\n",
+                f"A LoRA adapter for `{base}`, trained with QLoRA by llmb. Its prompt format is the chat template "
+                "in its tokenizer files.\n\n```python\nfrom peft import AutoPeftModelForCausalLM\n"
+                f"model = AutoPeftModelForCausalLM.from_pretrained(\"{repo}\")\n```\n")
+    if kind == "model":
+        return (f"---\nlibrary_name: transformers\n{meta}tags: [llmb]\n---\n",
+                f"A causal language model{f' made from `{base}`' if base else ''} (a LoRA adapter merged into its "
+                "base by llmb).\n\n```python\nfrom transformers import AutoModelForCausalLM\n"
+                f"model = AutoModelForCausalLM.from_pretrained(\"{repo}\")\n```\n")
+    return ("---\ntags: [llmb, gpt, character-level]\n---\n",
+            "A small character-level GPT trained from scratch by llmb (`python -m llmb sample`).\n")
+
+
+def model_card(path, repo):
+    """README.md text for the hub page, from the folder's own files (rows only for what summary.json has)."""
+    path, kind = Path(path), model_kind(path)
+    summary, base = read_summary(path), base_of(path, kind)
+    header, what = card_header(kind, base, repo)
+    data = summary.get("data")
+    rows = [("base", base), ("data", ", ".join(Path(str(d)).name for d in data) if data else None),
+            ("steps", summary.get("steps")), ("final train loss", summary.get("final_train_loss")),
+            ("final val loss", summary.get("final_val_loss")), ("final val perplexity", summary.get("final_val_ppl")),
+            ("final val bits per character", summary.get("final_val_bpc")),
+            ("training time (s)", summary.get("elapsed_s")), ("stopped by", summary.get("stopped_by"))]
+    shown = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    table = "| | |\n|---|---|\n" + "".join(f"| {k} | {shown(v)} |\n" for k, v in rows if v is not None)
     return f"{header}\n# {repo.split('/')[-1]}\n\n{what}\n## Training\n\n{table}"
+
+
+def staged_copy(path, repo, tmp):
+    """The files to upload, copied into `tmp` with local paths replaced; UserError if one is left."""
+    kind = model_kind(path)
+    shutil.copytree(path, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*NOT_UPLOADED))
+    base = base_of(path, kind)
+    if kind == "adapter":
+        config = json.loads((tmp / "adapter_config.json").read_text(encoding="utf-8"))
+        config["base_model_name_or_path"] = base
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    summary = read_summary(tmp)
+    if summary:
+        summary |= {"data": [Path(str(d)).name for d in summary.get("data", [])]} | ({"base": base} if "base" in summary else {})
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    (tmp / "README.md").write_text(model_card(path, repo), encoding="utf-8")
+    bases = [read_summary(path).get("base")] + ([json.loads((Path(path) / "adapter_config.json").read_text())
+                                                 .get("base_model_name_or_path")] if kind == "adapter" else [])
+    local = {str(Path(p).resolve()) for p in bases if p and Path(p).exists()}
+    local |= {str(Path(path).resolve()), str(Path.cwd()), str(Path.home())} - {"/"}
+    for f in tmp.rglob("*"):
+        if f.is_file() and f.suffix in (".json", ".md", ".txt", ".jinja", ".jsonl"):
+            text = f.read_text(encoding="utf-8", errors="replace")
+            if any(p in text for p in local):
+                raise UserError(f"{f.relative_to(tmp)} holds a local path; remove it from {path} and push again")
+    return tmp
 
 
 def push(path, repo, token=None, private=False):
@@ -90,11 +156,11 @@ def push(path, repo, token=None, private=False):
         raise UserError("cannot push while offline (HF_HUB_OFFLINE is set); unset it and check your network")
     (path / "README.md").write_text(model_card(path, repo), encoding="utf-8")
     api = huggingface_hub.HfApi(token=token)
-    try:
-        api.create_repo(repo, repo_type="model", private=private, exist_ok=True)
-        api.upload_folder(repo_id=repo, folder_path=path, repo_type="model",
-                          ignore_patterns=["checkpoint-*", ".tmp-*", ".old-*", "*.tmp"],
-                          commit_message="Upload from llmb")
-    except Exception as e:  # network down, bad token, no rights: one line, not a traceback
-        raise UserError(f"push to {repo} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    with tempfile.TemporaryDirectory(prefix="llmb-push-") as tmp:
+        staged_copy(path, repo, Path(tmp))
+        try:
+            api.create_repo(repo, repo_type="model", private=private, exist_ok=True)
+            api.upload_folder(repo_id=repo, folder_path=tmp, repo_type="model", commit_message="Upload from llmb")
+        except Exception as e:  # network down, bad token, no rights: one line, not a traceback
+            raise UserError(f"push to {repo} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     return f"https://huggingface.co/{repo}"

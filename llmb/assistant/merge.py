@@ -4,8 +4,9 @@ from pathlib import Path
 
 from llmb.assistant.loading import load_base_model, load_tokenizer
 from llmb.errors import UserError
-from llmb.fileio import save_dir_atomically
+from llmb.fileio import save_dir_atomically, write_json
 from llmb.folders import require
+from llmb.hub import SOURCE_FILE, hub_name
 
 
 def merge(base, adapter, out, dtype="bfloat16"):
@@ -26,5 +27,8 @@ def merge(base, adapter, out, dtype="bfloat16"):
     model = load_base_model(base, "none", "cpu", getattr(torch, dtype))
     model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     tokenizer = load_tokenizer(adapter if (Path(adapter) / "tokenizer_config.json").exists() else base)
-    save_dir_atomically(out, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    source = {"base_model": hub_name(base), "adapter": Path(adapter).name}  # for the model card, no local paths
+
+    save_dir_atomically(out, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp),
+                                          write_json(tmp / SOURCE_FILE, source)))
     return Path(out)

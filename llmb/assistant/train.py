@@ -1,4 +1,4 @@
-"""QLoRA fine-tuning of a causal LM (Phi-2 by default) on chat data.
+"""QLoRA fine-tuning of a causal LM (Phi-2 by default, any causal LM works) on chat data.
 
 QLoRA (Dettmers et al. 2023): freeze the base model in 4-bit NormalFloat (NF4) with double
 quantization, and train only small low-rank adapters (LoRA, Hu et al. 2021) on top:
@@ -6,23 +6,28 @@ quantization, and train only small low-rank adapters (LoRA, Hu et al. 2021) on t
     h = W0 x + (alpha / r) * B A x        W0 frozen (4-bit), A: r x d_in, B: d_out x r trained
 
 The loop is plain PyTorch driven by accelerate, so `python training/train_qlora.py` runs on
-one device and `accelerate launch training/train_qlora.py` on several GPUs.
+one device and `accelerate launch training/train_qlora.py` on several GPUs. A run:
+
+    prepare_data  -> examples in the adapter's prompt format (its chat template)
+    build         -> base + LoRA, optimizer, schedule; --resume restores all of it (RNG included)
+    loop          -> evaluate at step 0, then optimizer steps; log, evaluate, save as configured
+    finish        -> the adapter in --out, summary.json (llmb.runlog.write_summary)
 """
 
 import math
 import os
 import shutil
 import time
-from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from llmb.assistant.config import TrainConfig
-from llmb.assistant.data import collate, encode_dataset, load_chat_data
-from llmb.assistant.loading import load_base_model, load_tokenizer
+from llmb.assistant.data import IGNORE, choose_template, collate, encode_dataset, is_guanaco, load_chat_data
+from llmb.assistant.loading import compute_dtype, load_base_model, load_tokenizer
 from llmb.device import resolve_device
+from llmb.errors import UserError
 from llmb.fileio import save_dir_atomically, write_json
-from llmb.runlog import MetricsLog, StopSignal, trim_metrics
+from llmb.runlog import MetricsLog, StopSignal, trim_metrics, write_summary
 
 
 def add_lora(model, cfg):
@@ -30,14 +35,44 @@ def add_lora(model, cfg):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     ckpt_kwargs = {"use_reentrant": False}
-    if getattr(model, "is_quantized", False):
+    quantized = getattr(model, "is_quantized", False)
+    if quantized:
         model = prepare_model_for_kbit_training(model, cfg.gradient_checkpointing, ckpt_kwargs)
+        for module in model.modules():
+            # bitsandbytes repacks 4-bit weights for CPU inference in the first eval forward, after
+            # which CPU training fails ("a view of a leaf Variable ..."): keep the training layout
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
     elif cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
     model.config.use_cache = False  # the KV cache is for generation only
+    targets = "all-linear" if list(cfg.lora_targets) == ["all-linear"] else list(cfg.lora_targets)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.lora_targets), bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    if quantized:
+        cast_like_qlora(model, compute_dtype(model.device))
+    return model
+
+
+def cast_like_qlora(model, dtype):
+    """prepare_model_for_kbit_training leaves every non-quantized weight in fp32. On a bf16 run,
+    cast LoRA layers, embeddings and lm_head back to bf16 (memory), keeping layer norms in fp32
+    (stability), as the QLoRA reference (artidoro/qlora) does."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    if dtype != torch.bfloat16:
+        return model
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            module.to(torch.bfloat16)
+        if "norm" in name:
+            module.to(torch.float32)
+        if ("lm_head" in name or "embed_tokens" in name) and getattr(module, "weight", None) is not None \
+                and module.weight.dtype == torch.float32:
+            module.to(torch.bfloat16)
+    return model
 
 
 def make_optimizer(model, lr, device):
@@ -56,58 +91,129 @@ def make_optimizer(model, lr, device):
 # Data
 
 
-def micro_batches(accelerator, examples, batch_size, pad_id, seed, skip=0):
-    """Endless stream of batches, reshuffled each epoch with seed+epoch; `skip` resumes mid-run."""
-    import torch
-    from torch.utils.data import DataLoader
+def length_grouped_batches(lengths, batch_size, seed, group_by_length=True):
+    """Batches of example indices for one epoch, shuffled with `seed`.
 
+    Grouped by length (artidoro/qlora's group_by_length): shuffle, cut into mega-batches of 50
+    batches, sort each by length so a batch holds similar lengths (little padding), then shuffle
+    the batches so training does not see the lengths in order.
+    """
+    import random
+
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    if group_by_length:
+        mega = 50 * batch_size
+        order = [i for s in range(0, len(order), mega) for i in sorted(order[s:s + mega], key=lambda i: -lengths[i])]
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    if group_by_length:
+        rng.shuffle(batches)
+    return batches
+
+
+def micro_batches(examples, cfg, pad_id, rank=0, world=1, skip=0):
+    """Endless stream of this process's batches, a new order each epoch (seed + epoch); `skip` resumes mid-run."""
+    lengths = [len(ex["input_ids"]) for ex in examples]
     epoch = 0
     while True:
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        loader = accelerator.prepare_data_loader(DataLoader(
-            [examples[i] for i in order], batch_size=batch_size, collate_fn=lambda b: collate(b, pad_id)))
-        if skip >= len(loader):
-            skip -= len(loader)
-            epoch += 1
-            continue
-        if skip:
-            loader, skip = accelerator.skip_first_batches(loader, skip), 0
-        yield from loader
+        batches = length_grouped_batches(lengths, cfg.batch_size, cfg.seed + epoch, cfg.group_by_length)
+        mine = batches[:len(batches) // world * world][rank::world] or batches[:1]
+        for batch in mine:
+            if skip:
+                skip -= 1
+                continue
+            yield collate([examples[i] for i in batch], pad_id)
         epoch += 1
 
 
-def eval_loader(accelerator, examples, batch_size, pad_id):
-    from torch.utils.data import DataLoader
+def eval_batches(examples, batch_size, pad_id, rank=0, world=1):
+    """The eval set in batches of similar length (this process's share)."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)][rank::world]
+    return [collate([examples[i] for i in b], pad_id) for b in batches]
 
-    return accelerator.prepare_data_loader(DataLoader(examples, batch_size=batch_size,
-                                                      collate_fn=lambda b: collate(b, pad_id)))
+
+def prepare_data(cfg, tokenizer):
+    """(train examples, eval examples); the tokenizer gets the run's prompt format as its chat template."""
+    tokenizer.chat_template = choose_template(tokenizer, cfg.format)
+    train_convs, eval_convs = load_chat_data(cfg.data, cfg.eval_data, cfg.eval_split, cfg.skip_bad_rows, cfg.seed)
+    return (encode_dataset(tokenizer, train_convs, cfg.max_seq_len),
+            encode_dataset(tokenizer, eval_convs[:cfg.max_eval_examples], cfg.max_seq_len))
 
 
 # ---------------------------------------------------------------------------
-# Evaluation, checkpoints, signals
+# Loss and evaluation
 
 
-def evaluate(model, loader, accelerator):
-    """Mean cross-entropy per answer token over the whole eval set (exp of it = perplexity)."""
-    import torch
+def answer_tokens(batch):
+    """How many tokens of a batch are predicted and scored (answer tokens after the first position)."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def loss_sum(model, batch):
+    """Summed cross-entropy over the answer tokens of a batch (token t predicts token t+1)."""
     import torch.nn.functional as F
 
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                           ignore_index=IGNORE, reduction="sum")
+
+
+def loss_sums(model, batches, device):
+    """[summed loss, answer tokens] over `batches`, as a float64 tensor on `device`."""
+    import torch
+
+    sums = torch.zeros(2, device=device, dtype=torch.float64)
+    was_training = model.training
     model.eval()
-    sums = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
     with torch.no_grad():
-        for batch in loader:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            targets = batch["labels"][:, 1:]  # token t predicts token t+1
-            sums[0] += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                                       ignore_index=-100, reduction="sum").double()
-            sums[1] += (targets != -100).sum()
-    model.train()
-    sums = accelerator.reduce(sums, "sum")
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            sums += torch.stack([loss_sum(model, batch).double(), torch.tensor(answer_tokens(batch), device=device)])
+    model.train(was_training)
+    return sums
+
+
+def evaluate(model, batches, accelerator):
+    """Mean cross-entropy per answer token over the whole eval set (exp of it = perplexity)."""
+    sums = accelerator.reduce(loss_sums(model, batches, accelerator.device), "sum")
     return (sums[0] / sums[1].clamp(min=1)).item()
+
+
+def chat_eval(base, data, adapter=None, max_seq_len=512, batch_size=4, device="cpu", skip_bad_rows=False):
+    """Mean loss per answer token of base (+ adapter) on every row of `data`, masked as in training.
+
+    Returns {"loss", "ppl", "tokens", "rows"}: `python -m llmb chat-eval` prints it as one JSON line.
+    """
+    import torch
+
+    from llmb.assistant.loading import load_adapter, load_chat_tokenizer
+
+    tokenizer = load_chat_tokenizer(base, adapter)
+    convs, _ = load_chat_data(data, eval_split=0, skip_bad_rows=skip_bad_rows)
+    examples = encode_dataset(tokenizer, convs, max_seq_len)
+    model = load_base_model(base, "none", resolve_device(device), torch.float32)
+    if adapter:
+        model = load_adapter(model, adapter)
+    sums = loss_sums(model, eval_batches(examples, batch_size, tokenizer.pad_token_id), model.device)
+    loss = (sums[0] / sums[1].clamp(min=1)).item()
+    return {"loss": round(loss, 5), "ppl": round(math.exp(min(loss, 50)), 4), "tokens": int(sums[1]),
+            "rows": len(examples)}
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints: adapter + optimizer + schedule + RNG, so a resumed run continues exactly
 
 
 def checkpoints(out):
     return sorted(Path(out).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def rng_state():
+    import torch
+
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def save_checkpoint(out, step, model, tokenizer, optimizer, scheduler):
@@ -116,8 +222,8 @@ def save_checkpoint(out, step, model, tokenizer, optimizer, scheduler):
     def write(tmp):
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                   tmp / "training_state.pt")
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": rng_state()}, tmp / "training_state.pt")
 
     target = Path(out) / f"checkpoint-{step}"
     save_dir_atomically(target, write)
@@ -135,6 +241,9 @@ def load_checkpoint(ckpt, model, optimizer, scheduler):
     state = torch.load(ckpt / "training_state.pt", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])  # dropout masks go on as in an uninterrupted run
+    if state["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return state["step"]
 
 
@@ -143,7 +252,7 @@ def save_adapter(out, model, tokenizer):
     tmp = Path(out) / ".tmp-adapter"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)  # with the chat template: the adapter's prompt format
     for f in tmp.iterdir():
         os.replace(f, Path(out) / f.name)
     tmp.rmdir()
@@ -153,102 +262,156 @@ def save_adapter(out, model, tokenizer):
 # Training
 
 
-def train(cfg: TrainConfig):
-    """Fine-tune cfg.base with LoRA on cfg.data; returns the summary dict (also in out/summary.json)."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from tqdm import tqdm
+@dataclass
+class Run:
+    """What the loop needs, built once by `build`."""
+
+    cfg: TrainConfig
+    accelerator: object
+    model: object
+    optimizer: object
+    scheduler: object
+    tokenizer: object
+    start_step: int
+    train_set: list
+    eval_set: list
+    window: dict = field(default_factory=lambda: {"loss": 0.0, "answer_tokens": 0, "tokens": 0, "t": time.time()})
+
+
+def build(cfg, accelerator, out):
+    """Tokenizer, data, base + LoRA, optimizer and schedule; restored from the last checkpoint on --resume."""
     from transformers import get_constant_schedule_with_warmup
 
-    device = resolve_device(cfg.device)
-    accelerator = Accelerator(cpu=device == "cpu")
-    main = accelerator.is_main_process
-    set_seed(cfg.seed)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-
+    found = checkpoints(out)
+    if cfg.resume and not found:
+        raise UserError(f"--resume: no checkpoint in {out} to resume from; leave out --resume to start a new run")
     tokenizer = load_tokenizer(cfg.base)
-    train_convs, eval_convs = load_chat_data(cfg.data, cfg.eval_data, cfg.eval_split, cfg.skip_bad_rows, cfg.seed)
-    train_set = encode_dataset(tokenizer, train_convs, cfg.max_seq_len)
-    eval_set = encode_dataset(tokenizer, eval_convs[:cfg.max_eval_examples], cfg.max_seq_len)
-
+    train_set, eval_set = prepare_data(cfg, tokenizer)
     model = add_lora(load_base_model(cfg.base, cfg.quant, accelerator.device), cfg)
     optimizer = make_optimizer(model, cfg.lr, accelerator.device)
     scheduler = get_constant_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * cfg.max_steps))
     start_step = 0
     if cfg.resume:
-        found = checkpoints(out)
-        if found:
-            start_step = load_checkpoint(found[-1], model, optimizer, scheduler)
-            print(f"resuming from {found[-1]} (step {start_step})")
-        else:
-            print(f"no checkpoint in {out}; starting from step 0")
+        start_step = load_checkpoint(found[-1], model, optimizer, scheduler)
+        print(f"resuming from {found[-1]} (step {start_step})")
     model, optimizer = accelerator.prepare(model, optimizer)
-    if main:
-        model.print_trainable_parameters()
-        print(f"{len(train_set)} train / {len(eval_set)} eval conversations, device {accelerator.device}, quant {cfg.quant}")
-        write_json(out / "training_args.json", asdict(cfg))
-        if start_step:
-            trim_metrics(out / "metrics.jsonl", start_step)
-    log = MetricsLog(out / "metrics.jsonl", truncate=start_step == 0) if main else None
+    return Run(cfg, accelerator, model, optimizer, scheduler, tokenizer, start_step, train_set, eval_set)
 
-    batches = micro_batches(accelerator, train_set, cfg.batch_size, tokenizer.pad_token_id, cfg.seed,
-                            skip=start_step * cfg.grad_accum)
-    evals = eval_loader(accelerator, eval_set, cfg.batch_size, tokenizer.pad_token_id) if eval_set else None
-    unwrapped = accelerator.unwrap_model(model)
-    step, t0, losses, tokens, t_log = start_step, time.time(), [], 0, time.time()
-    val_loss = train_loss = None
-    model.train()
-    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not main, desc="train")
-    with StopSignal() as stop:
-        while step < cfg.max_steps and not stop.name:
-            for micro in range(cfg.grad_accum):
-                batch = next(batches)
-                sync = micro == cfg.grad_accum - 1  # all-reduce gradients only on the last micro-batch
-                with nullcontext() if sync else accelerator.no_sync(model):
-                    loss = model(**batch).loss
-                    accelerator.backward(loss / cfg.grad_accum)
-                losses.append(loss.item())
-                tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
-            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
 
-            last = step == cfg.max_steps or stop.name
-            evaluated = evals is not None and (step % cfg.eval_steps == 0 or last)
-            if evaluated:
-                val_loss = evaluate(model, evals, accelerator)
-            if main and (step % cfg.log_steps == 0 or evaluated or last):
-                train_loss = sum(losses) / len(losses)
-                record = {"step": step, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0],
-                          "tokens_per_sec": tokens / (time.time() - t_log), "elapsed_s": time.time() - t0}
-                if evaluated:
-                    record |= {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
-                log.log(**record)
-                bar.set_postfix(loss=f"{train_loss:.3f}", **({"val": f"{val_loss:.3f}"} if evaluated else {}))
-                losses, tokens, t_log = [], 0, time.time()
-            if step % cfg.save_steps == 0 or last:
-                accelerator.wait_for_everyone()
-                if main:
-                    save_checkpoint(out, step, unwrapped, tokenizer, optimizer, scheduler)
+def optimizer_step(run, batches):
+    """One optimizer step over cfg.grad_accum micro-batches; the loss is the mean over all their answer tokens."""
+    from contextlib import nullcontext
+
+    import torch
+
+    acc, model, cfg = run.accelerator, run.model, run.cfg
+    micro = [{k: v.to(acc.device) for k, v in next(batches).items()} for _ in range(cfg.grad_accum)]
+    # every answer token of the step weighs the same, whichever micro-batch (or process) it is in
+    total = acc.reduce(torch.tensor(sum(answer_tokens(b) for b in micro), device=acc.device), "sum").item()
+    for i, batch in enumerate(micro):
+        sync = i == len(micro) - 1  # all-reduce gradients only on the last micro-batch
+        with nullcontext() if sync else acc.no_sync(model):
+            loss = loss_sum(model, batch)
+            acc.backward(loss * acc.num_processes / max(total, 1))  # DDP averages over processes
+        run.window["loss"] += loss.item()
+        run.window["answer_tokens"] += answer_tokens(batch)
+        run.window["tokens"] += int(batch["attention_mask"].sum()) * acc.num_processes
+    acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+def log_record(run, step, t0, val_loss=None):
+    """The metrics.jsonl record for `step` (train loss over the steps since the last record)."""
+    w = run.window
+    record = {"step": step, "train_loss": w["loss"] / w["answer_tokens"] if w["answer_tokens"] else None,
+              "lr": run.scheduler.get_last_lr()[0],
+              "tokens_per_sec": w["tokens"] / (time.time() - w["t"]) if w["tokens"] else None,
+              "elapsed_s": round(time.time() - t0, 3), "total_steps": run.cfg.max_steps}
+    if val_loss is not None:
+        record |= {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+    run.window = {"loss": 0.0, "answer_tokens": 0, "tokens": 0, "t": time.time()}
+    return record
+
+
+def loop(run, log, stop, evals, out):
+    """Optimizer steps until max_steps or a stop signal; returns (step, last train loss, last val loss)."""
+    from tqdm import tqdm
+
+    cfg, acc = run.cfg, run.accelerator
+    main = acc.is_main_process
+    step, t0, train_loss, val_loss = run.start_step, time.time(), None, None
+    if step == 0 and evals is not None:  # the base model's loss: where the run starts from
+        val_loss = evaluate(run.model, evals, acc)
+        if main:
+            log.log(**log_record(run, 0, t0, val_loss))
+    batches = micro_batches(run.train_set, cfg, run.tokenizer.pad_token_id, acc.process_index, acc.num_processes,
+                            skip=step * cfg.grad_accum)
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not main, desc="train")
+    run.model.train()
+    while step < cfg.max_steps and not stop.name:
+        optimizer_step(run, batches)
+        step += 1
+        bar.update(1)
+        last = step == cfg.max_steps or stop.name
+        evaluated = evals is not None and (step % cfg.eval_steps == 0 or last)
+        if evaluated:
+            val_loss = evaluate(run.model, evals, acc)
+        if main and (step % cfg.log_steps == 0 or evaluated or last):
+            record = log_record(run, step, t0, val_loss if evaluated else None)
+            train_loss = record["train_loss"]
+            log.log(**record)
+            bar.set_postfix(loss=train_loss, **({"val": val_loss} if evaluated else {}))
+        if step % cfg.save_steps == 0 or last:
+            acc.wait_for_everyone()
+            if main:
+                save_checkpoint(out, step, acc.unwrap_model(run.model), run.tokenizer, run.optimizer, run.scheduler)
     bar.close()
+    return step, train_loss, val_loss
 
-    summary = None
+
+def train(cfg: TrainConfig):
+    """Fine-tune cfg.base with LoRA on cfg.data; returns the summary dict (also in out/summary.json)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    accelerator = Accelerator(cpu=resolve_device(cfg.device) == "cpu")
+    main = accelerator.is_main_process
+    set_seed(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    run = build(cfg, accelerator, out)
     if main:
-        save_adapter(out, unwrapped, tokenizer)
-        log.close()
-        summary = {
-            "base": cfg.base, "data": [str(d) for d in cfg.data], "quant": cfg.quant, "steps": step,
-            "max_steps": cfg.max_steps, "final_train_loss": train_loss, "final_val_loss": val_loss,
-            "final_val_ppl": math.exp(min(val_loss, 50)) if val_loss is not None else None,
-            "train_time_s": time.time() - t0, "stopped_by": stop.name,
-            "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout, "targets": cfg.lora_targets},
-        }
-        write_json(out / "summary.json", summary)
-    accelerator.wait_for_everyone()
+        run.model.print_trainable_parameters()
+        print(f"{len(run.train_set)} train / {len(run.eval_set)} eval conversations, "
+              f"device {accelerator.device}, quant {cfg.quant}")
+        write_json(out / "training_args.json", asdict(cfg))
+        if run.start_step:
+            trim_metrics(out / "metrics.jsonl", run.start_step)
+    log = MetricsLog(out / "metrics.jsonl", truncate=run.start_step == 0) if main else None
+    evals = eval_batches(run.eval_set, cfg.batch_size, run.tokenizer.pad_token_id, accelerator.process_index,
+                         accelerator.num_processes) if run.eval_set else None
+    t0, step, train_loss, val_loss, stopped_by = time.time(), run.start_step, None, None, "error"
+    try:
+        with StopSignal() as stop:
+            step, train_loss, val_loss = loop(run, log, stop, evals, out)
+        stopped_by = "signal" if stop.name else "done"
+    finally:
+        summary = finish(run, out, log, step, train_loss, val_loss, time.time() - t0, stopped_by) if main else None
+        accelerator.wait_for_everyone()
     return summary
 
 
+def finish(run, out, log, step, train_loss, val_loss, elapsed_s, stopped_by):
+    """The adapter (with its prompt format) in `out`, and summary.json; also after an error (stopped_by error)."""
+    cfg = run.cfg
+    if stopped_by != "error":
+        save_adapter(out, run.accelerator.unwrap_model(run.model), run.tokenizer)
+    log.close()
+    return write_summary(
+        out, data=cfg.data, steps=step, total_steps=cfg.max_steps, train_loss=train_loss, val_loss=val_loss,
+        elapsed_s=elapsed_s, stopped_by=stopped_by, base=cfg.base, quant=cfg.quant,
+        format="guanaco" if is_guanaco(run.tokenizer) else "template",
+        final_val_ppl=math.exp(min(val_loss, 50)) if val_loss is not None else None,
+        lora={"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout, "targets": cfg.lora_targets})

@@ -190,3 +190,29 @@ def test_system_text_is_prompt_not_target(tokenizer):
     ex = encode_example(tokenizer, [Turn("system", "Be kind."), Turn("user", "hi"), Turn("assistant", "hello")], 512)
     assert tokenizer.decode(ex["input_ids"]) == "Be kind.\n### Human: hi### Assistant: hello<|endoftext|>"
     assert [tokenizer.decode(r) for r in label_runs(ex)] == [" hello<|endoftext|>"]
+
+
+def test_guanaco_chat_template_gives_the_training_ids(tokenizer, guanaco_rows):
+    from llmb.assistant.data import GUANACO_TEMPLATE, choose_template
+
+    assert choose_template(tokenizer) == GUANACO_TEMPLATE  # Phi-2 has no chat template of its own
+    with pytest.raises(UserError, match="no chat template"):
+        choose_template(tokenizer, "template")
+    tokenizer.chat_template = GUANACO_TEMPLATE  # as saved with an adapter
+    try:
+        convs = [c for c in map(parse_guanaco, guanaco_rows[:40]) if c[-1].role == "assistant"]
+        for turns in [[Turn("system", "Be kind.")] + convs[0]] + convs:
+            ids = tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in turns], return_dict=False)
+            assert ids == encode_example(tokenizer, turns, 100_000)["input_ids"]
+    finally:
+        tokenizer.chat_template = None
+
+
+def test_invalid_json_row_names_the_column_not_the_newline(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"text": "### Human: hi### Assistant: yo"}) + "\n" + '{"text": "### Human: hi\n',
+                    encoding="utf-8")
+    with pytest.raises(UserError) as e:
+        load_chat_data(path, eval_split=0)
+    assert f"{path}:2: invalid JSON at column 10: Unterminated string" in str(e.value)
+    assert "control character" not in str(e.value)

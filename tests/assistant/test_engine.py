@@ -85,17 +85,38 @@ def test_partial_marker_len():
 
 def test_stop_marker_ends_the_answer_and_is_never_shown(tiny_phi, tmp_path):
     engine = ChatEngine(str(scripted_phi(tmp_path, tiny_phi, " Hello there, friend.### Human:")), device="cpu")
-    pieces = list(engine.stream([], "Hi", temperature=0, max_new_tokens=200))
+    answer = engine.stream([], "Hi", temperature=0, max_new_tokens=200)
+    pieces = list(answer)
     assert "".join(pieces) == "Hello there, friend."
     assert len(pieces) > 1 and not any("#" in p for p in pieces)
     # 8 scripted tokens, +1 the streamer waits for (it releases whole words), +1 in flight
-    assert engine.last_stats["stopped_by"] == "marker" and engine.last_stats["new_tokens"] <= 10
+    assert answer.stats["stopped_by"] == "marker" and answer.stats["new_tokens"] <= 10
+    assert not hasattr(engine, "last_stats")
 
 
 def test_text_like_a_marker_start_is_released(tiny_phi, tmp_path):
     engine = ChatEngine(str(scripted_phi(tmp_path, tiny_phi, " a### b.")), device="cpu")
-    assert engine.reply([], "Hi", temperature=0, max_new_tokens=12) == "a### b. a### b. a### b."
-    assert engine.last_stats["stopped_by"] == "length"
+    answer = engine.stream([], "Hi", temperature=0, max_new_tokens=12)
+    assert "".join(answer) == "a### b. a### b. a### b." and answer.stats["stopped_by"] == "length"
+
+
+def test_eos_releases_text_held_as_a_possible_marker(tiny_phi, tmp_path):
+    engine = ChatEngine(str(scripted_phi(tmp_path, tiny_phi, " I like C#<|endoftext|>")), device="cpu")
+    answer = engine.stream([], "Hi", temperature=0, max_new_tokens=50)
+    assert "".join(answer) == "I like C#" and answer.stats["stopped_by"] == "eos"
+
+
+def test_max_new_tokens_over_the_context_names_the_limit(engine):
+    with pytest.raises(UserError, match=f"context holds {engine.context_len} tokens in all; use fewer than"):
+        engine.stream([], "Hi", max_new_tokens=engine.context_len + 100)
+
+
+def test_two_answers_keep_their_own_stats(engine):
+    short = engine.stream([], "Hi", temperature=0, max_new_tokens=3)
+    long = engine.stream([], "Hi there", temperature=0, max_new_tokens=9)
+    "".join(short), "".join(long)
+    assert short.stats["new_tokens"] == 3 and long.stats["new_tokens"] == 9
+    assert short.stats["prompt_tokens"] < long.stats["prompt_tokens"]
 
 
 class CountingEvent(threading.Event):
@@ -116,10 +137,11 @@ def test_cancel_stops_generation_within_a_token(tiny_phi, tmp_path):
     engine = ChatEngine(str(scripted_phi(tmp_path, tiny_phi, " Hello there, friend.")), device="cpu")
     cancel = CountingEvent()
     seen = ""
-    for piece in engine.stream([], "Hi", temperature=0, max_new_tokens=1000, cancel=cancel):
+    answer = engine.stream([], "Hi", temperature=0, max_new_tokens=1000, cancel=cancel)
+    for piece in answer:
         seen += piece
         cancel.set()
-    stats = engine.last_stats
+    stats = answer.stats
     assert stats["stopped_by"] == "cancel" and stats["new_tokens"] < 50
     assert cancel.checks == stats["new_tokens"]  # checked once per token ...
     assert cancel.checks_after_set == 1  # ... and the first check after cancel stopped it
@@ -131,17 +153,19 @@ def test_leaving_the_stream_early_stops_generation(tiny_phi, tmp_path):
     stream = engine.stream([], "Hi", temperature=0, max_new_tokens=1000)
     next(stream)
     stream.close()
-    assert engine.last_stats["new_tokens"] < 100 and not engine.lock.locked()
+    assert stream.stats["new_tokens"] < 100 and stream.stats["stopped_by"] == "cancel"
+    assert not engine.lock.locked()
 
 
 def test_adapter_on_off(tiny_phi, tiny_phi_adapter, engine):
     tuned = ChatEngine(str(tiny_phi), adapter=str(tiny_phi_adapter), device="cpu")
     kw = dict(temperature=0, max_new_tokens=16)
     on = tuned.reply([], "How do I sort a list in Python?", **kw)
-    off = tuned.reply([], "How do I sort a list in Python?", use_adapter=False, **kw)
+    off_answer = tuned.stream([], "How do I sort a list in Python?", use_adapter=False, **kw)
+    off = "".join(off_answer)
     assert on != off
     assert off == engine.reply([], "How do I sort a list in Python?", **kw)  # adapter off = the plain base
-    assert tuned.last_stats["adapter"] is False and tuned.last_stats["new_tokens"] == 16
+    assert off_answer.stats["adapter"] is False and off_answer.stats["new_tokens"] == 16
 
 
 def test_sampling_seed_is_reproducible(engine):
@@ -188,6 +212,7 @@ def test_empty_message_and_bad_adapter(engine, tiny_phi, tmp_path):
         ChatEngine(str(tiny_phi), adapter=str(tmp_path), device="cpu")
 
 
+@pytest.mark.slow  # a subprocess that imports torch and transformers
 def test_cli_chat_prompt_streams_an_answer(tiny_phi, tmp_path):
     import os
     import subprocess

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -7,12 +8,11 @@ import time
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from llmb.assistant.config import TrainConfig
 from llmb.assistant.loading import load_base_model
-from llmb.assistant.merge import merge
 from llmb.assistant.train import add_lora, save_adapter, train
+from llmb.errors import UserError
 from llmb.fileio import read_json
 from llmb.runlog import read_metrics
 
@@ -38,15 +38,17 @@ def logits(model, ids):
 
 def check_run(out, steps):
     records = read_metrics(out / "metrics.jsonl")
-    assert [r["step"] for r in records] == list(range(5, steps + 1, 5))
-    assert all({"step", "train_loss", "lr", "tokens_per_sec", "elapsed_s"} <= r.keys() for r in records)
+    assert [r["step"] for r in records] == [0] + list(range(5, steps + 1, 5))  # step 0: the base model's loss
+    assert all({"step", "train_loss", "lr", "tokens_per_sec", "elapsed_s", "total_steps"} <= r.keys() for r in records)
     evaluated = [r for r in records if "val_loss" in r]
-    assert [r["step"] for r in evaluated] == list(range(10, steps + 1, 10))
+    assert [r["step"] for r in evaluated] == [0] + list(range(10, steps + 1, 10))
+    assert evaluated[-1]["val_loss"] < evaluated[0]["val_loss"]
+    records = records[1:]
     assert all(abs(r["val_ppl"] - torch.tensor(r["val_loss"]).exp().item()) < 1e-3 * r["val_ppl"] for r in evaluated)
     first, last = records[0]["train_loss"], records[-1]["train_loss"]
     assert last < first - 0.2, f"train loss did not fall: {first:.3f} -> {last:.3f}"
     summary = read_json(out / "summary.json")
-    assert summary["steps"] == steps and summary["final_train_loss"] == last
+    assert summary["steps"] == steps and summary["total_steps"] == steps and summary["final_train_loss"] == last
     assert summary["final_val_loss"] == evaluated[-1]["val_loss"]
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "training_args.json"):
         assert (out / name).is_file(), name
@@ -57,7 +59,7 @@ def check_run(out, steps):
 
 def test_lora_fp32_loss_falls(tiny_phi_adapter):
     summary = check_run(tiny_phi_adapter, 30)
-    assert summary["quant"] == "none" and summary["stopped_by"] is None
+    assert summary["quant"] == "none" and summary["stopped_by"] == "done" and summary["format"] == "guanaco"
     assert json.loads((tiny_phi_adapter / "training_args.json").read_text())["lr"] == 1e-2
 
 
@@ -94,26 +96,13 @@ def test_adapter_save_reload_gives_identical_logits(tiny_phi, tmp_path):
         assert not torch.allclose(logits(reloaded, ids), logits(model, ids), atol=1e-3)
 
 
-def test_merged_model_matches_adapter_model(tiny_phi, tiny_phi_adapter, tmp_path):
-    from peft import PeftModel
-
-    base = load_base_model(str(tiny_phi), "none", "cpu")
-    ids = tokens()
-    base_logits = logits(base, ids)
-    adapted = logits(PeftModel.from_pretrained(base, tiny_phi_adapter).eval(), ids)
-    merge(str(tiny_phi), str(tiny_phi_adapter), tmp_path / "merged", dtype="float32")
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
-    assert torch.allclose(logits(merged, ids), adapted, atol=1e-4)
-    assert (adapted - base_logits).abs().max() > 1e-2  # the adapter really changed the model
-    assert (tmp_path / "merged" / "tokenizer.json").is_file()
-
-
 def run_train(args, env=None, **kw):
     cmd = [sys.executable, os.path.join(REPO, "training", "train_qlora.py")] + [str(a) for a in args]
     return subprocess.Popen(cmd, cwd=REPO, env=env or os.environ.copy(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
+@pytest.mark.slow  # a subprocess that imports torch and transformers
 def test_cli_sigint_saves_adapter_then_resume_continues(tiny_phi, small_data, tmp_path):
     out = tmp_path / "run"
     args = ["--base", tiny_phi, "--data", small_data, "--out", out, "--quant", "none", "--max-seq-len", 64,
@@ -129,8 +118,8 @@ def test_cli_sigint_saves_adapter_then_resume_continues(tiny_phi, small_data, tm
     assert proc.returncode == 0, stderr
     summary = read_json(out / "summary.json")
     stopped_at = summary["steps"]
-    assert summary["stopped_by"] == "SIGINT" and 1 <= stopped_at < 100_000
-    assert "stopped by SIGINT" in stdout and "--resume" in stdout
+    assert summary["stopped_by"] == "signal" and 1 <= stopped_at < 100_000
+    assert "stopped by signal" in stdout and "--resume" in stdout
     assert (out / "adapter_model.safetensors").is_file() and (out / f"checkpoint-{stopped_at}").is_dir()
     assert "Traceback" not in stderr
 
@@ -139,10 +128,11 @@ def test_cli_sigint_saves_adapter_then_resume_continues(tiny_phi, small_data, tm
     assert proc.returncode == 0, stderr
     assert f"resuming from {out / f'checkpoint-{stopped_at}'} (step {stopped_at})" in stdout
     steps = [r["step"] for r in read_metrics(out / "metrics.jsonl")]
-    assert steps == list(range(1, stopped_at + 4))  # no step repeated, none missing
+    assert steps == list(range(0, stopped_at + 4))  # no step repeated, none missing
     assert read_json(out / "summary.json")["steps"] == stopped_at + 3
 
 
+@pytest.mark.slow  # a subprocess that imports torch and transformers
 def test_cli_offline_hub_id_gives_one_clear_line(tmp_path, shared_data):
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}  # an empty cache
     data = shared_data / "guanaco" / "openassistant_best_replies_eval.jsonl"
@@ -159,6 +149,7 @@ def test_cli_offline_hub_id_gives_one_clear_line(tmp_path, shared_data):
     assert "Traceback" not in chat.stderr
 
 
+@pytest.mark.slow  # a subprocess that imports torch and transformers
 def test_cli_bad_rows_exit_2(tiny_phi, shared_data, tmp_path):
     data = shared_data / "guanaco" / "guanaco-llama2-1k_train.jsonl"
     proc = run_train(["--base", tiny_phi, "--data", data, "--out", tmp_path / "o", "--max-steps", 1])
@@ -166,3 +157,121 @@ def test_cli_bad_rows_exit_2(tiny_phi, shared_data, tmp_path):
     assert proc.returncode == 2
     assert "\nerror: 1 bad rows" in "\n" + stderr and f"{data}:900: empty assistant turn" in stderr
     assert "Traceback" not in stderr
+
+
+def test_lora_on_every_linear_layer_saved_in_adapter_config(tiny_phi_adapter):
+    config = json.loads((tiny_phi_adapter / "adapter_config.json").read_text())
+    names = set(config["target_modules"])  # every linear layer of both blocks, by full name
+    assert len(names) == 12 and {n.split(".")[-1] for n in names} == {"q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"}
+
+
+def test_resume_without_checkpoint_is_a_user_error(tiny_phi, small_data, tmp_path):
+    with pytest.raises(UserError, match="no checkpoint in .* to resume from"):
+        train(TrainConfig(base=str(tiny_phi), data=[str(small_data)], out=str(tmp_path / "new"), quant="none",
+                          max_steps=2, device="cpu", resume=True))
+
+
+def tiny_run(tiny_phi, data, out, **kw):
+    cfg = dict(base=str(tiny_phi), data=[str(data)], out=str(out), quant="none", max_seq_len=64, batch_size=2,
+               grad_accum=1, lr=1e-2, eval_steps=1000, save_steps=3, log_steps=1, eval_split=0.25, device="cpu",
+               gradient_checkpointing=False)
+    return train(TrainConfig(**(cfg | kw)))
+
+
+def test_resume_with_dropout_matches_an_uninterrupted_run(tiny_phi, small_data, tmp_path):
+    from safetensors.torch import load_file
+
+    tiny_run(tiny_phi, small_data, tmp_path / "straight", max_steps=6, lora_dropout=0.5)
+    tiny_run(tiny_phi, small_data, tmp_path / "resumed", max_steps=3, lora_dropout=0.5)
+    summary = tiny_run(tiny_phi, small_data, tmp_path / "resumed", max_steps=6, lora_dropout=0.5, resume=True)
+    assert summary["steps"] == 6 and summary["stopped_by"] == "done"
+    a = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_length_grouped_batches_cut_padding(shared_data):
+    from llmb.assistant.data import encode_dataset, load_chat_data
+    from llmb.assistant.loading import load_tokenizer
+    from llmb.assistant.train import length_grouped_batches
+
+    convs, _ = load_chat_data(shared_data / "guanaco" / "openassistant_best_replies_eval.jsonl", eval_split=0)
+    lengths = [len(ex["input_ids"]) for ex in encode_dataset(load_tokenizer(str(shared_data / "phi-2-tokenizer")),
+                                                              convs, 512)]
+
+    def padding(grouped):
+        batches = length_grouped_batches(lengths, 4, seed=0, group_by_length=grouped)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))  # every example once
+        padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+        return 1 - sum(lengths) / padded
+
+    print(f"padding at batch 4: random {padding(False):.1%}, grouped by length {padding(True):.1%}")
+    assert padding(False) > 0.2 and padding(True) < 0.05
+
+
+def test_loss_is_averaged_per_token_over_the_accumulated_step(tiny_phi, shared_data):
+    """One step of 2 micro-batches of 1 gives the same gradient as one batch of 2 (different lengths)."""
+    from accelerate import Accelerator
+
+    from llmb.assistant.data import collate, encode_dataset, load_chat_data
+    from llmb.assistant.loading import load_tokenizer
+    from llmb.assistant.train import Run, optimizer_step
+
+    tokenizer = load_tokenizer(str(tiny_phi))
+    convs, _ = load_chat_data(shared_data / "guanaco" / "openassistant_best_replies_eval.jsonl", eval_split=0)
+    examples = encode_dataset(tokenizer, convs[:2], 48)
+    assert len(examples[0]["input_ids"]) != len(examples[1]["input_ids"]) or examples[0] != examples[1]
+
+    def grads(batches, grad_accum):
+        torch.manual_seed(0)
+        cfg = TrainConfig(lora_dropout=0.0, gradient_checkpointing=False, grad_accum=grad_accum, max_grad_norm=1e9)
+        model = add_lora(load_base_model(str(tiny_phi), "none", "cpu"), cfg)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)
+        seen = {}
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+        opt.register_step_pre_hook(lambda o, *a: seen.update({i: p.grad.clone() for i, p in
+                                                              enumerate(o.param_groups[0]["params"])}))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        optimizer_step(Run(cfg, Accelerator(cpu=True), model, opt, sched, tokenizer, 0, [], []), iter(batches))
+        return seen
+
+    pad = tokenizer.pad_token_id
+    one = grads([collate(examples, pad)], 1)
+    two = grads([collate(examples[:1], pad), collate(examples[1:], pad)], 2)
+    assert all(torch.allclose(one[i], two[i], atol=1e-6, rtol=1e-4) for i in one)
+
+
+def test_qlora_casts_embeddings_and_head_to_bf16_keeps_norms_fp32(tiny_phi):
+    from llmb.assistant.train import cast_like_qlora
+
+    model = add_lora(load_base_model(str(tiny_phi), "4bit", "cpu"), TrainConfig(gradient_checkpointing=False))
+    assert model.base_model.model.lm_head.weight.dtype == torch.float32  # what prepare_model_for_kbit_training leaves
+    cast_like_qlora(model, torch.bfloat16)
+    inner = model.base_model.model
+    assert inner.lm_head.weight.dtype == torch.bfloat16 and inner.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert inner.model.final_layernorm.weight.dtype == torch.float32
+    assert inner.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.bfloat16
+
+
+@pytest.mark.slow  # a subprocess that imports torch and transformers
+def test_cli_chat_eval_one_json_line(tiny_phi, tiny_phi_adapter, small_data):
+    from llmb.assistant.data import encode_dataset, load_chat_data
+    from llmb.assistant.loading import load_chat_tokenizer
+
+    def chat_eval(*extra):
+        proc = subprocess.run([sys.executable, "-m", "llmb", "chat-eval", "--base", str(tiny_phi), "--data",
+                               str(small_data), "--max-seq-len", "64", "--device", "cpu", *extra],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout.strip())
+
+    base, tuned = chat_eval(), chat_eval("--adapter", str(tiny_phi_adapter))
+    convs, _ = load_chat_data(small_data, eval_split=0)
+    examples = encode_dataset(load_chat_tokenizer(str(tiny_phi)), convs, 64)
+    answer_tokens = sum(sum(label != -100 for label in ex["labels"][1:]) for ex in examples)
+    assert base.keys() == {"loss", "ppl", "tokens", "rows"} and base["rows"] == 8 == tuned["rows"]
+    assert base["tokens"] == tuned["tokens"] == answer_tokens  # the training mask: answer tokens only
+    assert tuned["loss"] < base["loss"] - 0.5  # the adapter was trained on these rows
+    assert abs(base["ppl"] - math.exp(base["loss"])) < 1e-3 * base["ppl"]
