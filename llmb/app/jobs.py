@@ -82,7 +82,7 @@ def command_line(spec):
     """The same command as a user would type it in the repository folder."""
     cmd = command(spec)
     cmd[0] = "python"
-    if spec.kind != "lr-find":
+    if Path(cmd[1]).is_relative_to(REPO):
         cmd[1] = str(Path(cmd[1]).relative_to(REPO))
     return shlex.join(cmd)
 

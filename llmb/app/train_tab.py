@@ -224,8 +224,10 @@ def build(ctx):
         job = ctx.jobs.stop()
         if job is None:
             return warn("no training job is running"), gr.skip()
-        if len(job["signals"]) > 1:
-            return f"sent {job['signals'][-1]}: the run ends now, without saving", job_markdown(job)
+        if job["signals"][-1] == "SIGKILL":
+            return "sent SIGKILL: the run ends now, without saving", job_markdown(job)
+        if job["signals"][-1] == "SIGTERM":
+            return "sent SIGTERM; press Stop once more to end it at once (SIGKILL, unsaved)", job_markdown(job)
         return "stop requested: the run finishes its step, saves and exits", job_markdown(job)
 
     def find_lr(**values):
