@@ -98,7 +98,8 @@ def components(ctx):
     with gr.Accordion("Sampling settings", open=False):
         c["system"] = gr.Textbox(label="System preamble (optional)", lines=2)
         with gr.Row():
-            c["temperature"] = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature")
+            c["temperature"] = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature", elem_id="chat-temperature",
+                                         info="0 = always the likeliest")
             c["top_p"] = gr.Slider(0.05, 1, value=0.9, step=0.05, label="Top-p")
             c["top_k"] = gr.Slider(0, 200, value=50, step=1, label="Top-k", info="0 = off")
             c["repetition_penalty"] = gr.Slider(1, 2, value=1.1, step=0.05, label="Repetition penalty")
