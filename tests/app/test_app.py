@@ -13,6 +13,8 @@ from gradio_client.exceptions import AppError
 
 from tests.app.app_server import TINY_TRAIN, WIZARD, app_folders, free_port, launch_app, stop_app, stop_training
 
+pytestmark = pytest.mark.slow  # one app in a subprocess, a tiny Phi, training runs: about two minutes
+
 SAMPLING = dict(temperature=0.7, top_p=0.9, top_k=50, repetition_penalty=1.1, max_new_tokens=12, seed="1")
 
 

@@ -11,7 +11,7 @@ from llmb.app.jobs import JobManager, command_line, job_spec, progress
 from llmb.app.uploads import save_upload
 from llmb.errors import UserError
 from llmb.story.checkpoint import load_checkpoint
-from tests.app.app_server import BOOK, make_story_checkpoint
+from tests.app.app_server import BOOK
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=16, eval_interval=10, eval_iters=2)
 
@@ -77,6 +77,7 @@ def test_empty_data_and_unknown_kind_are_refused(tmp_path):
 
 # ------------------------------------------------------------------------------- running jobs
 
+@pytest.mark.slow
 def test_start_refuse_a_second_and_stop_gracefully(tmp_path, shared_data):
     manager = JobManager(tmp_path / "job.json")
     job = manager.start(story_spec(shared_data, tmp_path / "run1"))
@@ -101,6 +102,7 @@ def test_start_refuse_a_second_and_stop_gracefully(tmp_path, shared_data):
         manager.start(story_spec(shared_data, tmp_path / "run1"))
 
 
+@pytest.mark.slow
 def test_a_new_manager_reattaches_from_the_state_file(tmp_path, shared_data):
     first = JobManager(tmp_path / "job.json")
     job = first.start(story_spec(shared_data, tmp_path / "run"))
@@ -120,6 +122,7 @@ def test_a_new_manager_reattaches_from_the_state_file(tmp_path, shared_data):
     assert job["status"] == "stopped" and job["summary"]["steps"] >= 10, job
 
 
+@pytest.mark.slow
 def test_a_failing_run_reports_the_trainers_error(tmp_path):
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("too short\n")
@@ -215,7 +218,9 @@ def test_training_is_off_on_a_public_space_unless_allowed():
 
 def test_pickers_find_checkpoints_adapters_and_data(tmp_path, shared_data):
     ckpts = tmp_path / "checkpoints"
-    make_story_checkpoint(ckpts / "story-a", shared_data)
+    (ckpts / "story-a").mkdir(parents=True)  # what makes a story checkpoint (llmb.folders), without training one
+    (ckpts / "story-a" / "config.json").write_text('{"llmb": "story"}')
+    (ckpts / "story-a" / "model.safetensors").write_bytes(b"")
     for name in ("adapter-old", "adapter-new"):
         (ckpts / name).mkdir()
         (ckpts / name / "adapter_config.json").write_text("{}")

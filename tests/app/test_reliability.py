@@ -294,7 +294,7 @@ def test_first_look_of_the_page(tmp_path):
 # ------------------------------------------------------------------ the server: 2, 3, 4, 11
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, shared_data):
+def app(tmp_path_factory, shared_data):  # the tests that use it are marked slow (a server and a story model)
     root = tmp_path_factory.mktemp("reliability")
     ckpts, data, work = app_folders(root, shared_data)
     app = launch_app(root, ["--checkpoints", ckpts, "--story-ckpt", ckpts / "tiny-story", "--base", "microsoft/phi-2",
@@ -309,6 +309,7 @@ def story_call(client, **values):
     return client.submit(checkpoint=str(values.pop("ckpt")), prompt="Dorothy", api_name="/story", **values)
 
 
+@pytest.mark.slow
 def test_one_client_cannot_fill_the_queue_for_everyone(app):
     """20 unread story calls from one session: each extra one ends at once; another session is served."""
     greedy = Client(app.url, verbose=False)
@@ -323,6 +324,7 @@ def test_one_client_cannot_fill_the_queue_for_everyone(app):
     TRIED["concurrent sessions"] += 21
 
 
+@pytest.mark.slow
 def test_only_the_lr_finder_plots_are_served(app):
     (app.work / "uploads").mkdir(parents=True, exist_ok=True)
     (app.work / "uploads" / "book.txt").write_text("private")
@@ -337,6 +339,7 @@ def test_only_the_lr_finder_plots_are_served(app):
         assert r.status == 200
 
 
+@pytest.mark.slow
 def test_uploads_have_a_size_limit(app, tmp_path):
     with urllib.request.urlopen(f"{app.url}config", timeout=10) as r:
         assert json.loads(r.read())["max_file_size"] == 50 * 1024 * 1024
@@ -350,6 +353,7 @@ def test_uploads_have_a_size_limit(app, tmp_path):
     TRIED["bad inputs"] += 1
 
 
+@pytest.mark.slow
 def test_an_unreachable_hub_is_said_at_once_and_the_message_is_kept(app):
     """Offline, with microsoft/phi-2 not downloaded: the answer says so in seconds, not after a timeout."""
     client = Client(app.url, verbose=False)
@@ -363,6 +367,7 @@ def test_an_unreachable_hub_is_said_at_once_and_the_message_is_kept(app):
     assert "cannot be reached" in status
 
 
+@pytest.mark.slow
 def test_sessions_pick_their_own_model_status(app):
     a, b = Client(app.url, verbose=False), Client(app.url, verbose=False)
     assert "is not one of the adapters" in a.predict(base="microsoft/phi-2", adapter="/etc", api_name="/chat_model")
@@ -372,6 +377,7 @@ def test_sessions_pick_their_own_model_status(app):
     TRIED["concurrent sessions"] += 2
 
 
+@pytest.mark.slow
 def test_eight_sessions_write_stories_at_once_and_none_is_lost(app):
     results, errors = {}, []
 
@@ -391,6 +397,7 @@ def test_eight_sessions_write_stories_at_once_and_none_is_lost(app):
     TRIED["concurrent sessions"] += 8
 
 
+@pytest.mark.slow
 def test_the_page_still_answers(app):
     assert Client(app.url, verbose=False).predict(kind="story", name="x", data=[WIZARD], story_n_layer=0,
                                                   story_max_iters="5", api_name="/train_start")[0].startswith("⚠️")
