@@ -76,7 +76,8 @@ def components(ctx):
     c = {}
     gr.Markdown("A base model with a LoRA adapter fine-tuned on openassistant-guanaco. Turn on **compare** to see "
                 "what the base model alone says to the same conversation.")
-    c["model_status"] = gr.Markdown(model_status(ctx, config.base, ctx.assistant.adapter), elem_id="chat-model-status")
+    # filled in on page load (model_status): no hub check holds up start-up
+    c["model_status"] = gr.Markdown(ctx.assistant.status(config.base, ctx.assistant.adapter), elem_id="chat-model-status")
     with gr.Row():
         c["chatbot"] = gr.Chatbot(label="Assistant (with the adapter)", height=420, elem_id="chatbot")
         c["base_bot"] = gr.Chatbot(label="Base model alone", height=420, visible=False, elem_id="chatbot-base")

@@ -5,7 +5,8 @@
         ...
 
     assistant = Assistant(base="microsoft/phi-2", adapter="checkpoints/phi2-guanaco")
-    assistant.engine()   # loads on first call (minutes for Phi-2 the first time), then returns the same one
+    engine = assistant.engine(base, adapter)   # loads on first call (minutes for Phi-2), then the same one
+    answer = ask(engine, history, "Hello")     # iterate for the pieces; answer.stats afterwards
 
 Loading is lazy so the app answers HTTP at once; a model that fails to load keeps the reason
 (shown in its tab) and is tried again on the next use. Nothing here knows about Gradio.

@@ -4,11 +4,14 @@ Issue #8 item 7: the Base picker offers the local model; Enter sends, Shift+Ente
 line; the tab answers with the real model, and Compare shows the base model's different answer.
 """
 
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
-from tests.app.app_server import launch_app, stop_app
+from tests.app.app_server import REPO, launch_app, stop_app
 from tests.app.test_browser import CHROMIUM_ARGS, browser, open_tab, shot, wait_for_text  # noqa: F401
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -16,25 +19,19 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def small_adapter(tmp_path_factory, small_assistant, shared_data):
-    """A LoRA adapter trained for 12 steps on 8 real guanaco rows with the small real model as base."""
-    import torch
-
-    from llmb.assistant.config import TrainConfig
-    from llmb.assistant.train import train
-
+    """A LoRA adapter on the small real model: 12 steps on 8 guanaco rows, trained as a user would (the CLI)."""
     work = tmp_path_factory.mktemp("small-adapter")
     rows = (shared_data / "guanaco" / "openassistant_best_replies_eval.jsonl").read_text(encoding="utf-8").splitlines()
-    data = work / "train.jsonl"
-    data.write_text("\n".join(rows[:8]) + "\n", encoding="utf-8")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        train(TrainConfig(base=str(small_assistant), data=[str(data)], out=str(work / "adapter"), quant="none",
-                          max_steps=12, max_seq_len=64, batch_size=2, grad_accum=1, lr=5e-3, eval_steps=12,
-                          save_steps=12, log_steps=6, eval_split=0.25, device="cpu",
-                          lora_targets=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    finally:
-        torch.set_num_threads(threads)
+    (work / "train.jsonl").write_text("\n".join(rows[:8]) + "\n", encoding="utf-8")
+    flags = dict(base=small_assistant, data=work / "train.jsonl", out=work / "adapter", quant="none", max_steps=12,
+                 max_seq_len=64, batch_size=2, grad_accum=1, lr=5e-3, eval_steps=12, save_steps=12, eval_split=0.25,
+                 device="cpu")
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
+    argv += ["--lora-targets", "q_proj", "k_proj", "v_proj", "o_proj"]
+    env = os.environ | {"OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "training/train_qlora.py", *argv], cwd=REPO, env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
     return work / "adapter"
 
 

@@ -49,6 +49,14 @@ def test_command_line_is_what_a_user_would_type(tmp_path, shared_data):
     assert lr_find == "python -m llmb lr-find --data a.txt --out o --n-layer 2 --no-progress --num-iters 20"
 
 
+def test_the_trainer_finds_the_repository_without_an_install():
+    """A Space does not pip-install the repo and no file edits sys.path: the child gets it on PYTHONPATH."""
+    from llmb.app.jobs import REPO, child_environment
+
+    assert child_environment()["PYTHONPATH"].split(os.pathsep)[0] == str(REPO)
+    assert child_environment()["PYTHONUNBUFFERED"] == "1"
+
+
 @pytest.mark.parametrize("params, message", [
     ({"n_layer": 0}, "Layers must be between 1 and 64"),
     ({"n_embd": -8}, "Embedding width must be between"),
