@@ -104,6 +104,12 @@ def build(config):
     return demo
 
 
+def upload_limit(config):
+    """Gradio's size limit for every upload: 50 MB for training data; with training off nothing needs
+    uploads, so its upload route refuses everything (it would otherwise store any file of any size)."""
+    return MAX_UPLOAD if config.allow_training else 1
+
+
 def main(argv=None):
     config = app_config.parse_args(argv)
     demo = build(config)
@@ -111,4 +117,4 @@ def main(argv=None):
     # only what a page must show is served: the LR-finder plots (never uploads or job state)
     config.plots.mkdir(parents=True, exist_ok=True)
     demo.launch(server_name=config.host, server_port=config.port, share=config.share, show_error=False,
-                allowed_paths=[str(config.plots)], max_file_size=MAX_UPLOAD)
+                allowed_paths=[str(config.plots)], max_file_size=upload_limit(config))

@@ -339,6 +339,14 @@ def test_only_the_lr_finder_plots_are_served(app):
         assert r.status == 200
 
 
+def test_with_training_off_gradio_takes_no_uploads():
+    from llmb.app.page import upload_limit
+
+    assert upload_limit(app_config.parse_args([], {"SPACE_ID": "me/llmb"})) == 1
+    assert upload_limit(app_config.parse_args([], {"SPACE_ID": "me/llmb", "LLMB_ALLOW_TRAINING": "1"})) == "50mb"
+    TRIED["bad inputs"] += 1
+
+
 @pytest.mark.slow
 def test_uploads_have_a_size_limit(app, tmp_path):
     with urllib.request.urlopen(f"{app.url}config", timeout=10) as r:
