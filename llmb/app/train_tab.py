@@ -174,10 +174,11 @@ def components(ctx):
                               interactive=allowed, elem_id="train-upload")
     with gr.Group(visible=True) as c["story_group"]:
         c |= {f"story_{k}": w for k, w in form("story").items()}
-        with gr.Row(equal_height=True):
+    with gr.Column(visible=True) as c["lr_box"]:  # outside the Group: a button there is a grey slab
+        with gr.Row(equal_height=False):
             c["lr_steps"] = gr.Number(100, label="LR finder steps", precision=0, scale=1, elem_id="train-lr-steps",
                                       info="batches in the sweep: a whole number from 10 to 2000")
-            c["lr_button"] = gr.Button("Run the LR finder", interactive=allowed, size="sm", scale=0, min_width=180,
+            c["lr_button"] = gr.Button("Run the LR finder", interactive=allowed, size="md", scale=0, min_width=200,
                                        elem_id="train-lr-find")
             c["lr_result"] = gr.Markdown(elem_id="train-lr-result")
         c["lr_plot"] = gr.Image(label="LR finder", type="filepath", visible=False, height=300)
@@ -257,8 +258,9 @@ def build(ctx):
                          concurrency_limit=1, concurrency_id="train")
     c["upload"].upload(upload, inputs_kwargs={"files": c["upload"], "selected": c["data"]},
                        outputs=[c["message"], c["data"], c["upload"]], api_name="train_upload", concurrency_limit=1)
-    c["kind"].change(lambda kind: (gr.update(visible=kind == "story"), gr.update(visible=kind == "qlora")),
-                     c["kind"], [c["story_group"], c["qlora_group"]], api_visibility="private", concurrency_limit=None)
+    c["kind"].change(lambda kind: [gr.update(visible=kind == "story")] * 2 + [gr.update(visible=kind == "qlora")],
+                     c["kind"], [c["story_group"], c["lr_box"], c["qlora_group"]], api_visibility="private",
+                     concurrency_limit=None)
     return c
 
 
@@ -283,4 +285,5 @@ def watch(ctx, demo, train, story_picker, chat):
     inputs = {"known": pickers, "base": chat["base"], "adapter": chat["adapter"]}
     train["timer"].tick(refresh, inputs_kwargs=inputs, outputs=outputs, api_name="train_progress",
                         concurrency_limit=None, show_progress="hidden")
-    demo.load(refresh, inputs_kwargs=inputs, outputs=outputs, api_visibility="private", concurrency_limit=None)
+    demo.load(refresh, inputs_kwargs=inputs, outputs=outputs, api_visibility="private", concurrency_limit=None,
+              show_progress="hidden")

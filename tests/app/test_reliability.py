@@ -285,7 +285,7 @@ def test_first_look_of_the_page(tmp_path):
     config = app_config.parse_args(["--work-dir", str(tmp_path), "--checkpoints", str(tmp_path / "c")], {})
     demo = page.build(config)
     by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
-    assert by_id["train-lr-find"].size == "sm" and by_id["train-lr-find"].scale == 0
+    assert by_id["train-lr-find"].scale == 0 and by_id["train-lr-find"].min_width == 200
     assert by_id["train-command"].visible is False, "the command box shows once there is a command"
     ctx = page.Context(config)
     assert "not one of the story checkpoints" in story_tab.model_status(ctx, "../../etc")
