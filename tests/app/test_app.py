@@ -338,3 +338,15 @@ def test_lr_finder_fills_in_the_suggested_rate(app, client):
     assert float(lr) > 0 and f"{float(lr):.2e}" in message
     assert plot["visible"] is True and plot["value"].endswith(".png"), plot  # the plot is shown
     assert client.predict(lr_steps=3, **lr_find)[0].startswith("⚠️ LR finder steps must be between 10 and 2000")
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"qlora_base": "/etc"}, "/etc is not one of the base models"),
+    ({"qlora_max_steps": 0}, "Max steps must be between 1 and 1e+07"),
+    ({"qlora_lr": "fast"}, "Learning rate must be a number"),
+])
+def test_qlora_form_checks_its_base_and_settings(app, client, changes, expected):
+    message, _, _ = client.predict(kind="qlora", name="q-bad", data=["data/chats.jsonl"], **changes,
+                                   api_name="/train_start")
+    assert message.startswith("⚠️") and expected in message
+    assert not (app.ckpts / "q-bad").exists()
