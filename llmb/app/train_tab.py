@@ -186,6 +186,7 @@ def components(ctx):
         from llmb.app.chat_tab import base_choices
 
         c["qlora_base"] = gr.Dropdown(base_choices(config), value=str(config.base), label="Base model",
+                                      allow_custom_value=True,  # checked by the handler against a fresh scan
                                       elem_id="train-qlora-base", info="the same bases as the Assistant tab; "
                                       "on a CPU Phi-2 is slow (a GPU is recommended), the small local model is quick")
         c |= {f"qlora_{k}": w for k, w in form("qlora").items()}

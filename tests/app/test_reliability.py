@@ -368,7 +368,8 @@ def test_an_unreachable_hub_is_said_at_once_and_the_message_is_kept(app):
     t0 = time.time()
     history, _, box, status, model_status, _ = client.predict(message="Hello", system="", api_name="/chat")
     assert time.time() - t0 < 10
-    assert "cannot be reached (offline)" in status and "get-small-assistant" in status
+    assert "cannot be reached (offline)" in status
+    assert "get-small-assistant" in status or "pick the local model `smollm2-135m-instruct`" in status
     unchanged = {"__type__": "update"}
     assert history == unchanged and box == unchanged, "the chat and the typed message are left as they were"
     status = client.predict(base="microsoft/phi-2", adapter="", api_name="/chat_model")
@@ -409,3 +410,20 @@ def test_eight_sessions_write_stories_at_once_and_none_is_lost(app):
 def test_the_page_still_answers(app):
     assert Client(app.url, verbose=False).predict(kind="story", name="x", data=[WIZARD], story_n_layer=0,
                                                   story_max_iters="5", api_name="/train_start")[0].startswith("⚠️")
+
+
+def test_an_unreachable_hub_points_to_the_small_assistant(tmp_path, monkeypatch):
+    from llmb.app import chat_tab
+
+    monkeypatch.setattr(app_config, "REPO", tmp_path)  # no checkpoints beside the code either
+    monkeypatch.setitem(chat_tab._hub, "checked", time.time())
+    monkeypatch.setitem(chat_tab._hub, "reachable", False)
+    config = app_config.parse_args(["--checkpoints", str(tmp_path / "c"), "--work-dir", str(tmp_path / "w")], {})
+    problem = chat_tab.hub_problem(config, "nobody/not-downloaded")
+    assert "cannot be reached" in problem and "`python -m llmb get-small-assistant`" in problem
+    local = tmp_path / "c" / "small"
+    local.mkdir(parents=True)
+    (local / "config.json").write_text('{"model_type": "llama"}')
+    (local / "model.safetensors").write_bytes(b"")
+    assert "pick the local model `small` in Base" in chat_tab.hub_problem(config, "nobody/not-downloaded")
+    assert chat_tab.hub_problem(config, str(local)) is None, "a local folder needs no hub"
