@@ -9,8 +9,9 @@ is configured the same way:
     --work-dir / LLMB_WORK_DIR       --allow-training / LLMB_ALLOW_TRAINING
 
 This module also decides which folders the app may read data from and write to, and finds
-the story checkpoints and LoRA adapters the pickers offer. It imports nothing heavy, so the
-app can answer HTTP before torch is loaded.
+the story checkpoints, LoRA adapters, base models and data the pickers offer. It imports no
+torch, transformers or peft (a test checks `sys.modules` after start-up), so the app answers
+HTTP before any model code is loaded.
 """
 
 import argparse
@@ -19,11 +20,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llmb.assistant.config import DEFAULT_BASE
 from llmb.errors import UserError
-from llmb.folders import is_adapter, is_story_checkpoint
+from llmb.folders import is_adapter, is_base_model, is_story_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_BASE = "microsoft/phi-2"
 PERSISTENT = Path("/data")  # a Space with persistent storage mounts it here
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -58,6 +59,11 @@ class AppConfig:
     @property
     def uploads(self):
         return self.work_dir / "uploads"
+
+    @property
+    def plots(self):
+        """LR-finder plots: the only folder the app serves files from."""
+        return self.work_dir / "plots"
 
     @property
     def job_state(self):
@@ -129,12 +135,29 @@ def environment(env=None):
 # ---------------------------------------------------------------------------------- folders
 
 def inside(path, roots):
-    """`path` resolved, if it lies inside one of `roots`; else UserError (stops ../ tricks and symlinks out)."""
+    """`path` resolved, if it lies inside one of `roots` and no part of it below the root is a symlink.
+
+    Else UserError: stops ../ tricks, and links that point anywhere (even inside the folder).
+    """
+    if not isinstance(path, (str, Path)) or not str(path).strip():
+        raise UserError(f"a data path must be text (got {path!r:.40})")
     resolved = Path(path).resolve()
-    for root in roots:
-        if resolved.is_relative_to(Path(root).resolve()):
+    for root in map(Path, roots):
+        if resolved.is_relative_to(root.resolve()):
+            if has_symlink(Path(os.path.abspath(path)), root):
+                raise UserError(f"{path} is a symbolic link (or inside one); links are refused")
             return resolved
     raise UserError(f"{path} is outside the allowed data folders")
+
+
+def has_symlink(path, root):
+    """Is `path`, or a folder between it and `root`, a symbolic link?"""
+    root = Path(os.path.abspath(root))
+    while path != root and path != path.parent:
+        if path.is_symlink():
+            return True
+        path = path.parent
+    return False
 
 
 def check_name(name):
@@ -169,34 +192,61 @@ def find_adapters(config):
     return newest_first(d for d in _subdirs(config.scan_dirs()) if is_adapter(d))
 
 
-def default_adapter(config):
-    """The adapter the assistant starts with: the flag's folder, none, or the newest one found."""
+def find_bases(config):
+    """Base models the Assistant tab and the QLoRA form offer: the configured one, the default hub
+    model, and every local model folder under the checkpoints folders (e.g. the small assistant)."""
+    local = [str(d) for d in _subdirs(config.scan_dirs()) if is_base_model(d)]
+    return list(dict.fromkeys([str(config.base), DEFAULT_BASE, *local]))
+
+
+def default_adapters(config):
+    """Adapters the assistant may start with, in order of preference (the first that loads is used):
+    the flag's folder, none, or every adapter found, newest first (a broken newest one is skipped)."""
     if config.adapter == "none":
-        return None
+        return []
     if config.adapter == "auto":
-        found = find_adapters(config)
-        return found[0] if found else None
-    return Path(config.adapter)
+        return find_adapters(config)
+    return [Path(config.adapter)]
 
 
 def data_choices(config):
     """(label, path) for every usable data source in the data folders and uploads.
 
-    A source is a .txt book, a folder of .txt books, or a .jsonl chat file.
+    A source is a .txt book, a folder of .txt books, or a .jsonl chat file (any case of the
+    suffix). Symbolic links, hidden files and model folders (a tokenizer's merges.txt is not a
+    book) are left out.
     """
     choices = []
-    for root in config.allowed_data_roots:
-        root = Path(root)
+    for root in map(Path, config.allowed_data_roots):
         if not root.is_dir():
             continue
         for path in sorted(root.rglob("*")):
             rel = path.relative_to(root)
-            if any(part.startswith(".") for part in rel.parts) or len(rel.parts) > 3:
+            if any(part.startswith(".") for part in rel.parts) or len(rel.parts) > 3 or \
+                    has_symlink(path, root) or is_model_folder(path.parent):
                 continue
-            if path.is_file() and path.suffix in (".txt", ".jsonl"):
+            if path.is_file() and path.suffix.lower() in (".txt", ".jsonl"):
                 choices.append((f"{root.name}/{rel}", str(path)))
-            elif path.is_dir():
-                books = list(path.glob("*.txt"))
+            elif path.is_dir() and not is_model_folder(path):
+                books = [b for b in path.glob("*") if b.suffix.lower() == ".txt" and not b.is_symlink()]
                 if len(books) > 1:
                     choices.append((f"{root.name}/{rel}/ ({len(books)} books)", str(path)))
     return choices
+
+
+def resolve_data(config, labels):
+    """Server paths of the data sources picked by label (the page never sees server paths)."""
+    if isinstance(labels, str):
+        labels = [labels]
+    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+        raise UserError("data must be a list of the Data picker's names")
+    known = dict(data_choices(config))
+    missing = [x for x in labels if x not in known]
+    if missing:
+        raise UserError(f"{missing[0]!r} is not one of the data sources in the allowed data folders")
+    return [str(inside(known[x], config.allowed_data_roots)) for x in labels]
+
+
+def is_model_folder(path):
+    """A folder holding a model or a tokenizer (config.json, tokenizer files): not training data."""
+    return any((Path(path) / name).is_file() for name in ("config.json", "tokenizer_config.json", "tokenizer.json"))

@@ -5,7 +5,8 @@
         ...
 
     assistant = Assistant(base="microsoft/phi-2", adapter="checkpoints/phi2-guanaco")
-    assistant.engine()   # loads on first call (minutes for Phi-2 the first time), then returns the same one
+    engine = assistant.engine(base, adapter)   # loads on first call (minutes for Phi-2), then the same one
+    answer = ask(engine, history, "Hello")     # iterate for the pieces; answer.stats afterwards
 
 Loading is lazy so the app answers HTTP at once; a model that fails to load keeps the reason
 (shown in its tab) and is tried again on the next use. Nothing here knows about Gradio.
@@ -18,10 +19,12 @@ from pathlib import Path
 
 from llmb.device import resolve_device
 from llmb.errors import UserError
+from llmb.settings import check_number
 
 MAX_PROMPT_CHARS = 20_000
 MAX_STORY_CHARS = 5_000
 MAX_CHAT_TOKENS = 2_048
+MAX_HISTORY_CHARS = 100_000  # the whole conversation an API client may send back
 
 
 def load_error(e):
@@ -36,24 +39,19 @@ def load_error(e):
 # --------------------------------------------------------------------------------- settings
 
 def number(label, value, low, high, kind=float, optional=False):
-    """`value` as a number in [low, high]; UserError (naming the field) otherwise."""
+    """`value` as a number in [low, high] (settings.check_number); None when empty and `optional`."""
     if value is None or (isinstance(value, str) and not value.strip()):
         if optional:
             return None
         raise UserError(f"{label} is empty; give a number between {low:g} and {high:g}")
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{label} must be a number (got {str(value)[:30]!r})") from None
-    if x != x or not low <= x <= high:
-        raise UserError(f"{label} must be between {low:g} and {high:g} (got {x:g})")
-    if kind is int and x != int(x):
-        raise UserError(f"{label} must be a whole number (got {x:g})")
-    return kind(x)
+    return check_number(label, value, low, high, kind)
 
 
 def check_prompt(prompt, what="prompt"):
-    prompt = prompt or ""
+    if prompt is None:
+        return ""
+    if not isinstance(prompt, str):
+        raise UserError(f"the {what} must be text (got {type(prompt).__name__})")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise UserError(f"the {what} has {len(prompt):,} characters; the limit is {MAX_PROMPT_CHARS:,}")
     return prompt
@@ -78,6 +76,28 @@ def check_chat_settings(temperature, top_p, top_k, repetition_penalty, max_new_t
         max_new_tokens=number("max new tokens", max_new_tokens, 1, MAX_CHAT_TOKENS, int),
         seed=number("seed", seed, 0, 2**31 - 1, int, optional=True),
     )
+
+
+def plain_messages(history, what="chat history"):
+    """Chat history as [{"role", "content": str}], checked: the shape Gradio sends, each turn and the
+    whole history within the limits (an API client can send anything)."""
+    if history is None:
+        return []
+    if not isinstance(history, list):
+        raise UserError(f"the {what} must be a list of messages (got {type(history).__name__})")
+    messages = []
+    for item in history:
+        if not isinstance(item, dict) or item.get("role") not in ("user", "assistant"):
+            raise UserError(f"the {what} must hold {{'role': 'user' or 'assistant', 'content': text}} messages")
+        content = item.get("content")
+        if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}]
+            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        messages.append({"role": item["role"], "content": check_prompt(content if isinstance(content, str)
+                                                                       else str(content or ""), f"{what} message")})
+    total = sum(len(m["content"]) for m in messages)
+    if total > MAX_HISTORY_CHARS:
+        raise UserError(f"the {what} has {total:,} characters; the limit is {MAX_HISTORY_CHARS:,}: press Clear")
+    return messages
 
 
 # -------------------------------------------------------------------------------- story model
@@ -153,70 +173,113 @@ def continue_story(models, path, prompt, settings, cancel=None):
 # ---------------------------------------------------------------------------------- assistant
 
 class Assistant:
-    """One ChatEngine (base model + optional adapter), loaded on first use."""
+    """Chat engines (a base model + an optional adapter), loaded on first use; each request names its own.
 
-    def __init__(self, base, adapter=None, device="auto", cpu_int8=False):
-        self.base, self.adapter, self.device, self.cpu_int8 = base, adapter, device, cpu_int8
-        self._engine = None
-        self.error = None
-        self.loading_since = None
+    Every session picks its base and adapter; the request carries them, so one visitor's choice
+    never changes another's model. `keep` engines stay loaded (one by default: Phi-2 is 5 GB).
+    `fallbacks`: with `--adapter auto`, the adapters to try in turn when the newest will not load.
+    """
+
+    def __init__(self, base, adapter=None, device="auto", cpu_int8=False, fallbacks=(), keep=1):
+        self.base, self.adapter, self.device, self.cpu_int8, self.keep = str(base), adapter, device, cpu_int8, keep
+        self.fallbacks = [str(a) for a in fallbacks]
+        self.engines = OrderedDict()  # (base, adapter or "") -> ChatEngine
+        self.errors, self.replaced, self.notes = {}, {}, []  # key -> why it failed; adapter -> the one used
+        self.loading = {}  # key -> when loading began
         self.lock = threading.Lock()
 
-    @property
-    def loaded(self):
-        return self._engine is not None
+    def key(self, base=None, adapter=None):
+        adapter = str(adapter or "")
+        return str(base or self.base), self.replaced.get(adapter, adapter)
 
-    def engine(self):
-        """The ChatEngine, loading it first if needed; UserError (with the reason) if it cannot load."""
+    def loaded(self, base=None, adapter=None):
+        return self.key(base, adapter) in self.engines
+
+    def engine(self, base=None, adapter=None):
+        """The ChatEngine for (base, adapter), loading it first if needed; UserError (why) if it cannot load."""
+        with self.lock:
+            key = self.key(base, adapter)
+            if key not in self.engines:
+                key = self._load(key)
+            self.engines.move_to_end(key)
+            return self.engines[key]
+
+    def _load(self, key):
+        """Load `key`; an auto-picked adapter that fails gives way to the next one that loads."""
+        base, adapter = key
+        tries = [adapter] + ([a for a in self.fallbacks if a != adapter] + [""] if adapter in self.fallbacks else [])
+        first_error = None
+        for candidate in tries:
+            try:
+                engine = self._build((base, candidate))
+            except UserError as e:
+                first_error = first_error or e
+                continue
+            if candidate != adapter:
+                self.replaced[adapter] = candidate
+                self.notes.append(f"adapter `{Path(adapter).name}` did not load ({self.errors[key]}); "
+                                  f"using {f'`{Path(candidate).name}`' if candidate else 'the base model alone'}")
+            self.engines[(base, candidate)] = engine
+            while len(self.engines) > self.keep:
+                self.engines.popitem(last=False)
+            return base, candidate
+        raise first_error
+
+    def _build(self, key):
         from llmb.assistant.engine import ChatEngine
 
-        with self.lock:
-            if self._engine is None:
-                self.loading_since, self.error = time.time(), None
-                try:
-                    self._engine = ChatEngine(self.base, adapter=str(self.adapter) if self.adapter else None,
-                                              device=self.device, cpu_int8=self.cpu_int8)
-                except Exception as e:  # offline, out of memory, a bad adapter: shown in the tab
-                    self.error = load_error(e)
-                    raise UserError(f"could not load the assistant: {self.error}") from None
-                finally:
-                    self.loading_since = None
-            return self._engine
+        base, adapter = key
+        self.loading[key], self.errors[key] = time.time(), None
+        try:
+            return ChatEngine(base, adapter=adapter or None, device=self.device, cpu_int8=self.cpu_int8)
+        except Exception as e:  # offline, out of memory, a bad adapter: shown in the tab
+            self.errors[key] = load_error(e)
+            raise UserError(f"could not load the assistant: {self.errors[key]}") from None
+        finally:
+            self.loading.pop(key, None)
 
-    def use_adapter(self, adapter):
-        """Switch to another adapter (or None for the base alone); the model reloads on next use."""
-        adapter = Path(adapter) if adapter else None
-        with self.lock:
-            if adapter != self.adapter:
-                self.adapter, self._engine, self.error = adapter, None, None
+    def loading_message(self, base=None):
+        base = str(base or self.base)
+        return "loading Phi-2 (the first time downloads ~5 GB)…" if base == "microsoft/phi-2" else \
+            f"loading `{Path(base).name if Path(base).is_dir() else base}`…"
 
-    def loading_message(self):
-        what = "Phi-2" if self.base == "microsoft/phi-2" else f"`{self.base}`"
-        return f"loading {what} (the first time downloads ~5 GB)…" if self.base == "microsoft/phi-2" \
-            else f"loading {what}…"
+    def name(self, key):
+        base, adapter = key
+        shown = Path(base).name if Path(base).is_dir() else base
+        return f"`{shown}` " + (f"+ adapter `{Path(adapter).name}`" if adapter else "(base model alone: no adapter)")
 
-    def name(self):
-        adapter = f"+ adapter `{Path(self.adapter).name}`" if self.adapter else "(base model alone: no adapter)"
-        return f"`{self.base}` {adapter}"
-
-    def status(self):
-        if self.loading_since is not None:
-            return f"**Assistant {self.name()}:** {self.loading_message()} {time.time() - self.loading_since:.0f} s"
-        if self.error:
-            return f"**Assistant {self.name()}:** failed to load: {self.error}"
-        if self._engine is None:
-            return f"**Assistant {self.name()}:** not loaded yet (loads on the first message)"
-        model = self._engine.model
+    def status(self, base=None, adapter=None):
+        key = self.key(base, adapter)
+        notes = "".join(f" ({note})" for note in self.notes if Path(key[1]).name in note)
+        if key in self.loading:
+            return f"**Assistant {self.name(key)}:** {self.loading_message(key[0])} {time.time() - self.loading[key]:.0f} s"
+        if self.errors.get(key):
+            return f"**Assistant {self.name(key)}:** failed to load: {self.errors[key]}"
+        if key not in self.engines:
+            return f"**Assistant {self.name(key)}:** not loaded yet (loads on the first message){notes}"
+        engine = self.engines[key]
         quant = ", int8 linear layers" if self.cpu_int8 else ""
-        return (f"**Assistant {self.name()}:** loaded on {self._engine.device}, "
-                f"{str(model.dtype).replace('torch.', '')}{quant}")
+        return (f"**Assistant {self.name(key)}:** loaded on {engine.device}, "
+                f"{str(engine.model.dtype).replace('torch.', '')}{quant}{notes}")
 
 
-def plain_messages(history):
-    """Chat history as [{"role", "content": str}] whatever shape Gradio sent it in."""
-    from llmb.assistant.engine import history_to_turns
+def ask(engine, history, message, **sampling):
+    """`engine.stream(...)` as an Answer: iterate it for the pieces; `answer.stats` afterwards.
 
-    return [{"role": t.role, "content": t.content} for t in history_to_turns(history)]
+    A shim for an engine whose stream() is still a plain generator that leaves `last_stats`
+    behind; remove it once every ChatEngine returns an Answer.
+    """
+    answer = engine.stream(history, message, **sampling)
+    return answer if hasattr(answer, "stats") else _GeneratorAnswer(engine, answer)
+
+
+class _GeneratorAnswer:
+    def __init__(self, engine, pieces):
+        self.engine, self.pieces, self.stats = engine, pieces, None
+
+    def __iter__(self):
+        yield from self.pieces
+        self.stats = dict(self.engine.last_stats)
 
 
 # ------------------------------------------------------------------------------------ stopping

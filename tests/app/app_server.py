@@ -17,8 +17,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 BOOK = "books/oz/01_the_wonderful_wizard_of_oz.txt"
 TINY_STORY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=16)
-# the Train tab's inputs after kind, name and data: story settings, then QLoRA settings
-TINY_TRAIN = [2, 2, 32, 32, 16, 0.0, "3e-3", 100_000, "", 10] + [500, 512, 2e-4, 4, 16, 50, 100]
+# the Train tab's story settings, by name (the API parameters are story_<setting> and qlora_<setting>)
+TINY_TRAIN = dict(story_n_layer=2, story_n_head=2, story_n_embd=32, story_block_size=32, story_batch_size=16,
+                  story_lr="3e-3", story_max_iters="100000", story_eval_interval=10)
+WIZARD = "data/books/wizard.txt"  # the Data picker's name for the book app_folders copies
 
 
 def free_port():

@@ -11,9 +11,11 @@ import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
-from tests.app.app_server import TINY_TRAIN, app_folders, launch_app, stop_app, stop_training
+from tests.app.app_server import TINY_TRAIN, WIZARD, app_folders, free_port, launch_app, stop_app, stop_training
 
-SAMPLING = dict(temperature=0.7, top_p=0.9, top_k=50, penalty=1.1, max_new=12, seed=1)
+pytestmark = pytest.mark.slow  # one app in a subprocess, a tiny Phi, training runs: about two minutes
+
+SAMPLING = dict(temperature=0.7, top_p=0.9, top_k=50, repetition_penalty=1.1, max_new_tokens=12, seed="1")
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +36,14 @@ def client(app):
 
 
 def story(client, ckpt, prompt="Dorothy", max_new=40, temperature=0.8, top_k=0, top_p=1.0, seed=1):
-    return client.predict(str(ckpt), prompt, max_new, temperature, top_k, top_p, str(seed), api_name="/story")
+    return client.predict(checkpoint=str(ckpt), prompt=prompt, max_new=max_new, temperature=temperature, top_k=top_k,
+                          top_p=top_p, seed=str(seed), api_name="/story")
 
 
 def chat(client, message, history=(), base_history=(), system="", compare=False, **sampling):
-    s = SAMPLING | sampling
-    return client.predict(message, list(history), list(base_history), system, compare, s["temperature"], s["top_p"],
-                          s["top_k"], s["penalty"], s["max_new"], str(s["seed"]), api_name="/chat")
+    sampling = SAMPLING | {k: str(v) if k == "seed" else v for k, v in sampling.items()}
+    return client.predict(message=message, history=list(history), base_history=list(base_history), system=system,
+                          compare=compare, **sampling, api_name="/chat")
 
 
 def text_of(message):
@@ -50,19 +53,49 @@ def text_of(message):
 
 # ---------------------------------------------------------------------------------- start-up
 
+STARTUP_PROBE = """
+import json, os, runpy, sys, threading, time, urllib.request
+sys.argv = ["app.py", *sys.argv[1:]]
+threading.Thread(target=lambda: runpy.run_path("app.py", run_name="__main__"), daemon=True).start()
+for _ in range(600):
+    try:
+        if urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[2]}/", timeout=2).status == 200:
+            break
+    except OSError:
+        time.sleep(0.1)
+print(json.dumps([m for m in ("torch", "transformers", "peft") if m in sys.modules]))
+os._exit(0)
+"""
+
+
 def test_starts_without_loading_models(app, client):
     # how fast it answers is measured by benchmarks/bench_app_startup.py, not asserted here
     assert "Loading weights" not in app.log_text()  # the assistant has not been loaded yet
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    for name in ("/story", "/story_stop", "/chat", "/chat_regenerate", "/chat_stop", "/chat_clear", "/train_start",
-                 "/train_stop", "/train_progress", "/lr_find", "/train_upload"):
+    for name in ("/story", "/story_stop", "/chat", "/chat_regenerate", "/chat_stop", "/chat_clear", "/chat_model",
+                 "/train_start", "/train_stop", "/train_progress", "/lr_find", "/train_upload"):
         assert name in endpoints
+    names = [p["parameter_name"] for p in endpoints["/train_start"]["parameters"]]
+    assert {"kind", "name", "data", "story_n_layer", "story_lr", "qlora_lr", "qlora_lora_r", "qlora_base"} <= set(names)
+
+
+def test_answers_http_before_importing_torch(app):
+    """`python app.py` serves its page with torch, transformers and peft not imported (sys.modules, in-process)."""
+    import json
+    import subprocess
+    import sys
+
+    args = ["--port", str(free_port()), "--checkpoints", str(app.ckpts), "--work-dir", str(app.work / "probe")]
+    out = subprocess.run([sys.executable, "-c", STARTUP_PROBE, *args], cwd=app_folders.__globals__["REPO"],
+                         capture_output=True, text=True, timeout=120)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [], out.stderr[-2000:]
 
 
 # -------------------------------------------------------------------------------------- story
 
 def test_story_streams_a_continuation(app, client):
-    job = client.submit(str(app.ckpts / "tiny-story"), "Dorothy", 200, 0.8, 0, 1.0, "3", api_name="/story")
+    job = client.submit(checkpoint=str(app.ckpts / "tiny-story"), prompt="Dorothy", max_new=200, seed="3",
+                        api_name="/story")
     updates = [out for out in job]
     final = job.result()
     assert len(updates) > 5, "the continuation should arrive in pieces"
@@ -73,7 +106,7 @@ def test_story_streams_a_continuation(app, client):
 
 
 def test_story_stop_stops_generation(app, client):
-    job = client.submit(str(app.ckpts / "tiny-story"), "Once", 2000, 0.8, 0, 1.0, "", api_name="/story")
+    job = client.submit(checkpoint=str(app.ckpts / "tiny-story"), prompt="Once", max_new=2000, api_name="/story")
     deadline = time.time() + 30
     while len(job.outputs()) < 3 and time.time() < deadline:
         time.sleep(0.05)
@@ -130,9 +163,8 @@ def test_chat_answers_with_the_adapter_and_compares_with_the_base(app, client):
 
 def test_chat_regenerate_replaces_the_last_answer_and_clear_empties(app, client):
     history, base, *_ = chat(client, "Name a colour.", seed=1)
-    s = SAMPLING | {"seed": 2}
-    again = client.predict(history, base, "", False, s["temperature"], s["top_p"], s["top_k"], s["penalty"],
-                           s["max_new"], str(s["seed"]), api_name="/chat_regenerate")
+    again = client.predict(history=history, base_history=base, system="", **(SAMPLING | {"seed": "2"}),
+                           api_name="/chat_regenerate")
     assert len(again[0]) == 2 and text_of(again[0][0]) == "Name a colour."
     assert text_of(again[0][1]) != text_of(history[1])
     cleared = client.predict(api_name="/chat_clear")
@@ -140,9 +172,8 @@ def test_chat_regenerate_replaces_the_last_answer_and_clear_empties(app, client)
 
 
 def test_chat_stop_sets_the_cancel_event(app, client):
-    s = SAMPLING | {"max_new": 1000}
-    job = client.submit("Write a long story.", [], [], "", False, s["temperature"], s["top_p"], s["top_k"],
-                        s["penalty"], s["max_new"], "", api_name="/chat")
+    job = client.submit(message="Write a long story.", system="", **(SAMPLING | {"max_new_tokens": 1000, "seed": ""}),
+                        api_name="/chat")
     deadline = time.time() + 60
     while not any(out[3] == "answering…" for out in job.outputs()) and time.time() < deadline:
         time.sleep(0.05)
@@ -157,9 +188,22 @@ def test_chat_stop_sets_the_cancel_event(app, client):
     ("   ", {}, "type a message first"),
     ("y" * 100_000, {}, "limit is 20,000"),
     ("hi", {"seed": -3}, "seed must be between"),
+    ("hi", {"system": "s" * 30_000}, "the system preamble has 30,000 characters"),
+    ("hi", {"history": [{"role": "user", "content": [{"type": "text", "text": "x" * 30_000}]}]},
+     "chat history message has 30,000 characters"),
+    ("hi", {"history": [{"role": "user", "content": [{"type": "text", "text": "x" * 19_000}]}] * 6},
+     "the chat history has 114,000 characters"),
+    ("hi", {"base": "/etc"}, "/etc is not one of the base models"),
+    ("hi", {"adapter": "../../etc"}, "../../etc is not one of the adapters"),
 ])
 def test_chat_bad_input_gives_a_message(app, client, message, sampling, expected):
-    history, base, box, status, *_ = chat(client, message, **sampling)
+    extra = {k: sampling.pop(k) for k in ("system", "history", "base", "adapter") if k in sampling}
+    if extra:
+        sampling = SAMPLING | sampling
+        history, base, box, status, *_ = client.predict(message=message, **({"system": ""} | sampling | extra),
+                                                        api_name="/chat")
+    else:
+        history, base, box, status, *_ = chat(client, message, **sampling)
     assert expected in status and status.startswith("⚠️")
 
 
@@ -177,8 +221,8 @@ def test_eight_clients_at_once_get_their_own_answers(app):
     def chat_user(i):
         try:
             c = Client(app.url, verbose=False)
-            first = chat(c, f"My name is user{i}.", seed=i, max_new=6)
-            results[f"chat{i}"] = chat(c, "What is my name?", first[0], seed=i, max_new=6)
+            first = chat(c, f"My name is user{i}.", seed=i, max_new_tokens=6)
+            results[f"chat{i}"] = chat(c, "What is my name?", first[0], seed=i, max_new_tokens=6)
         except Exception as e:  # collected and reported below
             errors.append(e)
 
@@ -217,11 +261,13 @@ def wait_for(client, condition, timeout=90):
 
 
 def test_train_start_refuse_second_stop_and_find_the_checkpoint(app, client):
-    data = [str(app.data / "books" / "wizard.txt")]
-    message, command, status = client.predict("story", "run1", data, *TINY_TRAIN, api_name="/train_start")
+    message, command, status = client.predict(kind="story", name="run1", data=[WIZARD], **TINY_TRAIN,
+                                              api_name="/train_start")
     assert message == "started `run1`"
-    assert command.startswith("python training/train_char.py --data ") and "--max-iters 100000" in command
-    refused = client.predict("story", "run2", data, *TINY_TRAIN, api_name="/train_start")[0]
+    assert command["value"].startswith("python training/train_char.py --data ") and "--max-iters 100000" in \
+        command["value"]
+    assert str(app.data) not in status, "the page shows run names, not server paths"
+    refused = client.predict(kind="story", name="run2", data=[WIZARD], **TINY_TRAIN, api_name="/train_start")[0]
     assert "already running (run1" in refused
 
     p = wait_for(client, lambda p: any(row[2] == "val" for row in p["plot"]["data"]))
@@ -240,34 +286,31 @@ def test_train_start_refuse_second_stop_and_find_the_checkpoint(app, client):
     assert client.predict(api_name="/train_stop")[0].startswith("⚠️ no training job is running")
 
 
-TRAIN_FIELDS = ["n_layer", "n_head", "n_embd", "block_size", "batch_size", "dropout", "lr", "max_iters", "max_time",
-                "eval_interval"]
-
-
 @pytest.mark.parametrize("name, data, changes, expected", [
-    ("bad1", None, {"n_layer": 0}, "n layer must be between 1 and 64"),
-    ("bad2", None, {"lr": "-1"}, "lr must be between"),
-    ("bad3", None, {"lr": "fast"}, "lr must be a number"),
-    ("bad4", None, {"max_iters": 10**12}, "max iters must be between"),
-    ("bad5", None, {"dropout": 5}, "dropout must be between"),
+    ("bad1", None, {"story_n_layer": 0}, "Layers must be between 1 and 64"),
+    ("bad2", None, {"story_lr": "-1"}, "Learning rate must be a number from 1e-08 to 10 or 'auto'"),
+    ("bad3", None, {"story_lr": "fast"}, "Learning rate must be a number"),
+    ("bad4", None, {"story_max_iters": str(10**12)}, "Max steps must be between"),
+    ("bad5", None, {"story_dropout": 5}, "Dropout must be between"),
+    ("bad6", None, {"story_n_embd": 30}, "must split into"),
+    ("bad7", None, {"story_max_iters": ""}, "say how long to train"),
     ("../escape", None, {}, "run name"),
     ("a/b", None, {}, "run name"),
-    ("bad6", ["/etc/passwd"], {}, "outside the allowed data folders"),
-    ("bad7", ["{data}/../../../etc"], {}, "outside the allowed data folders"),
-    ("bad8", [], {}, "pick or upload training data first"),
+    ("bad8", ["/etc/passwd"], {}, "'/etc/passwd' is not one of the data sources"),
+    ("bad9", ["data/../../../etc"], {}, "is not one of the data sources"),
+    ("bad10", [], {}, "pick or upload training data first"),
+    ("bad11", [5], {}, "data must be a list of the Data picker's names"),
 ])
 def test_train_bad_input_gives_a_message(app, client, name, data, changes, expected):
-    values = list(TINY_TRAIN)
-    for field, value in changes.items():
-        values[TRAIN_FIELDS.index(field)] = value
-    data = [str(app.data / "books" / "wizard.txt")] if data is None else [d.format(data=app.data) for d in data]
-    message, _, _ = client.predict("story", name, data, *values, api_name="/train_start")
+    values = TINY_TRAIN | changes
+    message, _, _ = client.predict(kind="story", name=name, data=[WIZARD] if data is None else data, **values,
+                                   api_name="/train_start")
     assert message.startswith("⚠️") and expected in message
     assert not (app.ckpts / name).exists()
 
 
 def test_upload_accepts_books_and_chats_and_refuses_bad_files(app, client, tmp_path):
-    good = tmp_path / "my book.txt"
+    good = tmp_path / "my book.TXT"
     good.write_text("Once upon a time. " * 100)
     chats = tmp_path / "chats.jsonl"
     chats.write_text('{"text": "### Human: hi### Assistant: hello"}\n')
@@ -275,20 +318,35 @@ def test_upload_accepts_books_and_chats_and_refuses_bad_files(app, client, tmp_p
     binary.write_bytes(bytes(range(256)) * 10)
     malformed = tmp_path / "broken.jsonl"
     malformed.write_text('{"text": "### Human: hi### Assistant: hello"}\n{not json\n')
-    message, data = client.predict([handle_file(p) for p in (good, chats, binary, malformed)], [],
-                                   api_name="/train_upload")
+    message, data, box = client.predict(files=[handle_file(p) for p in (good, chats, binary, malformed)], selected=[],
+                                        api_name="/train_upload")
     assert message.startswith("uploaded 2 file(s)")
-    assert "binary" in message and "broken.jsonl" in message and "invalid JSON" in message
+    assert "blob.txt" in message and "binary" in message and "broken.jsonl" in message and "invalid JSON" in message
+    assert "/tmp" not in message and "gradio" not in message, "messages name the user's file, not a server path"
     uploads = app.work / "uploads"
     assert sorted(p.name for p in uploads.iterdir()) == ["chats.jsonl", "my_book.txt"]
-    assert data["value"] == [str(uploads / "my_book.txt"), str(uploads / "chats.jsonl")]
-    assert [str(uploads / "my_book.txt")] in [[c[1]] for c in data["choices"]]
+    assert data["value"] == ["uploads/my_book.txt", "uploads/chats.jsonl"], "the upload reply holds names, not paths"
+    assert not any("/" in c[1] and c[1].startswith("/") for c in data["choices"])
+    assert box is None, "the upload box is emptied, so a rejected file does not linger"
 
 
 def test_lr_finder_fills_in_the_suggested_rate(app, client):
-    data = [str(app.data / "books" / "wizard.txt")]
-    message, lr, plot = client.predict(data, 20, 2, 2, 32, 32, 16, 0.0, api_name="/lr_find")
+    lr_find = dict(data=[WIZARD], story_n_layer=2, story_n_head=2, story_n_embd=32, story_block_size=32,
+                   story_batch_size=16, api_name="/lr_find")
+    message, lr, plot = client.predict(lr_steps=20, **lr_find)
     assert message.startswith("suggested learning rate"), message
     assert float(lr) > 0 and f"{float(lr):.2e}" in message
     assert plot["visible"] is True and plot["value"].endswith(".png"), plot  # the plot is shown
-    assert client.predict(data, 3, 2, 2, 32, 32, 16, 0.0, api_name="/lr_find")[0].startswith("⚠️")
+    assert client.predict(lr_steps=3, **lr_find)[0].startswith("⚠️ LR finder steps must be between 10 and 2000")
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"qlora_base": "/etc"}, "/etc is not one of the base models"),
+    ({"qlora_max_steps": 0}, "Max steps must be between 1 and 1e+07"),
+    ({"qlora_lr": "fast"}, "Learning rate must be a number"),
+])
+def test_qlora_form_checks_its_base_and_settings(app, client, changes, expected):
+    message, _, _ = client.predict(kind="qlora", name="q-bad", data=["data/chats.jsonl"], **changes,
+                                   api_name="/train_start")
+    assert message.startswith("⚠️") and expected in message
+    assert not (app.ckpts / "q-bad").exists()

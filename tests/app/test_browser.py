@@ -12,6 +12,8 @@ import pytest
 
 from tests.app.app_server import REPO, app_folders, launch_app, stop_app, stop_training
 
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -107,8 +109,8 @@ def test_chat_answers_and_the_history_survives_a_reload(page):
 
 def test_train_live_progress_reattach_after_reload_stop_and_pick(page, app):
     open_tab(page, "Train")
-    for name, value in TINY_MODEL.items():
-        page.locator(f"#train-{name} input").fill(value)
+    for name, value in TINY_MODEL.items():  # the form's ids come from the config's field names
+        page.locator(f"#train-story-{name} input, #train-story-{name} textarea").first.fill(value)
     page.locator("#train-name textarea, #train-name input").first.fill("browser-run")
     page.locator("#train-start").click()
     wait_for_text(page, "#train-message", "started browser-run")

@@ -1,0 +1,229 @@
+"""The Assistant tab: chat with a base model and an optional LoRA adapter; compare with the base alone.
+
+API: `/chat` and `/chat_regenerate` (message, history, base_history, system, compare, base, adapter
+and the sampling settings, by name), `/chat_stop`, `/chat_clear`, `/chat_model` (the status of a
+base + adapter). Each request names its base and adapter, so one visitor's picks never change
+another's model; the answer's statistics come with the answer (`answer.stats`).
+"""
+
+import time
+from pathlib import Path
+
+import gradio as gr
+
+from llmb.app.config import find_adapters, find_bases
+from llmb.app.models import ask, check_chat_settings, check_prompt, plain_messages
+from llmb.app.page import known_path, session_of, unexpected, warn
+from llmb.errors import UserError
+
+SMALL_ASSISTANT = "python -m llmb get-small-assistant"
+
+
+def adapter_choices(config):
+    return [("none: base model alone", "")] + [(p.name, str(p)) for p in find_adapters(config)]
+
+
+def base_choices(config):
+    return [(Path(b).name if Path(b).is_dir() else b, b) for b in find_bases(config)]
+
+
+_hub = {"checked": 0.0, "reachable": None}
+
+
+def hub_problem(config, base):
+    """Why `base` cannot load now (a hub id, not downloaded, and the hub unreachable), or None.
+
+    Said at once instead of after the download's long timeout; points to the small local assistant.
+    """
+    from llmb.hub import hub_reachable
+
+    if not base or Path(base).is_dir() or downloaded(base):
+        return None
+    if time.time() - _hub["checked"] > 60:  # one 2 s connection test a minute at most
+        _hub.update(checked=time.time(), reachable=hub_reachable())
+    if _hub["reachable"]:
+        return None
+    local = [label for label, value in base_choices(config) if Path(value).is_dir()]
+    hint = f"pick the local model `{local[0]}` in Base" if local else \
+        f"install the small local assistant with `{SMALL_ASSISTANT}`, restart the app and pick it in Base"
+    return f"`{base}` is not downloaded and the Hugging Face hub cannot be reached (offline); {hint}"
+
+
+def downloaded(repo):
+    """Is the hub model `repo` in the local Hugging Face cache already?"""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo, "config.json"), str)
+    except Exception:  # not a valid repo id: from_pretrained will say so
+        return False
+
+
+def model_status(ctx, base, adapter):
+    """The status line of a base + adapter pair: loaded, loading, failed, or why it cannot load."""
+    try:
+        base = known_path(base, base_choices(ctx.config), "base models")
+        adapter = known_path(adapter, adapter_choices(ctx.config), "adapters")
+    except UserError as e:
+        return f"**Assistant:** {e}"
+    problem = None if ctx.assistant.loaded(base, adapter) else hub_problem(ctx.config, base)
+    return f"**Assistant:** ⚠️ {problem}" if problem else ctx.assistant.status(base, adapter)
+
+
+def components(ctx):
+    """The tab's widgets, by name."""
+    adapters, config = adapter_choices(ctx.config), ctx.config
+    c = {}
+    gr.Markdown("A base model with a LoRA adapter fine-tuned on openassistant-guanaco. Turn on **compare** to see "
+                "what the base model alone says to the same conversation.")
+    # filled in on page load (model_status): no hub check holds up start-up
+    c["model_status"] = gr.Markdown(ctx.assistant.status(config.base, ctx.assistant.adapter), elem_id="chat-model-status")
+    with gr.Row():
+        c["chatbot"] = gr.Chatbot(label="Assistant (with the adapter)", height=420, elem_id="chatbot")
+        c["base_bot"] = gr.Chatbot(label="Base model alone", height=420, visible=False, elem_id="chatbot-base")
+    c["message"] = gr.Textbox(label="Message", placeholder="Ask something… (Enter sends, Shift+Enter: new line)",
+                              lines=1, max_lines=8, elem_id="chat-message")
+    c["status"] = gr.Markdown(elem_id="chat-status")
+    with gr.Row():
+        c["send"] = gr.Button("Send", variant="primary", elem_id="chat-send")
+        c["stop"] = gr.Button("Stop", elem_id="chat-stop")
+        c["regenerate"] = gr.Button("Regenerate", elem_id="chat-regenerate")
+        c["clear"] = gr.Button("Clear", elem_id="chat-clear")
+    with gr.Row():
+        c["base"] = gr.Dropdown(base_choices(config), value=str(config.base), label="Base", elem_id="chat-base",
+                                allow_custom_value=True,
+                                info="a hub model, or a local model folder under the checkpoints folder")
+        c["adapter"] = gr.Dropdown(adapters, value=str(ctx.assistant.adapter or ""), label="Adapter", allow_custom_value=True,
+                                   elem_id="chat-adapter", info="switching loads the model on the next message")
+        c["compare"] = gr.Checkbox(False, label="Compare with the base model alone", elem_id="chat-compare")
+    with gr.Accordion("Sampling settings", open=False):
+        c["system"] = gr.Textbox(label="System preamble (optional)", lines=2)
+        with gr.Row():
+            c["temperature"] = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature", elem_id="chat-temperature",
+                                         info="0 = always the likeliest")
+            c["top_p"] = gr.Slider(0.05, 1, value=0.9, step=0.05, label="Top-p")
+            c["top_k"] = gr.Slider(0, 200, value=50, step=1, label="Top-k", info="0 = off")
+            c["repetition_penalty"] = gr.Slider(1, 2, value=1.1, step=0.05, label="Repetition penalty")
+            c["max_new_tokens"] = gr.Slider(1, 1024, value=256, step=1, label="Max new tokens", elem_id="chat-max-new")
+            c["seed"] = gr.Textbox("", label="Seed", info="empty = random")  # a Number cannot be empty
+    return c
+
+
+def answer(engine, history, text, system, settings, flag, use_adapter):
+    """Yield the history with the answer growing at its end; the last item is the answer's stats."""
+    reply = {"role": "assistant", "content": ""}
+    asked = history + [{"role": "user", "content": text}]
+    stream = ask(engine, history, text, system=system or None, cancel=flag, use_adapter=use_adapter, **settings)
+    for piece in stream:
+        reply["content"] += piece
+        yield asked + [dict(reply)]
+    yield asked + [dict(reply)]
+    yield stream.stats
+
+
+def summary(stats, stopped, compared_without_adapter):
+    if stopped:
+        return "stopped"
+    done = f"{stats['new_tokens']} tokens, {stats['tokens_per_sec']:.1f} tokens/s"
+    if stats["dropped_turns"]:
+        done += f", {stats['dropped_turns']} old turns left out to fit the context"
+    if compared_without_adapter:
+        done += " (no adapter loaded: both answers come from the base model)"
+    return done
+
+
+def conversation(ctx, values, flag):
+    """Yield (chat, base chat, message box, status, model status, saved history) while answering."""
+    history, base_history = plain_messages(values["history"]), plain_messages(values["base_history"], "base history")
+    settings = check_chat_settings(*(values[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty",
+                                                         "max_new_tokens", "seed")))
+    text = check_prompt(values["message"], "message").strip()
+    system = check_prompt(values["system"], "system preamble")
+    if not text:
+        raise UserError("type a message first")
+    base = known_path(values["base"], base_choices(ctx.config), "base models")
+    adapter = known_path(values["adapter"], adapter_choices(ctx.config), "adapters")
+    if not ctx.assistant.loaded(base, adapter):
+        problem = hub_problem(ctx.config, base)
+        if problem:
+            raise UserError(problem)
+        yield gr.skip(), gr.skip(), gr.skip(), ctx.assistant.loading_message(base), gr.skip(), gr.skip()
+    engine = ctx.assistant.engine(base, adapter)  # the message stays in the box if this fails
+    stats = None
+    for stats in answer(engine, history, text, system, settings, flag, use_adapter=True):
+        if isinstance(stats, list):
+            history = stats
+            yield history, base_history, "", "answering…", gr.skip(), gr.skip()
+    if values["compare"] and not flag.is_set():
+        for item in answer(engine, base_history, text, system, settings, flag, use_adapter=False):
+            if isinstance(item, list):
+                base_history = item
+                yield history, base_history, "", "base model answering…", gr.skip(), gr.skip()
+    done = summary(stats, flag.is_set(), values["compare"] and not engine.has_adapter)
+    yield history, base_history, "", done, model_status(ctx, base, adapter), {"chat": history, "base": base_history}
+
+
+def build(ctx, saved):
+    """`saved`: the chat history in the browser's localStorage (gr.BrowserState), restored on page load."""
+    with gr.Tab("Assistant", id="chat"):
+        c = components(ctx)
+    named = {k: c[k] for k in ("message", "base", "adapter", "system", "compare", "temperature", "top_p", "top_k",
+                               "repetition_penalty", "max_new_tokens", "seed")}
+    named |= {"history": c["chatbot"], "base_history": c["base_bot"]}
+    outputs = [c["chatbot"], c["base_bot"], c["message"], c["status"], c["model_status"], saved]
+
+    def respond(request: gr.Request, **values):
+        session = session_of(request) + "/chat"
+        try:
+            with ctx.busy.hold(session, "answer"):
+                flag = ctx.stop_flags.new(session)
+                try:
+                    yield from conversation(ctx, values, flag)
+                finally:
+                    ctx.stop_flags.done(session, flag)
+        except UserError as e:
+            yield gr.skip(), gr.skip(), gr.skip(), warn(e), model_status(ctx, values["base"], values["adapter"]), \
+                gr.skip()
+        except Exception as e:
+            yield gr.skip(), gr.skip(), gr.skip(), unexpected(e), gr.skip(), gr.skip()
+
+    def regenerate_last(request: gr.Request, **values):
+        """Ask the last question again: the history without its last exchange, the same message."""
+        try:
+            history, base_history = plain_messages(values["history"]), plain_messages(values["base_history"])
+        except UserError as e:
+            yield gr.skip(), gr.skip(), gr.skip(), warn(e), gr.skip(), gr.skip()
+            return
+        users = [i for i, m in enumerate(history) if m["role"] == "user"]
+        if not users:
+            yield gr.skip(), gr.skip(), gr.skip(), warn("nothing to regenerate yet"), gr.skip(), gr.skip()
+            return
+        base_users = [i for i, m in enumerate(base_history) if m["role"] == "user"]
+        values |= {"message": history[users[-1]]["content"], "history": history[:users[-1]],
+                   "base_history": base_history[:base_users[-1]] if base_users else base_history}
+        yield from respond(request, **values)
+
+    def stop_answer(request: gr.Request):
+        ctx.stop_flags.stop(session_of(request) + "/chat")
+
+    events(ctx, c, named, outputs, saved, respond, regenerate_last, stop_answer)
+    return c
+
+
+def events(ctx, c, named, outputs, saved, respond, regenerate_last, stop_answer):
+    answering = dict(concurrency_limit=2, concurrency_id="chat")
+    c["send"].click(respond, inputs_kwargs=named, outputs=outputs, api_name="chat", **answering)
+    c["message"].submit(respond, inputs_kwargs=named, outputs=outputs, api_visibility="private", **answering)
+    regenerate = {k: v for k, v in named.items() if k != "message"}
+    c["regenerate"].click(regenerate_last, inputs_kwargs=regenerate, outputs=outputs, api_name="chat_regenerate",
+                          **answering)
+    c["stop"].click(stop_answer, None, None, api_name="chat_stop", concurrency_limit=None, queue=False)
+    c["clear"].click(lambda: ([], [], "", {"chat": [], "base": []}), None, [c["chatbot"], c["base_bot"], c["status"],
+                     saved], api_name="chat_clear", concurrency_limit=None)
+    c["compare"].change(lambda on: gr.update(visible=on), c["compare"], c["base_bot"], api_visibility="private",
+                        concurrency_limit=None)
+    pickers = dict(inputs_kwargs={"base": c["base"], "adapter": c["adapter"]}, outputs=c["model_status"],
+                   concurrency_limit=None)
+    c["base"].change(lambda base, adapter: model_status(ctx, base, adapter), api_name="chat_model", **pickers)
+    c["adapter"].change(lambda base, adapter: model_status(ctx, base, adapter), api_visibility="private", **pickers)
+

@@ -1,0 +1,88 @@
+"""The "Continue the story" tab: a story checkpoint continues the user's text, streamed.
+
+API: `/story` (checkpoint, prompt, max_new, temperature, top_k, top_p, seed; by name) and
+`/story_stop`. One call per session at a time; Stop stops only the caller's own generation.
+"""
+
+import gradio as gr
+
+from llmb.app.config import find_story_checkpoints
+from llmb.app.models import check_prompt, check_story_settings, continue_story
+from llmb.app.page import known_path, session_of, unexpected, warn
+from llmb.errors import UserError
+
+
+def choices(config):
+    return [(p.name, str(p)) for p in find_story_checkpoints(config)]
+
+
+def model_status(ctx, path):
+    """The picker's status line; a typed path that is not a checkpoint says so (not "not loaded yet")."""
+    try:
+        return ctx.stories.status(known_path(path, choices(ctx.config), "story checkpoints"))
+    except UserError as e:
+        return f"**Story model:** {e}"
+
+
+def stream(ctx, checkpoint, prompt, settings, flag):
+    """Yield (story so far, note, model status) as the model writes."""
+    path = known_path(checkpoint, choices(ctx.config), "story checkpoints")
+    settings = check_story_settings(**settings)
+    check_prompt(prompt)
+    yield gr.skip(), "loading the model…", ctx.stories.status(path)
+    story, extra = prompt, ""
+    for story, extra in continue_story(ctx.stories, path, prompt, settings, flag):
+        yield story, f"writing… {extra}", ctx.stories.status(path)
+    done = "stopped" if flag.is_set() else f"done: {len(story) - len(prompt or '')} new characters"
+    yield story, f"{done}. {extra}".strip(), ctx.stories.status(path)
+
+
+def build(ctx):
+    """The tab's components and events; returns the checkpoint picker (the Train tab refreshes it)."""
+    found = choices(ctx.config)
+    first = found[0][1] if found else None
+    with gr.Tab("Continue the story", id="story"):
+        gr.Markdown("A small character-level GPT trained from scratch on the Oz books continues your text, "
+                    "one character at a time.")
+        status = gr.Markdown(ctx.stories.status(first), elem_id="story-model-status")
+        with gr.Row():
+            with gr.Column(scale=3):
+                prompt = gr.Textbox(label="Prompt", value="Dorothy looked at the Scarecrow and said", lines=3)
+                output = gr.Textbox(label="Story", lines=12, interactive=False, elem_id="story-output")
+                note = gr.Markdown(elem_id="story-note")
+                with gr.Row():
+                    generate = gr.Button("Generate", variant="primary", elem_id="story-generate")
+                    stop = gr.Button("Stop", elem_id="story-stop")
+            with gr.Column(scale=1):
+                ckpt = gr.Dropdown(found, value=first, label="Checkpoint", allow_custom_value=True,
+                                   info="story checkpoints under checkpoints/", elem_id="story-ckpt")
+                max_new = gr.Slider(1, 2000, value=400, step=1, label="Max new characters")
+                temperature = gr.Slider(0, 2, value=0.8, step=0.05, label="Temperature", info="0 = always the likeliest")
+                top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k", info="0 = off")
+                top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="Top-p")
+                seed = gr.Textbox("", label="Seed", info="empty = random")  # a Number cannot be empty
+
+    def write(request: gr.Request, checkpoint, prompt, **settings):
+        """Outputs: the story so far, a note, the model's status."""
+        session = session_of(request) + "/story"
+        try:
+            with ctx.busy.hold(session, "story"):
+                flag = ctx.stop_flags.new(session)
+                try:
+                    yield from stream(ctx, checkpoint, prompt, settings, flag)
+                finally:
+                    ctx.stop_flags.done(session, flag)
+        except UserError as e:
+            yield gr.skip(), warn(e), model_status(ctx, checkpoint)
+        except Exception as e:
+            yield gr.skip(), unexpected(e), gr.skip()
+
+    def stop_writing(request: gr.Request):
+        ctx.stop_flags.stop(session_of(request) + "/story")
+
+    generate.click(write, inputs_kwargs=dict(checkpoint=ckpt, prompt=prompt, max_new=max_new, temperature=temperature,
+                                             top_k=top_k, top_p=top_p, seed=seed),
+                   outputs=[output, note, status], api_name="story", concurrency_limit=4, concurrency_id="story")
+    stop.click(stop_writing, None, None, api_name="story_stop", concurrency_limit=None, queue=False)
+    ckpt.change(lambda path: model_status(ctx, path), ckpt, status, api_visibility="private", concurrency_limit=None)
+    return ckpt

@@ -1,0 +1,290 @@
+"""The Train tab: train a story model or a QLoRA adapter in a subprocess, and watch it learn.
+
+The form is generated from the trainers' config dataclasses (llmb.story.config, llmb.assistant.config):
+every field marked `form=True` becomes a widget with the field's label, default and help (its range
+in words); the values are checked by `settings.from_values` and the job runs `settings.to_argv`'s
+command line. API: `/train_start` (kind, name, data, story_<setting>, qlora_<setting>, qlora_base; by
+name), `/train_stop`, `/train_progress`, `/lr_find`, `/train_upload`.
+"""
+
+import shutil
+import time
+
+import gradio as gr
+
+from llmb.app import config as app_config
+from llmb.app.jobs import CONFIGS, job_spec, log_tail, progress
+from llmb.app.page import known_path, unexpected, warn
+from llmb.app.uploads import save_upload
+from llmb.errors import UserError
+from llmb.settings import specs
+
+KINDS = {"story": "story", "qlora": "qlora"}  # form prefix -> config kind
+LR_FIND_TIMEOUT = 900
+
+
+def form_field(spec, prefix):
+    """The widget for one setting: a number box for a number, a text box where words or "empty" are allowed."""
+    info = f"{spec.help}: {spec.allowed()}" + ("; empty = none" if spec.optional else "")
+    common = dict(label=spec.label or spec.name, info=info, elem_id=f"train-{prefix}-{spec.name.replace('_', '-')}")
+    if spec.kind in (int, float) and not spec.optional and not spec.words:
+        return gr.Number(spec.default, precision=0 if spec.kind is int else None, **common)
+    return gr.Textbox("" if spec.default is None else f"{spec.default:g}" if isinstance(spec.default, float)
+                      else str(spec.default), **common)
+
+
+def form(prefix, per_row=5):
+    """{setting name: widget} for the form fields of a config class, in rows."""
+    fields = [s for s in specs(CONFIGS[prefix]) if s.form]
+    widgets = {}
+    for start in range(0, len(fields), per_row):
+        with gr.Row():
+            for spec in fields[start:start + per_row]:
+                widgets[spec.name] = form_field(spec, prefix)
+    return widgets
+
+
+def job_markdown(job):
+    """The job's status in a few lines: state, step/total, speed, ETA."""
+    if job is None:
+        return "No training job yet."
+    p = progress(job) if job["kind"] != "lr-find" else None
+    state = {"starting": "starting", "running": "running", "stopping": "stopping (saving…)", "finished": "finished",
+             "stopped": "stopped", "failed": "failed"}[job["status"]]
+    what = "LR finder" if job["kind"] == "lr-find" else f"{job['kind']} model"
+    lines = [f"**{job['name']}** ({what}): **{state}**"]
+    if job["status"] == "stopping":
+        lines.append(f"signals sent: {', '.join(job.get('signals', []))}; press Stop again to end it now "
+                     "(SIGTERM, then SIGKILL: unsaved work is lost)")
+    if p and p.step:
+        total = f"/{p.total}" if p.total else ""
+        speed = f", {p.tokens_per_sec:,.0f} tokens/s" if p.tokens_per_sec else ""
+        eta = f", ETA {p.eta_s / 60:.1f} min" if p.eta_s is not None and job["status"] == "running" else ""
+        lines.append(f"step {p.step}{total}{speed}{eta}")
+    elif job["status"] == "running":
+        lines.append("preparing data and model…")
+    if job.get("error"):
+        lines.append(f"error: {job['error']}")
+    if job["status"] in ("finished", "stopped") and job.get("summary") and job["kind"] != "lr-find":
+        lines.append(f"saved in `{job['name']}`; it is now in the "
+                     + ("story checkpoint picker." if job["kind"] == "story" else "assistant's adapter picker."))
+    return "\n\n".join(lines)
+
+
+def loss_frame(job):
+    import pandas as pd
+
+    rows = progress(job).losses if job and job["kind"] != "lr-find" else []
+    frame = pd.DataFrame(rows, columns=["step", "loss", "split"])
+    return frame.astype({"step": "int64", "loss": "float64", "split": "str"})  # numbers, so the axes are numeric
+
+
+def qlora_quant(device):
+    """4-bit (QLoRA proper) on a GPU; bitsandbytes needs CUDA, so full precision on a CPU."""
+    from llmb.device import resolve_device
+
+    return "4bit" if resolve_device(device) == "cuda" else "none"
+
+
+def settings_of(values, prefix):
+    """The form values of one kind: {setting: value} from {prefix_setting: value}."""
+    return {k.removeprefix(prefix + "_"): v for k, v in values.items() if k.startswith(prefix + "_")}
+
+
+def spec_from_form(ctx, values):
+    """A checked JobSpec from the Train form's named values."""
+    config, kind = ctx.config, values.get("kind")
+    if kind not in KINDS:
+        raise UserError(f"unknown job type {kind!r}; use story or qlora")
+    name = app_config.check_name(values.get("name") or f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
+    settings = settings_of(values, kind) | {"data": app_config.resolve_data(config, values.get("data") or []),
+                                            "out": str(config.checkpoints / name), "device": config.device}
+    if kind == "qlora":
+        from llmb.app.chat_tab import base_choices
+
+        settings["base"] = known_path(settings.get("base") or str(config.base), base_choices(config), "base models")
+        settings["quant"] = qlora_quant(config.device)
+    return job_spec(kind, settings)
+
+
+def check_allowed(config):
+    if not config.allow_training:
+        raise UserError("training is off on this public Space (set LLMB_ALLOW_TRAINING=1 to allow it)")
+
+
+def run_lr_finder(ctx, values):
+    """Run the LR finder as the one job (Stop stops it); returns (suggested lr, the plot's served path)."""
+    config = ctx.config
+    check_allowed(config)
+    name = f"lr-find-{time.strftime('%Y%m%d-%H%M%S')}"
+    settings = settings_of(values, "story") | {"data": app_config.resolve_data(config, values.get("data") or []),
+                                               "out": str(config.work_dir / "lr-find" / name), "device": config.device}
+    job = ctx.jobs.start(job_spec("lr-find", settings, values.get("lr_steps")))
+    try:
+        job = ctx.jobs.wait(LR_FIND_TIMEOUT)
+    except TimeoutError:
+        ctx.jobs.stop()
+        raise UserError(f"the LR finder took more than {LR_FIND_TIMEOUT} s; try fewer steps or a smaller model") \
+            from None
+    if job["status"] != "finished":
+        raise UserError(f"the LR finder {job['status']}: {job.get('error') or 'no result'}")
+    plot = config.plots / f"{name}.png"
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(f"{job['out']}/lr_find.png", plot)  # the only folder the app serves files from
+    return job["summary"]["suggested_lr"], plot
+
+
+def add_uploads(ctx, files, selected):
+    """Save each upload that is usable data; (message, Data picker update, emptied upload box)."""
+    check_allowed(ctx.config)
+    if files is not None and not isinstance(files, list):
+        files = [files]
+    saved, problems = [], []
+    for f in files or []:
+        try:
+            saved.append(save_upload(f, ctx.config.uploads))
+        except UserError as e:
+            problems.append(str(e))
+    labels = {path: label for label, path in app_config.data_choices(ctx.config)}
+    names = [labels[str(p)] for p in saved if str(p) in labels]
+    message = (f"uploaded {len(saved)} file(s)" if saved else "") + ("; " if saved and problems else "") + \
+        (warn("; ".join(problems)) if problems else "")
+    picked = [x for x in (selected or []) if isinstance(x, str)] if isinstance(selected, list) else []
+    return message, gr.update(choices=list(labels.values()), value=list(dict.fromkeys([*picked, *names]))), None
+
+
+def components(ctx):
+    """The tab's widgets, by name (story_<setting> and qlora_<setting> for the generated form)."""
+    config, allowed = ctx.config, ctx.config.allow_training
+    labels = [label for label, _ in app_config.data_choices(config)]
+    c = {}
+    if not allowed:
+        gr.Markdown("### Training is off on this public Space\nIt would let every visitor use the Space's "
+                    "hardware. Duplicate the Space, or set `LLMB_ALLOW_TRAINING=1`, to train.", elem_id="train-off")
+    with gr.Row():
+        c["kind"] = gr.Radio([("Story model (from scratch)", "story"), ("QLoRA adapter for the assistant", "qlora")],
+                             value="story", label="What to train", elem_id="train-kind")
+        c["name"] = gr.Textbox(label="Run name", placeholder="empty = story-<date>-<time>",
+                               info="a new folder under the checkpoints folder", elem_id="train-name")
+    with gr.Row():
+        c["data"] = gr.Dropdown(labels, multiselect=True, label="Data", value=labels[:1], elem_id="train-data",
+                                allow_custom_value=True,
+                                info=".txt books for a story model, .jsonl chats for an adapter")
+        c["upload"] = gr.File(file_count="multiple", file_types=[".txt", ".jsonl"], label="Upload data",
+                              interactive=allowed, elem_id="train-upload")
+    with gr.Group(visible=True) as c["story_group"]:
+        c |= {f"story_{k}": w for k, w in form("story").items()}
+    with gr.Column(visible=True) as c["lr_box"]:  # outside the Group: a button there is a grey slab
+        with gr.Row(equal_height=False):
+            c["lr_steps"] = gr.Number(100, label="LR finder steps", precision=0, scale=1, elem_id="train-lr-steps",
+                                      info="batches in the sweep: a whole number from 10 to 2000")
+            c["lr_button"] = gr.Button("Run the LR finder", interactive=allowed, size="md", scale=0, min_width=200,
+                                       elem_id="train-lr-find")
+            c["lr_result"] = gr.Markdown(elem_id="train-lr-result")
+        c["lr_plot"] = gr.Image(label="LR finder", type="filepath", visible=False, height=300)
+    with gr.Group(visible=False) as c["qlora_group"]:
+        from llmb.app.chat_tab import base_choices
+
+        c["qlora_base"] = gr.Dropdown(base_choices(config), value=str(config.base), label="Base model",
+                                      allow_custom_value=True,  # checked by the handler against a fresh scan
+                                      elem_id="train-qlora-base", info="the same bases as the Assistant tab; "
+                                      "on a CPU Phi-2 is slow (a GPU is recommended), the small local model is quick")
+        c |= {f"qlora_{k}": w for k, w in form("qlora").items()}
+    with gr.Row():
+        c["start"] = gr.Button("Start training", variant="primary", interactive=allowed, elem_id="train-start")
+        c["stop"] = gr.Button("Stop (saves)", variant="stop", interactive=allowed, elem_id="train-stop")
+    c["message"] = gr.Markdown(elem_id="train-message")
+    c["command"] = gr.Code(label="Equivalent command", language="shell", interactive=False, lines=1, wrap_lines=True,
+                           visible=False, elem_id="train-command")
+    c["status"] = gr.Markdown("No training job yet.", elem_id="train-status")
+    with gr.Row():
+        c["plot"] = gr.LinePlot(loss_frame(None), x="step", y="loss", color="split", title="Loss (nats/token)",
+                                height=300, elem_id="train-plot")
+        c["sample"] = gr.Textbox(label="Latest sample", lines=10, interactive=False, elem_id="train-sample")
+    with gr.Accordion("Log", open=False):
+        c["log"] = gr.Textbox(lines=12, interactive=False, show_label=False, elem_id="train-log")
+    c["timer"] = gr.Timer(2.0)
+    return c
+
+
+def build(ctx):
+    with gr.Tab("Train", id="train"):
+        c = components(ctx)
+    form_values = {k: w for k, w in c.items() if k.startswith(("story_", "qlora_")) and not k.endswith("_group")}
+
+    def start_job(**values):
+        try:
+            check_allowed(ctx.config)
+            job = ctx.jobs.start(spec_from_form(ctx, values))
+            return f"started `{job['name']}`", gr.update(value=job["command"], visible=True), job_markdown(job)
+        except UserError as e:
+            return warn(e), gr.skip(), gr.skip()
+        except Exception as e:
+            return unexpected(e), gr.skip(), gr.skip()
+
+    def stop_job():
+        job = ctx.jobs.stop()
+        if job is None:
+            return warn("no training job is running"), gr.skip()
+        if job["signals"][-1] == "SIGKILL":
+            return "sent SIGKILL: the run ends now, without saving", job_markdown(job)
+        if job["signals"][-1] == "SIGTERM":
+            return "sent SIGTERM; press Stop once more to end it at once (SIGKILL, unsaved)", job_markdown(job)
+        return "stop requested: the run finishes its step, saves and exits", job_markdown(job)
+
+    def find_lr(**values):
+        try:
+            suggested, plot = run_lr_finder(ctx, values)
+            return f"suggested learning rate: **{suggested:.2e}** (filled in above)", f"{suggested:.2e}", \
+                gr.update(value=str(plot), visible=True)
+        except UserError as e:
+            return warn(e), gr.skip(), gr.skip()
+        except Exception as e:
+            return unexpected(e), gr.skip(), gr.skip()
+
+    def upload(files, selected):
+        try:
+            return add_uploads(ctx, files, selected)
+        except UserError as e:
+            return warn(e), gr.skip(), None
+
+    data = {"data": c["data"]}
+    story_form = {k: w for k, w in form_values.items() if k.startswith("story_")}
+    c["start"].click(start_job, inputs_kwargs={"kind": c["kind"], "name": c["name"]} | data | form_values,
+                     outputs=[c["message"], c["command"], c["status"]], api_name="train_start", concurrency_limit=1,
+                     concurrency_id="train")
+    c["stop"].click(stop_job, None, [c["message"], c["status"]], api_name="train_stop", concurrency_limit=None)
+    c["lr_button"].click(find_lr, inputs_kwargs=data | {"lr_steps": c["lr_steps"]} | story_form,
+                         outputs=[c["lr_result"], c["story_lr"], c["lr_plot"]], api_name="lr_find",
+                         concurrency_limit=1, concurrency_id="train")
+    c["upload"].upload(upload, inputs_kwargs={"files": c["upload"], "selected": c["data"]},
+                       outputs=[c["message"], c["data"], c["upload"]], api_name="train_upload", concurrency_limit=1)
+    c["kind"].change(lambda kind: [gr.update(visible=kind == "story")] * 2 + [gr.update(visible=kind == "qlora")],
+                     c["kind"], [c["story_group"], c["lr_box"], c["qlora_group"]], api_visibility="private",
+                     concurrency_limit=None)
+    return c
+
+
+def watch(ctx, demo, train, story_picker, chat):
+    """Every 2 s (and on page load): the job's progress, and new checkpoints/adapters into the pickers."""
+    from llmb.app import chat_tab, story_tab
+
+    pickers = gr.State({"story": None, "adapters": None})
+
+    def refresh(known, base, adapter):
+        job = ctx.jobs.current()
+        stories, adapters = story_tab.choices(ctx.config), chat_tab.adapter_choices(ctx.config)
+        story_update = gr.update(choices=stories) if known["story"] != stories else gr.skip()
+        adapter_update = gr.update(choices=adapters) if known["adapters"] != adapters else gr.skip()
+        command = gr.update(value=job["command"], visible=True) if job else gr.update(visible=False)
+        return (job_markdown(job), command, loss_frame(job), progress(job).sample if job else "",
+                log_tail(job) if job else "", story_update, adapter_update, {"story": stories, "adapters": adapters},
+                chat_tab.model_status(ctx, base, adapter))
+
+    outputs = [train["status"], train["command"], train["plot"], train["sample"], train["log"], story_picker,
+               chat["adapter"], pickers, chat["model_status"]]
+    inputs = {"known": pickers, "base": chat["base"], "adapter": chat["adapter"]}
+    train["timer"].tick(refresh, inputs_kwargs=inputs, outputs=outputs, api_name="train_progress",
+                        concurrency_limit=None, show_progress="hidden")
+    demo.load(refresh, inputs_kwargs=inputs, outputs=outputs, api_visibility="private", concurrency_limit=None,
+              show_progress="hidden")

@@ -1,0 +1,429 @@
+"""Issue #9, app side: every failure found by probing the app, kept fixed (items 1-14).
+
+Fast tests drive the library pieces directly, with faults injected (a trainer that ignores
+SIGINT, kill -9, a full disk, a corrupt adapter); the `app` fixture serves `python app.py` for
+what only the server shows (the queue, the files it serves, upload limits, named sessions).
+What the module tries is counted and printed at the end (`pytest -s` shows it).
+"""
+
+import errno
+import json
+import os
+import threading
+import time
+import urllib.request
+from collections import Counter
+
+import pytest
+from gradio_client import Client
+
+from llmb.app import config as app_config
+from llmb.app import jobs
+from llmb.app.jobs import JobManager, job_spec
+from llmb.app.models import Assistant, check_prompt, plain_messages
+from llmb.app.page import known_path
+from llmb.app.uploads import save_upload
+from llmb.errors import UserError
+from tests.app.app_server import WIZARD, app_folders, launch_app, stop_app, stop_training
+
+TRIED = Counter()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def counts():
+    yield
+    print("\nreliability (app): " + ", ".join(f"{n} {what}" for what, n in sorted(TRIED.items())))
+
+
+def fake_trainer(tmp_path, monkeypatch, body, kind="story"):
+    """Make `kind` jobs run a small Python script instead of the trainer (the flags are ignored)."""
+    script = tmp_path / f"fake_{kind}.py"
+    script.write_text("import signal, sys, time\n" + body)
+    monkeypatch.setitem(jobs.SCRIPTS, kind, [str(script)])
+
+
+def spec(tmp_path, name="run", kind="story"):
+    data = tmp_path / "book.txt"
+    data.write_text("Once upon a time.\n" * 50)
+    return job_spec(kind, {"data": [str(data)], "out": str(tmp_path / name), "max_iters": 5})
+
+
+# ------------------------------------------------------------------ 1. Stop is never lost
+
+IGNORES_SIGINT = "signal.signal(signal.SIGINT, signal.SIG_IGN)\nprint('training', flush=True)\ntime.sleep(120)\n"
+
+
+def test_stop_escalates_when_the_trainer_ignores_sigint(tmp_path, monkeypatch):
+    """Started under `nohup … &`, the trainer ignores SIGINT: Stop again sends SIGTERM, then SIGKILL."""
+    fake_trainer(tmp_path, monkeypatch, IGNORES_SIGINT + "")
+    manager = JobManager(tmp_path / "job.json")
+    manager.start(spec(tmp_path))
+    time.sleep(0.5)
+    assert manager.stop()["signals"] == ["SIGINT"]
+    time.sleep(0.3)
+    assert manager.current()["status"] == "stopping", "SIGINT was ignored"
+    assert manager.stop()["signals"] == ["SIGINT", "SIGTERM"], "Stop is repeatable and escalates"
+    job = manager.wait(10)
+    assert job["status"] == "stopped" and "killed by signal 15 (SIGTERM)" in job["error"]
+    TRIED["faults injected"] += 1
+
+
+def test_stop_escalates_by_itself_after_the_grace_period(tmp_path, monkeypatch):
+    fake_trainer(tmp_path, monkeypatch, "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+                 "signal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(120)\n")
+    monkeypatch.setattr(jobs, "GRACE_S", 0.3)
+    manager = JobManager(tmp_path / "job.json")
+    manager.start(spec(tmp_path))
+    time.sleep(0.5)
+    manager.stop()
+    job = manager.wait(10)  # each look at the job escalates once its grace period is over
+    assert job["signals"] == ["SIGINT", "SIGTERM", "SIGKILL"]
+    assert job["status"] == "stopped" and "killed by signal 9 (SIGKILL)" in job["error"]
+    TRIED["faults injected"] += 1
+
+
+# ------------------------------------------------------------------ 5. disk full at start
+
+def test_a_full_disk_starts_no_trainer(tmp_path, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def must_not_start(*args, **kwargs):
+        raise AssertionError("a trainer was started although its state could not be written")
+
+    monkeypatch.setattr(jobs, "write_json", full)
+    monkeypatch.setattr(jobs.subprocess, "Popen", must_not_start)
+    manager = JobManager(tmp_path / "job.json")
+    for _ in range(3):  # three Starts: three clear messages, no trainer
+        with pytest.raises(UserError, match=r"could not write the job state \(No space left on device\); "
+                                            "nothing was started"):
+            manager.start(spec(tmp_path, name=f"run{_}"))
+        TRIED["faults injected"] += 1
+
+
+# ------------------------------------------------------------------ 6. disk full in an upload
+
+def test_a_full_disk_during_an_upload_leaves_no_truncated_file(tmp_path, monkeypatch):
+    book = tmp_path / "book.txt"
+    book.write_text("Once upon a time.\n" * 1000)
+
+    def half_then_full(src, dst):
+        with open(dst, "w") as f:
+            f.write("Once upon")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("llmb.app.uploads.shutil.copyfile", half_then_full)
+    with pytest.raises(UserError, match=r"book.txt could not be saved \(No space left on device\)"):
+        save_upload(book, tmp_path / "uploads")
+    assert list((tmp_path / "uploads").iterdir()) == [], "nothing half-written is left for the Data picker"
+    TRIED["faults injected"] += 1
+
+
+# ------------------------------------------------------------------ 7. why a run failed
+
+@pytest.mark.parametrize("body, expected", [
+    ("print('error: the data is too short', file=sys.stderr)\nsys.exit(2)\n", "the data is too short"),
+    ("raise ValueError('boom')\n", "the trainer crashed: ValueError: boom (the log has the details)"),
+    ("print('corpus line', flush=True)\nimport os\nos.kill(os.getpid(), 9)\n", "killed by signal 9 (SIGKILL)"),
+])
+def test_a_failed_run_says_why_in_one_line(tmp_path, monkeypatch, body, expected):
+    from llmb.app.train_tab import job_markdown
+
+    fake_trainer(tmp_path, monkeypatch, body)
+    manager = JobManager(tmp_path / "job.json")
+    manager.start(spec(tmp_path))
+    job = manager.wait(30)
+    assert job["status"] == "failed" and job["error"] == expected
+    shown = job_markdown(job)
+    assert "error: error:" not in shown and 'File "' not in shown and "site-packages" not in shown
+    TRIED["faults injected"] += 1
+
+
+# ------------------------------------------------------------------ 9. chat limits
+
+@pytest.mark.parametrize("history, message", [
+    ([{"role": "user", "content": "x" * 1_000_000}], "chat history message has 1,000,000 characters"),
+    ([{"role": "user", "content": "x" * 15_000}] * 7, "the chat history has 105,000 characters"),
+    ([{"role": "robot", "content": "hi"}], "must hold"),
+    ("hello", "must be a list of messages"),
+    ([["hi", "hello"]], "must hold"),
+])
+def test_chat_history_is_limited_and_checked(history, message):
+    with pytest.raises(UserError, match=message):
+        plain_messages(history)
+    TRIED["bad inputs"] += 1
+
+
+def test_the_system_preamble_is_limited():
+    with pytest.raises(UserError, match="the system preamble has 5,000,000 characters; the limit is 20,000"):
+        check_prompt("s" * 5_000_000, "system preamble")
+    with pytest.raises(UserError, match="must be text"):
+        check_prompt(12, "system preamble")
+    TRIED["bad inputs"] += 2
+
+
+# ------------------------------------------------------------------ 10. the LR finder is a job
+
+def test_the_lr_finder_cannot_run_beside_training_and_stop_stops_it(tmp_path, monkeypatch):
+    fake_trainer(tmp_path, monkeypatch, "time.sleep(120)\n")
+    fake_trainer(tmp_path, monkeypatch, "time.sleep(120)\n", kind="lr-find")
+    manager = JobManager(tmp_path / "job.json")
+    manager.start(spec(tmp_path))
+    with pytest.raises(UserError, match=r"a training job is already running \(run"):
+        manager.start(spec(tmp_path, name="lr", kind="lr-find"))
+    manager.stop()
+    assert manager.wait(10)["status"] == "stopped"
+    manager.start(spec(tmp_path, name="lr", kind="lr-find"))
+    with pytest.raises(UserError, match=r"the LR finder is already running"):
+        manager.start(spec(tmp_path, name="run2"))
+    assert manager.stop()["kind"] == "lr-find"
+    assert manager.wait(10)["status"] == "stopped"
+    TRIED["faults injected"] += 2
+
+
+# ------------------------------------------------------------------ 11. the adapter is per request
+
+class FakeEngine:
+    def __init__(self, key):
+        self.base, self.adapter = key
+        self.device, self.model = "cpu", type("M", (), {"dtype": "torch.float32"})()
+
+
+def fake_build(self, key):
+    self.errors[key] = None
+    if "broken" in key[1]:
+        self.errors[key] = "adapter_model.safetensors is corrupt"
+        raise UserError(f"could not load the assistant: {self.errors[key]}")
+    return FakeEngine(key)
+
+
+def test_a_corrupt_newest_adapter_falls_back_to_the_next_that_loads(monkeypatch):
+    monkeypatch.setattr(Assistant, "_build", fake_build)
+    assistant = Assistant("base", "ckpts/broken-new", fallbacks=["ckpts/broken-new", "ckpts/good-old"])
+    engine = assistant.engine("base", "ckpts/broken-new")
+    assert engine.adapter == "ckpts/good-old"
+    assert "adapter `broken-new` did not load" in assistant.status("base", "ckpts/broken-new")
+    assert "using `good-old`" in assistant.status("base", "ckpts/broken-new")
+    TRIED["faults injected"] += 1
+
+
+def test_one_sessions_adapter_does_not_change_anothers(monkeypatch):
+    monkeypatch.setattr(Assistant, "_build", fake_build)
+    assistant = Assistant("base", "a", keep=2)
+    assert assistant.engine("base", "a").adapter == "a"
+    assert assistant.engine("base", "b").adapter == "b"
+    assert assistant.engine("base", "a").adapter == "a", "each request names its own adapter"
+    assert "adapter `a`" in assistant.status("base", "a") and "adapter `b`" in assistant.status("base", "b")
+    with pytest.raises(UserError, match="could not load"):
+        Assistant("base", "broken").engine("base", "broken")  # chosen by a person: no silent fallback
+    TRIED["concurrent sessions"] += 2
+
+
+# ------------------------------------------------------------------ 12-14. folders, names, types
+
+def test_symlinks_inside_a_data_folder_are_refused(tmp_path):
+    data = tmp_path / "data"
+    (data / "books").mkdir(parents=True)
+    (data / "books" / "a.txt").write_text("A book.")
+    os.symlink(data / "books" / "a.txt", data / "link.txt")
+    os.symlink(data / "books", data / "linked-books")
+    config = app_config.parse_args(["--data-dir", str(data), "--work-dir", str(tmp_path / "work")], {})
+    labels = [label for label, _ in app_config.data_choices(config)]
+    assert labels == ["data/books/a.txt"], "links are not offered"
+    for path in (data / "link.txt", data / "linked-books" / "a.txt"):
+        with pytest.raises(UserError, match="symbolic link"):
+            app_config.inside(path, [data])
+        TRIED["bad inputs"] += 1
+    with pytest.raises(UserError, match="'data/link.txt' is not one of the data sources"):
+        app_config.resolve_data(config, ["data/link.txt"])
+    TRIED["bad inputs"] += 1
+
+
+def test_tokenizer_files_are_not_offered_as_books_and_any_case_of_txt_is(tmp_path, shared_data):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(shared_data / "phi-2-tokenizer", data / "phi-2-tokenizer")
+    (data / "Book.TXT").write_text("A book.")
+    config = app_config.parse_args(["--data-dir", str(data), "--work-dir", str(tmp_path / "work")], {})
+    assert [label for label, _ in app_config.data_choices(config)] == ["data/Book.TXT"]
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda c: app_config.resolve_data(c, [5]), "data must be a list of the Data picker's names"),
+    (lambda c: app_config.resolve_data(c, {"a": 1}), "data must be a list"),
+    (lambda c: known_path(5, [], "story checkpoints"), "must be given as text"),
+    (lambda c: known_path("../../etc", [], "story checkpoints"), "not one of the story checkpoints"),
+    (lambda c: save_upload(5, c.uploads), "an upload must be a file"),
+    (lambda c: app_config.check_name("../x"), "run name"),
+])
+def test_wrong_types_through_the_api_get_a_clear_message(tmp_path, call, message):
+    config = app_config.parse_args(["--work-dir", str(tmp_path)], {})
+    with pytest.raises(UserError, match=message):
+        call(config)
+    TRIED["bad inputs"] += 1
+
+
+def test_an_upload_message_names_the_users_file_not_the_server_path(tmp_path):
+    folder = tmp_path / "gradio" / "0123abcd"
+    folder.mkdir(parents=True)
+    blob = folder / "notes.txt"
+    blob.write_bytes(b"\x00\x01" * 100)
+    with pytest.raises(UserError) as e:
+        save_upload(blob, tmp_path / "uploads")
+    assert str(e.value).startswith("notes.txt looks like a binary file") and "0123abcd" not in str(e.value)
+    book = folder / "book.TXT"
+    book.write_text("Once upon a time.\n")
+    assert save_upload(book, tmp_path / "uploads").name == "book.txt"
+    TRIED["bad inputs"] += 1
+
+
+def test_first_look_of_the_page(tmp_path):
+    """A small LR-finder button, no empty command box, a typed path that says what it is (item 14)."""
+    from llmb.app import page, story_tab
+
+    config = app_config.parse_args(["--work-dir", str(tmp_path), "--checkpoints", str(tmp_path / "c")], {})
+    demo = page.build(config)
+    by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    assert by_id["train-lr-find"].scale == 0 and by_id["train-lr-find"].min_width == 200
+    assert by_id["train-command"].visible is False, "the command box shows once there is a command"
+    ctx = page.Context(config)
+    assert "not one of the story checkpoints" in story_tab.model_status(ctx, "../../etc")
+
+
+# ------------------------------------------------------------------ the server: 2, 3, 4, 11
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, shared_data):  # the tests that use it are marked slow (a server and a story model)
+    root = tmp_path_factory.mktemp("reliability")
+    ckpts, data, work = app_folders(root, shared_data)
+    app = launch_app(root, ["--checkpoints", ckpts, "--story-ckpt", ckpts / "tiny-story", "--base", "microsoft/phi-2",
+                            "--adapter", "none", "--data-dir", data, "--work-dir", work, "--device", "cpu"])
+    app.ckpts, app.data, app.work = ckpts, data, work
+    yield app
+    stop_training(work)
+    stop_app(app)
+
+
+def story_call(client, **values):
+    return client.submit(checkpoint=str(values.pop("ckpt")), prompt="Dorothy", api_name="/story", **values)
+
+
+@pytest.mark.slow
+def test_one_client_cannot_fill_the_queue_for_everyone(app):
+    """20 unread story calls from one session: each extra one ends at once; another session is served."""
+    greedy = Client(app.url, verbose=False)
+    calls = [story_call(greedy, ckpt=app.ckpts / "tiny-story", max_new=2000) for _ in range(20)]
+    other = Client(app.url, verbose=False)
+    t0 = time.time()
+    text, note, _ = story_call(other, ckpt=app.ckpts / "tiny-story", max_new=20).result(timeout=60)
+    assert note.startswith("done") and time.time() - t0 < 30
+    greedy.predict(api_name="/story_stop")
+    notes = [c.result(timeout=60)[1] for c in calls]
+    assert sum("your previous story is still running" in n for n in notes) == 19, notes
+    TRIED["concurrent sessions"] += 21
+
+
+@pytest.mark.slow
+def test_only_the_lr_finder_plots_are_served(app):
+    (app.work / "uploads").mkdir(parents=True, exist_ok=True)
+    (app.work / "uploads" / "book.txt").write_text("private")
+    (app.work / "plots").mkdir(parents=True, exist_ok=True)
+    (app.work / "plots" / "lr.png").write_bytes(b"\x89PNG")
+    for path in (app.work / "uploads" / "book.txt", app.work / "job.json", app.ckpts / "tiny-story" / "config.json"):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"{app.url}gradio_api/file={path}", timeout=10)
+        assert e.value.code in (403, 404)
+        TRIED["bad inputs"] += 1
+    with urllib.request.urlopen(f"{app.url}gradio_api/file={app.work / 'plots' / 'lr.png'}", timeout=10) as r:
+        assert r.status == 200
+
+
+def test_with_training_off_gradio_takes_no_uploads():
+    from llmb.app.page import upload_limit
+
+    assert upload_limit(app_config.parse_args([], {"SPACE_ID": "me/llmb"})) == 1
+    assert upload_limit(app_config.parse_args([], {"SPACE_ID": "me/llmb", "LLMB_ALLOW_TRAINING": "1"})) == "50mb"
+    TRIED["bad inputs"] += 1
+
+
+@pytest.mark.slow
+def test_uploads_have_a_size_limit(app, tmp_path):
+    with urllib.request.urlopen(f"{app.url}config", timeout=10) as r:
+        assert json.loads(r.read())["max_file_size"] == 50 * 1024 * 1024
+    big = tmp_path / "big.txt"
+    with open(big, "wb") as f:
+        f.truncate(51 * 1024 * 1024)
+    client = Client(app.url, verbose=False)
+    with pytest.raises(Exception, match="(?i)too large|413|exceed"):
+        client.predict(files=[__import__("gradio_client").handle_file(str(big))], selected=[],
+                       api_name="/train_upload")
+    TRIED["bad inputs"] += 1
+
+
+@pytest.mark.slow
+def test_an_unreachable_hub_is_said_at_once_and_the_message_is_kept(app):
+    """Offline, with microsoft/phi-2 not downloaded: the answer says so in seconds, not after a timeout."""
+    client = Client(app.url, verbose=False)
+    t0 = time.time()
+    history, _, box, status, model_status, _ = client.predict(message="Hello", system="", api_name="/chat")
+    assert time.time() - t0 < 10
+    assert "cannot be reached (offline)" in status
+    assert "get-small-assistant" in status or "pick the local model `smollm2-135m-instruct`" in status
+    unchanged = {"__type__": "update"}
+    assert history == unchanged and box == unchanged, "the chat and the typed message are left as they were"
+    status = client.predict(base="microsoft/phi-2", adapter="", api_name="/chat_model")
+    assert "cannot be reached" in status
+
+
+@pytest.mark.slow
+def test_sessions_pick_their_own_model_status(app):
+    a, b = Client(app.url, verbose=False), Client(app.url, verbose=False)
+    assert "is not one of the adapters" in a.predict(base="microsoft/phi-2", adapter="/etc", api_name="/chat_model")
+    assert "is not one of the adapters" not in b.predict(base="microsoft/phi-2", adapter="", api_name="/chat_model")
+    names = a.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert "/chat_adapter" not in names, "no endpoint changes the model for everyone"
+    TRIED["concurrent sessions"] += 2
+
+
+@pytest.mark.slow
+def test_eight_sessions_write_stories_at_once_and_none_is_lost(app):
+    results, errors = {}, []
+
+    def user(i):
+        try:
+            results[i] = story_call(Client(app.url, verbose=False), ckpt=app.ckpts / "tiny-story", max_new=30,
+                                    seed=str(i)).result(timeout=120)
+        except Exception as e:  # collected and reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=user, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(150)
+    assert not errors and all(results[i][1].startswith("done") for i in range(8)), (errors, results)
+    TRIED["concurrent sessions"] += 8
+
+
+@pytest.mark.slow
+def test_the_page_still_answers(app):
+    assert Client(app.url, verbose=False).predict(kind="story", name="x", data=[WIZARD], story_n_layer=0,
+                                                  story_max_iters="5", api_name="/train_start")[0].startswith("⚠️")
+
+
+def test_an_unreachable_hub_points_to_the_small_assistant(tmp_path, monkeypatch):
+    from llmb.app import chat_tab
+
+    monkeypatch.setattr(app_config, "REPO", tmp_path)  # no checkpoints beside the code either
+    monkeypatch.setitem(chat_tab._hub, "checked", time.time())
+    monkeypatch.setitem(chat_tab._hub, "reachable", False)
+    config = app_config.parse_args(["--checkpoints", str(tmp_path / "c"), "--work-dir", str(tmp_path / "w")], {})
+    problem = chat_tab.hub_problem(config, "nobody/not-downloaded")
+    assert "cannot be reached" in problem and "`python -m llmb get-small-assistant`" in problem
+    local = tmp_path / "c" / "small"
+    local.mkdir(parents=True)
+    (local / "config.json").write_text('{"model_type": "llama"}')
+    (local / "model.safetensors").write_bytes(b"")
+    assert "pick the local model `small` in Base" in chat_tab.hub_problem(config, "nobody/not-downloaded")
+    assert chat_tab.hub_problem(config, str(local)) is None, "a local folder needs no hub"
