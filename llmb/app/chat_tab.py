@@ -12,7 +12,7 @@ from pathlib import Path
 import gradio as gr
 
 from llmb.app.config import find_adapters, find_bases
-from llmb.app.models import ask, check_chat_settings, check_prompt, plain_messages
+from llmb.app.models import check_chat_settings, check_prompt, plain_messages
 from llmb.app.page import known_path, session_of, unexpected, warn
 from llmb.errors import UserError
 
@@ -113,7 +113,7 @@ def answer(engine, history, text, system, settings, flag, use_adapter):
     """Yield the history with the answer growing at its end; the last item is the answer's stats."""
     reply = {"role": "assistant", "content": ""}
     asked = history + [{"role": "user", "content": text}]
-    stream = ask(engine, history, text, system=system or None, cancel=flag, use_adapter=use_adapter, **settings)
+    stream = engine.stream(history, text, system=system or None, cancel=flag, use_adapter=use_adapter, **settings)
     for piece in stream:
         reply["content"] += piece
         yield asked + [dict(reply)]

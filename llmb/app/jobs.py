@@ -321,7 +321,9 @@ def progress(job):
     eta = None
     if total and step and elapsed:
         eta = max(0.0, (total - step) * elapsed / step)
-    losses = [{"step": r["step"], "loss": r["train_loss"], "split": "train"} for r in records if "train_loss" in r]
+    # the QLoRA trainer's step-0 record has only the base model's val_loss
+    losses = [{"step": r["step"], "loss": r["train_loss"], "split": "train"}
+              for r in records if r.get("train_loss") is not None]
     losses += [{"step": r["step"], "loss": r["val_loss"], "split": "val"}
                for r in records if r.get("val_loss") is not None]
     sample = next((r["sample"] for r in reversed(records) if r.get("sample")), "")

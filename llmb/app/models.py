@@ -6,7 +6,7 @@
 
     assistant = Assistant(base="microsoft/phi-2", adapter="checkpoints/phi2-guanaco")
     engine = assistant.engine(base, adapter)   # loads on first call (minutes for Phi-2), then the same one
-    answer = ask(engine, history, "Hello")     # iterate for the pieces; answer.stats afterwards
+    answer = engine.stream(history, "Hello")   # iterate for the pieces; answer.stats afterwards
 
 Loading is lazy so the app answers HTTP at once; a model that fails to load keeps the reason
 (shown in its tab) and is tried again on the next use. Nothing here knows about Gradio.
@@ -261,25 +261,6 @@ class Assistant:
         quant = ", int8 linear layers" if self.cpu_int8 else ""
         return (f"**Assistant {self.name(key)}:** loaded on {engine.device}, "
                 f"{str(engine.model.dtype).replace('torch.', '')}{quant}{notes}")
-
-
-def ask(engine, history, message, **sampling):
-    """`engine.stream(...)` as an Answer: iterate it for the pieces; `answer.stats` afterwards.
-
-    A shim for an engine whose stream() is still a plain generator that leaves `last_stats`
-    behind; remove it once every ChatEngine returns an Answer.
-    """
-    answer = engine.stream(history, message, **sampling)
-    return answer if hasattr(answer, "stats") else _GeneratorAnswer(engine, answer)
-
-
-class _GeneratorAnswer:
-    def __init__(self, engine, pieces):
-        self.engine, self.pieces, self.stats = engine, pieces, None
-
-    def __iter__(self):
-        yield from self.pieces
-        self.stats = dict(self.engine.last_stats)
 
 
 # ------------------------------------------------------------------------------------ stopping

@@ -77,7 +77,7 @@ class TrainConfig:
 
     def check_length(self):
         if self.max_iters is None and self.max_time is None:
-            raise UserError("say how long to train: --max-iters N or --max-time SECONDS")
+            raise UserError("say how long to train: max steps (--max-iters N) or max time (--max-time SECONDS)")
 
 
 def memory_estimate(cfg, vocab_size=None):

@@ -59,7 +59,7 @@ BAD_INPUTS = [  # (what, command line from the probe's paths, what the error lin
     ("heads do not split the width", lambda d: ["train", "--data", d.corpus, "--out", d.tmp / "o", "--max-iters",
                                                 "5", "--n-embd", "30", "--n-head", "4"], "heads of even width"),
     ("a 12.9B-parameter model", lambda d: ["train", "--data", d.corpus, "--out", d.tmp / "o", *BIG], "GB to train"),
-    ("no length", lambda d: ["train", "--data", d.corpus, "--out", d.tmp / "o"], "--max-iters N or --max-time"),
+    ("no length", lambda d: ["train", "--data", d.corpus, "--out", d.tmp / "o"], "--max-iters N) or max time"),
     ("lr-find --num-iters 5", lambda d: ["lr-find", "--data", d.corpus, "--out", d.tmp / "lr", "--num-iters", "5"],
      "--num-iters"),
     ("lr-find --end-lr below --start-lr", lambda d: ["lr-find", "--data", d.corpus, "--out", d.tmp / "lr",
