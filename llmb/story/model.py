@@ -207,8 +207,9 @@ class GPT(nn.Module):
         if len(cos) < start + T or cos.dtype != like.dtype or cos.device != like.device:
             length = max(2 * (start + T), self.config.block_size)
             head_dim = self.config.n_embd // self.config.n_head
-            cos, sin = rotary_cos_sin(length, head_dim, self.config.rope_theta, like.device, like.dtype)
-            cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)  # see apply_rotary
+            with torch.inference_mode(False), torch.no_grad():  # tables made while sampling serve training too
+                cos, sin = rotary_cos_sin(length, head_dim, self.config.rope_theta, like.device, like.dtype)
+                cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)  # see apply_rotary
             self._rope = cos, sin = cos[:, None, None, :], sin[:, None, None, :]
         return cos[start:start + T], sin[start:start + T]
 

@@ -63,6 +63,18 @@ def test_rope_angles_are_exact_at_large_positions():
     assert (float32_angles.cos() - cos).abs().max() > 1e-3  # what computing them in float32 would cost
 
 
+def test_training_after_sampling_past_the_rope_tables():
+    model = tiny(block_size=8, dtype=torch.float32)
+    with torch.inference_mode():  # as generate does: the tables grow inside inference mode
+        cache = model.new_cache()
+        for t in range(50):
+            model(torch.tensor([[t % 23]]), cache=cache)
+    model.train()
+    idx = torch.randint(0, 23, (2, 8))
+    model(idx, idx)[1].backward()
+    assert model.wte.weight.grad is not None
+
+
 def test_only_the_receptive_field_matters():
     model = tiny(block_size=8)  # 2 layers: the next token sees 2 * 7 + 1 = 15 tokens back
     assert model.receptive_field == 15
