@@ -10,14 +10,13 @@ default settings >= 20x nanoGPT's generate; --cpu-int8 measurably faster than fp
     python benchmarks/bench_sampling.py [--tokens 1000] [--rounds 2] [--threads N] [--nanogpt DIR]
 """
 
-import argparse
 import os
 import subprocess
 import sys
 import tempfile
 import time
 
-from common import REPO, add_peer_arguments, alternate, median, nanogpt_train, nanogpt_workdir, set_threads, train_char
+from common import REPO, alternate, median, nanogpt_train, nanogpt_workdir, parse, peer_parser, train_char
 
 MODEL_10M = ["--n-layer", "6", "--n-head", "6", "--n-embd", "384", "--block-size", "256"]
 
@@ -63,12 +62,9 @@ def make_checkpoints(work, data, ours_dir, nano_dir):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_peer_arguments(p)
+    p = peer_parser(__doc__, rounds=2)
     p.add_argument("--tokens", type=int, default=1000)
-    p.add_argument("--rounds", type=int, default=2, help="runs of each, alternating")
-    args = p.parse_args()
-    set_threads(args.threads)
+    args = parse(p)
     with nanogpt_workdir(args.nanogpt, args.data) as work, tempfile.TemporaryDirectory() as tmp:
         make_checkpoints(work, args.data, f"{tmp}/ours", f"{tmp}/nano")
         results = alternate([("nanoGPT sample.py", lambda: nanogpt(work, f"{tmp}/nano", args.tokens)),

@@ -12,7 +12,6 @@ beside it. Target (issue #10): ours reaches nanoGPT's final val loss.
     python benchmarks/bench_time_to_loss.py [--share 0.45] [--rounds 1] [--threads N] [--nanogpt DIR]
 """
 
-import argparse
 import importlib.util
 import json
 import re
@@ -23,12 +22,12 @@ from pathlib import Path
 from common import (
     NANOGPT_CPU_RECIPE,
     REPO,
-    add_peer_arguments,
     median,
     nanogpt_train,
     nanogpt_workdir,
+    parse,
+    peer_parser,
     run,
-    set_threads,
     train_char,
 )
 
@@ -74,12 +73,9 @@ def ours(data, seconds):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_peer_arguments(p)
+    p = peer_parser(__doc__, rounds=1)
     p.add_argument("--share", type=float, default=0.45, help="our --max-time as a share of nanoGPT's wall time")
-    p.add_argument("--rounds", type=int, default=1, help="nanoGPT then ours, this many times")
-    args = p.parse_args()
-    set_threads(args.threads)
+    args = parse(p)
     met = []
     with nanogpt_workdir(args.nanogpt, args.data) as work:
         for r in range(args.rounds):

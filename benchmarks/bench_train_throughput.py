@@ -9,19 +9,18 @@ prints. Target (issue #10): ours >= 1.2x nanoGPT.
     python benchmarks/bench_train_throughput.py [--iters 300] [--rounds 2] [--threads N] [--nanogpt DIR]
 """
 
-import argparse
 import re
 import tempfile
 
 from common import (
     NANOGPT_CPU_RECIPE,
     OUR_CPU_CONFIG,
-    add_peer_arguments,
     alternate,
     median,
     nanogpt_train,
     nanogpt_workdir,
-    set_threads,
+    parse,
+    peer_parser,
     train_char,
 )
 
@@ -50,12 +49,9 @@ def nanogpt(work, iters):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_peer_arguments(p)
+    p = peer_parser(__doc__, rounds=2)
     p.add_argument("--iters", type=int, default=300, help="training steps per run")
-    p.add_argument("--rounds", type=int, default=2, help="runs of each, alternating")
-    args = p.parse_args()
-    set_threads(args.threads)
+    args = parse(p)
     with nanogpt_workdir(args.nanogpt, args.data) as work:
         results = alternate([("nanoGPT", lambda: nanogpt(work, args.iters)),
                              ("llmb", lambda: ours(args.data, args.iters))], args.rounds)

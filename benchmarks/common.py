@@ -5,6 +5,7 @@ Every benchmark that states a ratio runs its peer in the same run: this machine'
 by 30% or more from hour to hour, so a figure measured on another day says nothing.
 """
 
+import argparse
 import os
 import shutil
 import statistics
@@ -29,22 +30,28 @@ OUR_CPU_CONFIG = ["--n-layer", "4", "--n-head", "4", "--n-embd", "128", "--block
                   "--dropout", "0"]
 
 
-def add_peer_arguments(parser):
+def peer_parser(doc, rounds):
+    """A benchmark's command line: the peer, the data, --threads, --rounds; add more, then call parse."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=rounds, help="runs of each contender, alternating")
     parser.add_argument("--nanogpt", default=str(NANOGPT), metavar="DIR",
                         help="a nanoGPT checkout (default: the unmodified copy in ../shared/peers/nanoGPT)")
     parser.add_argument("--data", default=str(TINYSHAKESPEARE), help="the text both models train on")
     parser.add_argument("--threads", type=int, default=None,
                         help="OMP_NUM_THREADS for every contender (default: torch's own choice, one per core); "
                              "1 gives steadier figures on a machine shared with other jobs")
+    return parser
 
 
-def set_threads(threads):
-    """Every contender runs with the same thread count (the child processes inherit it)."""
-    if threads:
-        os.environ["OMP_NUM_THREADS"] = str(threads)
+def parse(parser):
+    """Parse the command line; every contender then runs with the same thread count (children inherit it)."""
+    args = parser.parse_args()
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    return args
 
 
-def run(cmd, cwd, timed=True, **kw):
+def run(cmd, cwd, **kw):
     """Run cmd (a list) in cwd, stopping on failure; return (seconds, stdout)."""
     start = time.perf_counter()
     result = subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, **kw)
