@@ -7,6 +7,8 @@ waits for) and the generation alone (from the moment the command has loaded its 
 off its unbuffered output: our prompt echo, nanoGPT's "Loading meta" line). Target (issue #10):
 default settings >= 20x nanoGPT's generate; --cpu-int8 measurably faster than fp32.
 
+nanoGPT's sample.py imports tiktoken (`pip install tiktoken`), though a character model never uses it.
+
     python benchmarks/bench_sampling.py [--tokens 1000] [--rounds 2] [--threads N] [--nanogpt DIR]
 """
 
