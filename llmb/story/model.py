@@ -10,6 +10,11 @@ Mistral): every token attends to itself and the block_size - 1 tokens before it,
 layer. Training windows are block_size long, so training sees exactly this attention; at
 generation time a KV cache that keeps the last block_size keys gives the same logits as
 recomputing the whole text, at any length.
+
+Speed notes. Generating one token is a handful of small matrix-vector products per layer, so
+on a CPU the fixed cost of each tensor operation matters as much as the arithmetic: the KV
+cache is preallocated (no copy of the cache per token), the RoPE tables are computed once and
+sliced, and q and k are rotated together in one go (three operations, backward included).
 """
 
 import math
@@ -35,17 +40,25 @@ class GPTConfig:
         return asdict(self)
 
 
-def rotary_cos_sin(positions, head_dim, theta, dtype):
-    """cos and sin of the rotation angle for each (position, frequency) pair: (T, head_dim/2)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.float()[:, None] * inv_freq[None, :]
+def rotary_cos_sin(length, head_dim, theta, device, dtype):
+    """cos and sin of the rotation angle for each (position, frequency) pair: (length, head_dim/2).
+
+    The angles are computed in float64 and only then cast: in float32, position 100,000 times a
+    frequency is already off by about 0.004 radians.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim)
+    angles = torch.arange(length, device=device, dtype=torch.float64)[:, None] * inv_freq[None, :]
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rotary(x, cos, sin):
-    """Rotate each (first half, second half) pair of x's channels by its angle. x: (B, nh, T, hd)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    """Rotate each (first half, second half) pair of x's channels by its angle.
+
+    With cos = (cos, cos) and sin = (-sin, sin) over the two halves, the rotated pair
+    (x1 cos - x2 sin, x2 cos + x1 sin) is x * cos + (x2, x1) * sin: three operations.
+    x: (B, T, ..., head_dim); cos, sin: (T, 1, ..., head_dim), broadcast over the other dims.
+    """
+    return torch.addcmul(x * cos, x.roll(x.size(-1) // 2, dims=-1), sin)
 
 
 def window_mask(T, S, window, device):
@@ -56,7 +69,13 @@ def window_mask(T, S, window, device):
 
 
 class KVCache:
-    """Keys (already rotated) and values of the last `block_size` tokens, one pair per layer."""
+    """Keys (already rotated) and values of the last `block_size` tokens, one pair per layer.
+
+    Each layer's buffers are allocated once and used as a ring: the token at position p lives in
+    slot p % block_size, so sliding past block_size overwrites the oldest token instead of
+    copying the cache. A single new token may attend to the slots in any order (softmax
+    attention is a weighted sum, and RoPE has already put the positions into the keys).
+    """
 
     def __init__(self, n_layer, block_size):
         self.block_size = block_size
@@ -65,15 +84,32 @@ class KVCache:
         self.pos = 0  # absolute position of the next token
 
     def __len__(self):
-        return 0 if self.k[0] is None else self.k[0].size(2)
+        return min(self.pos, self.block_size)
 
     def update(self, layer, k, v):
-        """Append the new keys/values; return all that the new queries may need; keep the last block_size."""
-        if self.k[layer] is not None:
-            k = torch.cat((self.k[layer], k), dim=2)
-            v = torch.cat((self.v[layer], v), dim=2)
-        self.k[layer], self.v[layer] = k[:, :, -self.block_size:], v[:, :, -self.block_size:]
-        return k, v
+        """Store the new (B, nh, T, hd) keys/values; return the keys/values the new queries attend to.
+
+        One new token: the filled slots, as they lie. Several: the cached tokens oldest first, then
+        the new ones (the caller masks them to the window).
+        """
+        S, pos, T = self.block_size, self.pos, k.size(2)
+        if self.k[layer] is None:
+            self.k[layer] = k.new_empty(k.size(0), k.size(1), S, k.size(3))
+            self.v[layer] = v.new_empty(self.k[layer].shape)
+        ring_k, ring_v = self.k[layer], self.v[layer]
+        if T == 1:
+            ring_k[:, :, pos % S] = k[:, :, 0]
+            ring_v[:, :, pos % S] = v[:, :, 0]
+            n = min(pos + 1, S)
+            return ring_k[:, :, :n], ring_v[:, :, :n]
+        order = torch.arange(pos - len(self), pos, device=k.device) % S  # cached slots, oldest first
+        all_k = torch.cat((ring_k[:, :, order], k), dim=2)
+        all_v = torch.cat((ring_v[:, :, order], v), dim=2)
+        keep = min(T, S)  # only the last block_size new tokens stay
+        slots = torch.arange(pos + T - keep, pos + T, device=k.device) % S
+        ring_k[:, :, slots] = k[:, :, -keep:]
+        ring_v[:, :, slots] = v[:, :, -keep:]
+        return all_k, all_v
 
 
 class CausalSelfAttention(nn.Module):
@@ -83,29 +119,27 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
         self.window = config.block_size
 
     def forward(self, x, cos, sin, cache=None, layer=0):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
+        qk = apply_rotary(qkv[:, :, :2], cos, sin)  # q and k rotated together: (B, T, 2, nh, hd)
+        q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hd)
+        v = qkv[:, :, 2].transpose(1, 2)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         mask = None
-        if T == 1:  # one new token sees the last block_size keys (itself included): no mask needed
-            k, v = k[:, :, -self.window:], v[:, :, -self.window:]
-        elif k.size(2) > self.window or k.size(2) != T:  # past the window: mask to the last block_size
+        if T > 1 and (k.size(2) > self.window or k.size(2) != T):  # past the window, or after cached tokens
             mask = window_mask(T, k.size(2), self.window, x.device)
-        # else: within the window, a plain causal mask
+        # else: plain causal attention; one new token needs no mask (the cache holds exactly its window)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
             is_causal=mask is None and T > 1,
         )
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return F.dropout(self.c_proj(y), self.dropout, self.training)
 
 
 class MLP(nn.Module):
@@ -113,10 +147,11 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        # exact GELU: on CPUs PyTorch's tanh approximation is 2-4x slower, and the two differ by < 0.001
+        return F.dropout(self.c_proj(F.gelu(self.c_fc(x))), self.dropout, self.training)
 
 
 class Block(nn.Module):
@@ -137,7 +172,6 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -147,6 +181,7 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        self._rope = None  # (cos, sin) tables, grown on demand (see rope)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -164,17 +199,28 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
+    def rope(self, start, T, like):
+        """cos and sin for positions start .. start+T-1, shaped (T, 1, 1, head_dim) to broadcast
+        over (B, T, q/k, heads, head_dim). The tables are built once (and again, twice as long,
+        when a generation runs past them), not at every step."""
+        cos, sin = self._rope or (like.new_empty(0), None)
+        if len(cos) < start + T or cos.dtype != like.dtype or cos.device != like.device:
+            length = max(2 * (start + T), self.config.block_size)
+            head_dim = self.config.n_embd // self.config.n_head
+            with torch.inference_mode(False), torch.no_grad():  # tables made while sampling serve training too
+                cos, sin = rotary_cos_sin(length, head_dim, self.config.rope_theta, like.device, like.dtype)
+                cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)  # see apply_rotary
+            self._rope = cos, sin = cos[:, None, None, :], sin[:, None, None, :]
+        return cos[start:start + T], sin[start:start + T]
+
     def forward(self, idx, targets=None, cache=None):
         """Logits for every position of idx (B, T); with targets, also the mean cross-entropy.
 
         With a KVCache, idx continues the cached tokens and the cache is updated.
         """
-        B, T = idx.size()
-        start = cache.pos if cache is not None else 0
-        positions = torch.arange(start, start + T, device=idx.device)
-        head_dim = self.config.n_embd // self.config.n_head
-        x = self.drop(self.wte(idx))
-        cos, sin = rotary_cos_sin(positions, head_dim, self.config.rope_theta, x.dtype)
+        T = idx.size(1)
+        x = F.dropout(self.wte(idx), self.config.dropout, self.training)
+        cos, sin = self.rope(cache.pos if cache is not None else 0, T, x)
         for i, block in enumerate(self.h):
             x = block(x, cos, sin, cache, i)
         if cache is not None:

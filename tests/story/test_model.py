@@ -1,6 +1,6 @@
 import torch
 
-from llmb.story.model import GPT, GPTConfig
+from llmb.story.model import GPT, GPTConfig, rotary_cos_sin
 
 
 def tiny(block_size=16, dtype=torch.float64, **kw):
@@ -42,6 +42,37 @@ def test_kv_cache_matches_full_recompute_past_block_size():
         cached.append(logits[0])
         assert len(cache) == 8  # the cache never holds more than block_size tokens
     torch.testing.assert_close(torch.cat(cached), full[0], rtol=1e-10, atol=1e-10)
+
+
+def test_kv_cache_takes_chunks_of_several_tokens():
+    model = tiny(block_size=8)
+    seq = torch.randint(0, 23, (1, 41))
+    full, _ = model(seq)
+    cache = model.new_cache()
+    chunks = [model(seq[:, i:i + 3], cache=cache)[0][0] for i in range(0, 39, 3)]  # wraps the ring many times
+    chunks.append(model(seq[:, 39:], cache=cache)[0][0])
+    torch.testing.assert_close(torch.cat(chunks), full[0], rtol=1e-10, atol=1e-10)
+
+
+def test_rope_angles_are_exact_at_large_positions():
+    cos, sin = rotary_cos_sin(200_000, 64, 10000.0, "cpu", torch.float32)
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64)
+    angles = torch.arange(200_000, dtype=torch.float64)[:, None] * inv_freq
+    assert torch.equal(cos, angles.cos().float()) and torch.equal(sin, angles.sin().float())
+    float32_angles = torch.arange(200_000, dtype=torch.float32)[:, None] * inv_freq.float()
+    assert (float32_angles.cos() - cos).abs().max() > 1e-3  # what computing them in float32 would cost
+
+
+def test_training_after_sampling_past_the_rope_tables():
+    model = tiny(block_size=8, dtype=torch.float32)
+    with torch.inference_mode():  # as generate does: the tables grow inside inference mode
+        cache = model.new_cache()
+        for t in range(50):
+            model(torch.tensor([[t % 23]]), cache=cache)
+    model.train()
+    idx = torch.randint(0, 23, (2, 8))
+    model(idx, idx)[1].backward()
+    assert model.wte.weight.grad is not None
 
 
 def test_only_the_receptive_field_matters():
