@@ -1,4 +1,5 @@
-"""Assistant commands: chat, merge, push. Heavy imports live inside the functions so --help is fast."""
+"""Assistant commands: chat, chat-eval, merge, push, import-gguf, get-small-assistant, and the QLoRA
+trainer's command line. Heavy imports live inside the functions so --help is fast."""
 
 import argparse
 import sys
