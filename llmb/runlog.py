@@ -84,19 +84,21 @@ def listen_for_stop():
 
 class StopSignal:
     """Within `with StopSignal() as stop:`, a SIGINT/SIGTERM sets `stop.name` (e.g. "SIGINT"); the loop
-    finishes its step, saves and exits. A signal received earlier (after listen_for_stop) counts too."""
+    finishes its step, saves and exits. A signal received earlier (after listen_for_stop) counts too,
+    and `stop.name` still says what happened after the block ("" when nothing did)."""
 
     def __enter__(self):
         self._old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        self._after = None  # the name, kept once the block has ended
         listen_for_stop()
         return self
 
     @property
     def name(self):
-        return _requested["name"]
+        return _requested["name"] if self._after is None else self._after
 
     def __exit__(self, *exc):
-        _requested["name"] = None
+        self._after, _requested["name"] = _requested["name"] or "", None
         for s, h in self._old.items():
             try:
                 signal.signal(s, h if h is not None else signal.SIG_DFL)

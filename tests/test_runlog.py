@@ -38,9 +38,14 @@ def test_summary_schema_and_vocabulary(tmp_path):
 def test_stop_signal_is_caught_once_then_restored():
     before = signal.getsignal(signal.SIGTERM)
     with StopSignal() as stop:
+        assert not stop.name
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.name == "SIGTERM"
     assert signal.getsignal(signal.SIGTERM) == before
+    assert stop.name == "SIGTERM"  # still known after the block (the trainers read it then)
+    with StopSignal() as again:
+        assert not again.name  # a new run starts clean
+    assert not again.name
 
 
 def test_a_stop_before_the_loop_is_not_lost_even_when_sigint_was_ignored():
