@@ -73,7 +73,7 @@ class Spec:
 
 def _kind(annotation):
     """(base type, None allowed) of a field's annotation: int | None -> (int, True)."""
-    if isinstance(annotation, (types.UnionType, typing._UnionGenericAlias)):
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         optional = len(args) < len(typing.get_args(annotation))
         numeric = [a for a in args if a in (int, float)]
