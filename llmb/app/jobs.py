@@ -31,16 +31,13 @@ from llmb.errors import UserError
 from llmb.fileio import read_json, write_json
 from llmb.runlog import read_metrics
 from llmb.settings import check_number, from_values, to_argv
+from llmb.story.config import LR_FIND_SETTINGS
 from llmb.story.config import TrainConfig as StoryConfig
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = {"story": [str(REPO / "training" / "train_char.py")], "qlora": [str(REPO / "training" / "train_qlora.py")],
            "lr-find": ["-m", "llmb", "lr-find"]}
 CONFIGS = {"story": StoryConfig, "qlora": QLoRAConfig, "lr-find": StoryConfig}
-# what lr-find takes of a story config (its command line is the model's share of the trainer's)
-LR_FIND_SETTINGS = ("data", "out", "tokenizer", "vocab_size", "val_fraction", "n_layer", "n_head", "n_embd",
-                    "block_size", "dropout", "bias", "batch_size", "weight_decay", "grad_clip", "seed", "device",
-                    "progress")
 RUNNING = ("starting", "running", "stopping")
 GRACE_S = 30.0  # after Stop: SIGINT, then SIGTERM after GRACE_S, then SIGKILL after 2 x GRACE_S
 

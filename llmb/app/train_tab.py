@@ -19,7 +19,7 @@ from llmb.app.uploads import save_upload
 from llmb.errors import UserError
 from llmb.settings import specs
 
-KINDS = {"story": "story", "qlora": "qlora"}  # form prefix -> config kind
+KINDS = ("story", "qlora")  # what the form can start (each is also its settings' prefix)
 LR_FIND_TIMEOUT = 900
 
 

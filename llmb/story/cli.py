@@ -10,8 +10,6 @@ import sys
 from llmb.errors import UserError
 from llmb.settings import add_arguments, from_args
 
-MODEL_SETTINGS = ("data", "out", "tokenizer", "vocab_size", "val_fraction", "n_layer", "n_head", "n_embd",
-                  "block_size", "dropout", "bias", "batch_size", "weight_decay", "grad_clip", "seed", "device", "progress")
 EVAL_SETTINGS = ("data", "val_fraction", "batch_size", "device")
 
 
@@ -79,7 +77,7 @@ def cmd_lr_find(args):
 
 
 def register(sub):
-    from llmb.story.config import TrainConfig
+    from llmb.story.config import LR_FIND_SETTINGS, TrainConfig
 
     p = sub.add_parser("sample", help="continue a prompt with a story model (streams)")
     p.add_argument("--ckpt", required=True, metavar="DIR", help="checkpoint folder (a training --out)")
@@ -99,7 +97,7 @@ def register(sub):
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("lr-find", help="LR range test: writes lr_find.png and lr_find.json to --out")
-    add_arguments(p, TrainConfig, only=MODEL_SETTINGS)
+    add_arguments(p, TrainConfig, only=LR_FIND_SETTINGS)
     p.add_argument("--num-iters", type=int, default=200, help="batches in the sweep")
     p.add_argument("--start-lr", type=float, default=1e-5)
     p.add_argument("--end-lr", type=float, default=1.0)

@@ -21,6 +21,12 @@ SAFE_ON_RESUME = ("max_iters", "max_time", "eval_interval", "eval_iters", "log_i
                   "device", "progress", "resume", "overwrite", "out")
 
 
+# What `lr-find` takes of a story config: the data and the model, not the schedule or the run's length.
+LR_FIND_SETTINGS = ("data", "out", "tokenizer", "vocab_size", "val_fraction", "n_layer", "n_head", "n_embd",
+                    "block_size", "dropout", "bias", "batch_size", "weight_decay", "grad_clip", "seed", "device",
+                    "progress")
+
+
 @dataclass
 class TrainConfig:
     # data and output
