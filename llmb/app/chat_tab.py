@@ -12,8 +12,8 @@ from pathlib import Path
 import gradio as gr
 
 from llmb.app.config import find_adapters, find_bases
-from llmb.app.models import check_chat_settings, check_prompt, plain_messages
-from llmb.app.page import known_path, session_of, unexpected, warn
+from llmb.app.models import CHAT_SAMPLING, check_chat_settings, check_prompt, plain_messages
+from llmb.app.page import known_path, session_of, slider, unexpected, warn
 from llmb.errors import UserError
 
 SMALL_ASSISTANT = "python -m llmb get-small-assistant"
@@ -99,12 +99,12 @@ def components(ctx):
     with gr.Accordion("Sampling settings", open=False):
         c["system"] = gr.Textbox(label="System preamble (optional)", lines=2)
         with gr.Row():
-            c["temperature"] = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature", elem_id="chat-temperature",
-                                         info="0 = always the likeliest")
-            c["top_p"] = gr.Slider(0.05, 1, value=0.9, step=0.05, label="Top-p")
-            c["top_k"] = gr.Slider(0, 200, value=50, step=1, label="Top-k", info="0 = off")
-            c["repetition_penalty"] = gr.Slider(1, 2, value=1.1, step=0.05, label="Repetition penalty")
-            c["max_new_tokens"] = gr.Slider(1, 1024, value=256, step=1, label="Max new tokens", elem_id="chat-max-new")
+            c["temperature"] = slider(CHAT_SAMPLING, "temperature", 0.7, elem_id="chat-temperature",
+                                      info="0 = always the likeliest")
+            c["top_p"] = slider(CHAT_SAMPLING, "top_p", 0.9)
+            c["top_k"] = slider(CHAT_SAMPLING, "top_k", 50, info="0 = off")
+            c["repetition_penalty"] = slider(CHAT_SAMPLING, "repetition_penalty", 1.1)
+            c["max_new_tokens"] = slider(CHAT_SAMPLING, "max_new_tokens", 256, elem_id="chat-max-new")
             c["seed"] = gr.Textbox("", label="Seed", info="empty = random")  # a Number cannot be empty
     return c
 

@@ -22,8 +22,14 @@ from llmb.errors import UserError
 from llmb.settings import check_number
 
 MAX_PROMPT_CHARS = 20_000
-MAX_STORY_CHARS = 5_000
-MAX_CHAT_TOKENS = 2_048
+# The sampling settings each tab offers, once: label, lowest, highest, kind. The tabs draw their sliders
+# from these and the handlers check against them, so the page and the API take the same values, and a
+# value the API sends out of range is refused with the setting's name.
+STORY_SAMPLING = {"max_new": ("Max new characters", 1, 2000, int), "temperature": ("Temperature", 0, 2, float),
+                  "top_k": ("Top-k", 0, 200, int), "top_p": ("Top-p", 0.05, 1, float)}
+CHAT_SAMPLING = {"temperature": ("Temperature", 0, 2, float), "top_p": ("Top-p", 0.05, 1, float),
+                 "top_k": ("Top-k", 0, 200, int), "repetition_penalty": ("Repetition penalty", 1, 2, float),
+                 "max_new_tokens": ("Max new tokens", 1, 1024, int)}
 MAX_HISTORY_CHARS = 100_000  # the whole conversation an API client may send back
 
 
@@ -57,25 +63,23 @@ def check_prompt(prompt, what="prompt"):
     return prompt
 
 
+def check_sampling(table, values):
+    """{name: value} checked against `table` (STORY_SAMPLING or CHAT_SAMPLING), plus the optional seed."""
+    checked = {name: number(label.lower(), values[name], low, high, kind)
+               for name, (label, low, high, kind) in table.items()}
+    return checked | {"seed": number("seed", values["seed"], 0, 2**31 - 1, int, optional=True)}
+
+
 def check_story_settings(max_new, temperature, top_k, top_p, seed):
-    return dict(
-        max_new_tokens=number("max new characters", max_new, 1, MAX_STORY_CHARS, int),
-        temperature=number("temperature", temperature, 0, 5),
-        top_k=number("top-k", top_k, 0, 100_000, int) or None,  # 0 = off
-        top_p=number("top-p", top_p, 0.01, 1),
-        seed=number("seed", seed, 0, 2**31 - 1, int, optional=True),
-    )
+    s = check_sampling(STORY_SAMPLING, dict(max_new=max_new, temperature=temperature, top_k=top_k, top_p=top_p,
+                                            seed=seed))
+    return dict(max_new_tokens=s.pop("max_new"), **s) | {"top_k": s["top_k"] or None}  # top-k 0 = off
 
 
 def check_chat_settings(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed):
-    return dict(
-        temperature=number("temperature", temperature, 0, 5),
-        top_p=number("top-p", top_p, 0.01, 1),
-        top_k=number("top-k", top_k, 0, 100_000, int),
-        repetition_penalty=number("repetition penalty", repetition_penalty, 1, 3),
-        max_new_tokens=number("max new tokens", max_new_tokens, 1, MAX_CHAT_TOKENS, int),
-        seed=number("seed", seed, 0, 2**31 - 1, int, optional=True),
-    )
+    return check_sampling(CHAT_SAMPLING, dict(temperature=temperature, top_p=top_p, top_k=top_k,
+                                              repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens,
+                                              seed=seed))
 
 
 def plain_messages(history, what="chat history"):

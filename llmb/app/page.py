@@ -59,6 +59,19 @@ class Context:
         self.busy = Busy()
 
 
+def slider(table, name, value, **kwargs):
+    """The slider of one sampling setting of `table` (app.models.STORY_SAMPLING / CHAT_SAMPLING).
+
+    Its value reaches the handler as sent: the handler checks it against the same table and names the
+    setting when it refuses, where Gradio's own check would answer an API client with an unnamed error
+    and a traceback in the log.
+    """
+    label, low, high, kind = table[name]
+    widget = gr.Slider(low, high, value=value, step=1 if kind is int else 0.05, label=label, **kwargs)
+    widget.preprocess = lambda payload: payload  # an instance attribute: a subclass would make Gradio write a .pyi
+    return widget
+
+
 def warn(error):
     """Show a problem as a yellow toast; return it for the status line."""
     gr.Warning(str(error))

@@ -7,8 +7,8 @@ API: `/story` (checkpoint, prompt, max_new, temperature, top_k, top_p, seed; by 
 import gradio as gr
 
 from llmb.app.config import find_story_checkpoints
-from llmb.app.models import check_prompt, check_story_settings, continue_story
-from llmb.app.page import known_path, session_of, unexpected, warn
+from llmb.app.models import STORY_SAMPLING, check_prompt, check_story_settings, continue_story
+from llmb.app.page import known_path, session_of, slider, unexpected, warn
 from llmb.errors import UserError
 
 
@@ -56,10 +56,10 @@ def build(ctx):
             with gr.Column(scale=1):
                 ckpt = gr.Dropdown(found, value=first, label="Checkpoint", allow_custom_value=True,
                                    info="story checkpoints under checkpoints/", elem_id="story-ckpt")
-                max_new = gr.Slider(1, 2000, value=400, step=1, label="Max new characters")
-                temperature = gr.Slider(0, 2, value=0.8, step=0.05, label="Temperature", info="0 = always the likeliest")
-                top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k", info="0 = off")
-                top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="Top-p")
+                max_new = slider(STORY_SAMPLING, "max_new", 400)
+                temperature = slider(STORY_SAMPLING, "temperature", 0.8, info="0 = always the likeliest")
+                top_k = slider(STORY_SAMPLING, "top_k", 0, info="0 = off")
+                top_p = slider(STORY_SAMPLING, "top_p", 1.0)
                 seed = gr.Textbox("", label="Seed", info="empty = random")  # a Number cannot be empty
 
     def write(request: gr.Request, checkpoint, prompt, **settings):

@@ -325,6 +325,20 @@ def test_one_client_cannot_fill_the_queue_for_everyone(app):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("values, message", [
+    ({"temperature": "abc"}, "temperature must be a number"),
+    ({"top_p": 7}, "top-p must be between 0.05 and 1"),
+    ({"top_k": [3]}, "top-k must be a number"),
+])
+def test_a_bad_slider_value_through_the_api_is_named_not_a_traceback(app, values, message):
+    """Gradio's own slider check answered these with an unnamed error and logged a traceback."""
+    _, note, _ = story_call(Client(app.url, verbose=False), ckpt=app.ckpts / "tiny-story", **values).result(timeout=60)
+    assert message in note, note
+    assert "Traceback" not in app.log_text()
+    TRIED["bad inputs"] += 1
+
+
+@pytest.mark.slow
 def test_only_the_lr_finder_plots_are_served(app):
     (app.work / "uploads").mkdir(parents=True, exist_ok=True)
     (app.work / "uploads" / "book.txt").write_text("private")
