@@ -6,6 +6,15 @@ memory traffic, not arithmetic: int8 weights move a quarter of the bytes of fp32
 
 import warnings
 
+PRECISIONS = ("auto", "fp32", "int8")  # what a sampler may ask for (auto: int8 on a CPU where it is fast)
+
+
+def int8_supported():
+    """Whether this PyTorch has the x86 int8 kernels (fbgemm) that make int8 decoding fast."""
+    import torch
+
+    return any(engine in torch.backends.quantized.supported_engines for engine in ("x86", "fbgemm"))
+
 
 def quantize_linears_int8(model):
     """Replace each frozen nn.Linear by a dynamically quantized int8 one, in place, one at a time.

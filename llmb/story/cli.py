@@ -39,13 +39,11 @@ def train_main(argv=None, description=None):
 
 
 def cmd_sample(args):
-    from llmb.device import resolve_device
-    from llmb.story.checkpoint import load_checkpoint
+    from llmb.story.checkpoint import load_for_sampling
     from llmb.story.sample import check_sampling, generate
 
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
-    device = "cpu" if args.cpu_int8 else resolve_device(args.device)
-    model, tokenizer, _ = load_checkpoint(args.ckpt, device, cpu_int8=args.cpu_int8)
+    model, tokenizer, _, _ = load_for_sampling(args.ckpt, args.device, args.precision)
     unknown = tokenizer.unknown(args.prompt)
     if unknown:
         print(f"note: dropped characters the model never saw: {''.join(unknown)!r}", file=sys.stderr)
@@ -77,6 +75,7 @@ def cmd_lr_find(args):
 
 
 def register(sub):
+    from llmb.quantize import PRECISIONS
     from llmb.story.config import LR_FIND_SETTINGS, TrainConfig
 
     p = sub.add_parser("sample", help="continue a prompt with a story model (streams)")
@@ -88,7 +87,11 @@ def register(sub):
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--cpu-int8", action="store_true", help="int8 linear layers: faster sampling on a CPU")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="weights while sampling; auto: int8 linear layers on a CPU (about 1.5x faster than fp32, "
+                        "val loss +0.001 nats/char on the Oz model), fp32 on a GPU")
+    p.add_argument("--cpu-int8", dest="precision", action="store_const", const="int8",
+                   help="same as --precision int8 (sampling on the CPU)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="val loss (nats/token) and bits per character on the validation split")

@@ -81,3 +81,22 @@ def test_a_tokenizer_from_another_run_is_named_not_sampled_from(run_copy):
     (run_copy / "char_vocab.json").write_text(json.dumps(vocab))
     with pytest.raises(UserError, match="mixes files of two runs"):
         load_checkpoint(run_copy)
+
+
+def test_samplers_get_int8_on_a_cpu_by_default_with_logits_close_to_fp32(trained):
+    import torch
+
+    from llmb.quantize import int8_supported
+    from llmb.story.checkpoint import load_for_sampling
+
+    fp32, _, _, used = load_for_sampling(trained, "cpu", "fp32")
+    assert used == "fp32" and type(fp32.h[0].mlp.c_fc) is torch.nn.Linear
+    auto, _, _, used = load_for_sampling(trained, "cpu")
+    assert used == ("int8" if int8_supported() else "fp32")
+    assert (type(auto.h[0].mlp.c_fc) is not torch.nn.Linear) == (used == "int8")
+    ids = torch.randint(0, fp32.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want, got = fp32(ids)[0], auto(ids)[0]
+    assert (got - want).abs().max() < 0.05 * want.abs().max()  # int8 weights: close, not equal
+    with pytest.raises(UserError, match="unknown precision 'half'"):
+        load_for_sampling(trained, "cpu", "half")
