@@ -7,13 +7,14 @@ another's model; the answer's statistics come with the answer (`answer.stats`).
 """
 
 import time
+from contextlib import closing
 from pathlib import Path
 
 import gradio as gr
 
 from llmb.app.config import find_adapters, find_bases
 from llmb.app.models import CHAT_SAMPLING, check_chat_settings, check_prompt, plain_messages
-from llmb.app.page import known_path, session_of, slider, unexpected, warn
+from llmb.app.page import call_key, in_lane, known_path, slider, unexpected, warn
 from llmb.errors import UserError
 
 SMALL_ASSISTANT = "python -m llmb get-small-assistant"
@@ -114,9 +115,10 @@ def answer(engine, history, text, system, settings, flag, use_adapter):
     reply = {"role": "assistant", "content": ""}
     asked = history + [{"role": "user", "content": text}]
     stream = engine.stream(history, text, system=system or None, cancel=flag, use_adapter=use_adapter, **settings)
-    for piece in stream:
-        reply["content"] += piece
-        yield asked + [dict(reply)]
+    with closing(stream):  # closed early (Stop, the client left): the model stops at its next token
+        for piece in stream:
+            reply["content"] += piece
+            yield asked + [dict(reply)]
     yield asked + [dict(reply)]
     yield stream.stats
 
@@ -173,14 +175,12 @@ def build(ctx, saved):
     outputs = [c["chatbot"], c["base_bot"], c["message"], c["status"], c["model_status"], saved]
 
     def respond(request: gr.Request, **values):
-        session = session_of(request) + "/chat"
+        def waiting(ahead):
+            return gr.skip(), gr.skip(), gr.skip(), f"waiting for a free place ({ahead} ahead of you)…", gr.skip(), \
+                gr.skip()
+
         try:
-            with ctx.busy.hold(session, "answer"):
-                flag = ctx.stop_flags.new(session)
-                try:
-                    yield from conversation(ctx, values, flag)
-                finally:
-                    ctx.stop_flags.done(session, flag)
+            yield from in_lane(ctx, request, "answer", lambda flag: conversation(ctx, values, flag), waiting)
         except UserError as e:
             yield gr.skip(), gr.skip(), gr.skip(), warn(e), model_status(ctx, values["base"], values["adapter"]), \
                 gr.skip()
@@ -204,14 +204,14 @@ def build(ctx, saved):
         yield from respond(request, **values)
 
     def stop_answer(request: gr.Request):
-        ctx.stop_flags.stop(session_of(request) + "/chat")
+        ctx.stop_flags.stop(call_key(request, "answer"))
 
     events(ctx, c, named, outputs, saved, respond, regenerate_last, stop_answer)
     return c
 
 
 def events(ctx, c, named, outputs, saved, respond, regenerate_last, stop_answer):
-    answering = dict(concurrency_limit=2, concurrency_id="chat")
+    answering = dict(concurrency_limit=None)  # its own lane (page.LANES) bounds it
     c["send"].click(respond, inputs_kwargs=named, outputs=outputs, api_name="chat", **answering)
     c["message"].submit(respond, inputs_kwargs=named, outputs=outputs, api_visibility="private", **answering)
     regenerate = {k: v for k, v in named.items() if k != "message"}

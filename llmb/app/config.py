@@ -27,6 +27,7 @@ from llmb.folders import is_adapter, is_base_model, is_story_checkpoint
 REPO = Path(__file__).resolve().parents[2]
 PERSISTENT = Path("/data")  # a Space with persistent storage mounts it here
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+UPLOAD_KEY = re.compile(r"^[A-Za-z0-9_-]{16,64}$")  # a browser's own uploads folder (uploads.upload_key)
 
 
 def truthy(value):
@@ -69,9 +70,13 @@ class AppConfig:
     def job_state(self):
         return self.work_dir / "job.json"
 
-    @property
-    def allowed_data_roots(self):
-        return [*self.data_dirs, self.uploads]
+    def data_roots(self, uploads_key=None):
+        """[(label, folder)] the Train tab may read data from: the data folders, and the uploads of the
+        browser holding `uploads_key` (none without a valid key: one browser never sees another's)."""
+        roots = [(d.name, d) for d in self.data_dirs]
+        if isinstance(uploads_key, str) and UPLOAD_KEY.match(uploads_key):
+            roots.append(("uploads", self.uploads / uploads_key))
+        return roots
 
     def scan_dirs(self):
         """Where checkpoints and adapters are looked for: the output folder and the repo's own."""
@@ -209,15 +214,15 @@ def default_adapters(config):
     return [Path(config.adapter)]
 
 
-def data_choices(config):
-    """(label, path) for every usable data source in the data folders and uploads.
+def data_choices(config, uploads_key=None):
+    """(label, path) for every usable data source in the data folders and the caller's uploads.
 
     A source is a .txt book, a folder of .txt books, or a .jsonl chat file (any case of the
     suffix). Symbolic links, hidden files and model folders (a tokenizer's merges.txt is not a
     book) are left out.
     """
     choices = []
-    for root in map(Path, config.allowed_data_roots):
+    for name, root in config.data_roots(uploads_key):
         if not root.is_dir():
             continue
         for path in sorted(root.rglob("*")):
@@ -226,25 +231,26 @@ def data_choices(config):
                     has_symlink(path, root) or is_model_folder(path.parent):
                 continue
             if path.is_file() and path.suffix.lower() in (".txt", ".jsonl"):
-                choices.append((f"{root.name}/{rel}", str(path)))
+                choices.append((f"{name}/{rel}", str(path)))
             elif path.is_dir() and not is_model_folder(path):
                 books = [b for b in path.glob("*") if b.suffix.lower() == ".txt" and not b.is_symlink()]
                 if len(books) > 1:
-                    choices.append((f"{root.name}/{rel}/ ({len(books)} books)", str(path)))
+                    choices.append((f"{name}/{rel}/ ({len(books)} books)", str(path)))
     return choices
 
 
-def resolve_data(config, labels):
-    """Server paths of the data sources picked by label (the page never sees server paths)."""
+def resolve_data(config, labels, uploads_key=None):
+    """Server paths of the data sources picked by label (the page never sees server paths); uploads
+    only from the folder of `uploads_key`, the caller's browser."""
     if isinstance(labels, str):
         labels = [labels]
     if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
         raise UserError("data must be a list of the Data picker's names")
-    known = dict(data_choices(config))
+    known = dict(data_choices(config, uploads_key))
     missing = [x for x in labels if x not in known]
     if missing:
         raise UserError(f"{missing[0]!r} is not one of the data sources in the allowed data folders")
-    return [str(inside(known[x], config.allowed_data_roots)) for x in labels]
+    return [str(inside(known[x], [root for _, root in config.data_roots(uploads_key)])) for x in labels]
 
 
 def is_model_folder(path):

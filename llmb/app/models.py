@@ -17,6 +17,7 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
+from llmb.assistant.engine import message_text
 from llmb.device import resolve_device
 from llmb.errors import UserError
 from llmb.settings import check_number
@@ -93,9 +94,7 @@ def plain_messages(history, what="chat history"):
     for item in history:
         if not isinstance(item, dict) or item.get("role") not in ("user", "assistant"):
             raise UserError(f"the {what} must hold {{'role': 'user' or 'assistant', 'content': text}} messages")
-        content = item.get("content")
-        if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}]
-            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        content = message_text(item.get("content"))
         messages.append({"role": item["role"], "content": check_prompt(content if isinstance(content, str)
                                                                        else str(content or ""), f"{what} message")})
     total = sum(len(m["content"]) for m in messages)

@@ -10,39 +10,123 @@ api_name="/story")`. Nothing here imports torch: the models load on the first re
 """
 
 import threading
+import time
 import traceback
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from llmb.app import config as app_config
 from llmb.app.jobs import JobManager
 from llmb.app.models import Assistant, StopFlags, StoryModels
-from llmb.app.uploads import MAX_UPLOAD
+from llmb.app.uploads import MAX_UPLOAD, UploadTypes
 from llmb.errors import UserError
 
-QUEUE_SIZE = 64  # waiting calls, all events together; one session holds at most one per kind (Busy)
+QUEUE_SIZE = 64  # Gradio's one queue for every event; story and answer calls wait in their own lanes instead
 CACHE_CLEANUP = (3600, 3600)  # Gradio's upload cache: every hour, delete files older than an hour
+LANES = {"story": (4, 8), "answer": (2, 4)}  # calls of a kind that run at once, and that may wait for them
+MAX_UNREAD, UNREAD_S = 100, 2.0  # a stream left this many messages behind for this long: nobody reads it
+WAIT_POLL_S = 0.5  # a waiting call looks for its turn (and can be closed) this often
 
 
-class Busy:
-    """At most one running call per session and kind (story, answer): a client cannot queue up work
-    for everyone else; its extra calls end at once with a message."""
+class Lane:
+    """The calls of one kind (story, answer): `running` at once, `waiting` more in line, one per session.
 
-    def __init__(self):
-        self.active, self.lock = set(), threading.Lock()
+    Gradio has a single queue for all events, and no limit per event: a call beyond a lane's places
+    ends at once with a message, so one kind flooded (by one client, or many session ids) never fills
+    the queue that the other kinds and the Train tab share.
+    """
+
+    def __init__(self, what, running, waiting):
+        self.what, self.running, self.waiting = what, running, waiting
+        self.line, self.active = [], set()  # sessions waiting (first in line first), sessions running
+        self.changed = threading.Condition()
 
     @contextmanager
-    def hold(self, session, what):
-        with self.lock:
-            if (session, what) in self.active:
-                raise UserError(f"your previous {what} is still running: wait for it, or press Stop")
-            self.active.add((session, what))
+    def place(self, session):
+        """Hold a place in the lane for `session` (waiting until `turn` says run); UserError if there is none."""
+        with self.changed:
+            if session in self.active or session in self.line:
+                raise UserError(f"your previous {self.what} is still running: wait for it, or press Stop")
+            if len(self.active) + len(self.line) >= self.running + self.waiting:
+                raise UserError(f"busy: all {self.running + self.waiting} places for a {self.what} are taken; "
+                                "try again in a moment")
+            self.line.append(session)
         try:
             yield
         finally:
-            with self.lock:
-                self.active.discard((session, what))
+            with self.changed:
+                if session in self.line:
+                    self.line.remove(session)
+                self.active.discard(session)
+                self.changed.notify_all()
+
+    def turn(self, session):
+        """Wait for `session`'s turn to run, yielding how many calls are ahead every WAIT_POLL_S seconds
+        (a yield is where Gradio can close a call whose client left)."""
+        while (ahead := self._take(session)) is not None:
+            yield ahead
+
+    def _take(self, session):
+        """Start `session` if it is first in line and a place runs free within WAIT_POLL_S; else how many
+        calls wait ahead of it."""
+        with self.changed:
+            if not self._free(session):
+                self.changed.wait(WAIT_POLL_S)
+            if not self._free(session):
+                return self.line.index(session)
+            self.line.remove(session)
+            self.active.add(session)
+            return None
+
+    def _free(self, session):
+        return self.line[0] == session and len(self.active) < self.running
+
+
+class Reader:
+    """Does anyone read a call's stream? Gradio closes a call whose client disconnected at its next
+    yield, but a client that never opens the stream, or stops reading it, stays "connected": its
+    messages pile up in Gradio's queue for the session (`pending_messages_per_session`, not public
+    API; there is none for this). Past MAX_UNREAD messages for UNREAD_S seconds the call is abandoned."""
+
+    def __init__(self, demo, session_hash):
+        queue = getattr(demo, "_queue", None)
+        self.messages = getattr(queue, "pending_messages_per_session", {})
+        self.session, self.behind_since = session_hash, None
+
+    def gone(self):
+        pending = self.messages.get(self.session)
+        if pending is None or pending.qsize() < MAX_UNREAD:
+            self.behind_since = None
+            return False
+        self.behind_since = self.behind_since or time.monotonic()
+        return time.monotonic() - self.behind_since > UNREAD_S
+
+
+def in_lane(ctx, request, kind, steps, waiting):
+    """Run a call of `kind` in its lane: yield `waiting(ahead)` while it waits, then what `steps(stop_flag)`
+    yields; stop at the next step once nobody reads the stream (the model stops at its next token)."""
+    session = call_key(request, kind)
+    reader = Reader(ctx.demo, session_of(request))
+    with ctx.lanes[kind].place(session):
+        for ahead in ctx.lanes[kind].turn(session):
+            if reader.gone():
+                return
+            yield waiting(ahead)
+        flag, count = ctx.stop_flags.new(session), 0
+        try:
+            with closing(steps(flag)) as outputs:
+                for count, output in enumerate(outputs):
+                    if reader.gone():
+                        print(f"llmb: stopped a {kind} that nobody reads (at step {count})", flush=True)
+                        return
+                    yield output
+        except GeneratorExit:  # Gradio closes a call whose client disconnected (or cancelled it)
+            print(f"llmb: stopped a {kind} whose client left (at step {count})", flush=True)
+            raise
+        finally:
+            ctx.stop_flags.done(session, flag)
 
 
 class Context:
@@ -56,7 +140,8 @@ class Context:
                                    fallbacks=adapters if config.adapter == "auto" else ())
         self.jobs = JobManager(config.job_state)
         self.stop_flags = StopFlags()
-        self.busy = Busy()
+        self.lanes = {kind: Lane(kind, *places) for kind, places in LANES.items()}
+        self.demo = None  # the page, once built (Reader looks at its queue)
 
 
 def slider(table, name, value, **kwargs):
@@ -88,6 +173,11 @@ def session_of(request):
     return getattr(request, "session_hash", None) or "no-session"
 
 
+def call_key(request, kind):
+    """A session's calls of one kind (story, answer): their lane place and their stop flag."""
+    return f"{session_of(request)}/{kind}"
+
+
 def known_path(path, choices, what):
     """`path` if it is one of the picker's choices (fresh scan): the API cannot load arbitrary folders."""
     if path is not None and not isinstance(path, str):
@@ -103,15 +193,19 @@ def build(config):
 
     ctx = Context(config)
     with gr.Blocks(title="llmb: LLM basics", delete_cache=CACHE_CLEANUP) as demo:
+        ctx.demo = demo
         gr.Markdown("# llmb: LLM basics\nA story model trained from scratch, an assistant fine-tuned with QLoRA, "
                     "and the training itself, in one page.")
         # outside the tabs: a hidden tab's components are not mounted when the page loads
         saved = gr.BrowserState({"chat": [], "base": []}, storage_key="llmb-chat")
+        uploads_key = gr.BrowserState("", storage_key="llmb-uploads")  # names the browser's own uploads folder
         with gr.Tabs():
             story = story_tab.build(ctx)
             chat = chat_tab.build(ctx, saved)
-            train = train_tab.build(ctx)
+            train = train_tab.build(ctx, uploads_key)
         train_tab.watch(ctx, demo, train, story, chat)
+        demo.load(lambda key: train_tab.own_uploads(ctx, key), uploads_key, [uploads_key, train["data"]],
+                  api_visibility="private", concurrency_limit=None)
         demo.load(lambda s: (s.get("chat", []), s.get("base", [])), saved, [chat["chatbot"], chat["base_bot"]],
                   api_visibility="private", concurrency_limit=None)
     return demo
@@ -130,4 +224,5 @@ def main(argv=None):
     # only what a page must show is served: the LR-finder plots (never uploads or job state)
     config.plots.mkdir(parents=True, exist_ok=True)
     demo.launch(server_name=config.host, server_port=config.port, share=config.share, show_error=False,
-                allowed_paths=[str(config.plots)], max_file_size=upload_limit(config))
+                allowed_paths=[str(config.plots)], max_file_size=upload_limit(config),
+                app_kwargs={"middleware": [Middleware(UploadTypes)]})  # its upload route takes any type

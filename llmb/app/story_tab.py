@@ -1,14 +1,15 @@
 """The "Continue the story" tab: a story checkpoint continues the user's text, streamed.
 
 API: `/story` (checkpoint, prompt, max_new, temperature, top_k, top_p, seed; by name) and
-`/story_stop`. One call per session at a time; Stop stops only the caller's own generation.
+`/story_stop`. One call per session at a time, a few at once in all (page.LANES: more wait, and beyond
+those a call ends at once with "busy"); Stop stops only the caller's own generation.
 """
 
 import gradio as gr
 
 from llmb.app.config import find_story_checkpoints
 from llmb.app.models import STORY_SAMPLING, check_prompt, check_story_settings, continue_story
-from llmb.app.page import known_path, session_of, slider, unexpected, warn
+from llmb.app.page import call_key, in_lane, known_path, slider, unexpected, warn
 from llmb.errors import UserError
 
 
@@ -64,25 +65,24 @@ def build(ctx):
 
     def write(request: gr.Request, checkpoint, prompt, **settings):
         """Outputs: the story so far, a note, the model's status."""
-        session = session_of(request) + "/story"
+        def waiting(ahead):
+            return gr.skip(), f"waiting for a free place ({ahead} ahead of you)…", gr.skip()
+
         try:
-            with ctx.busy.hold(session, "story"):
-                flag = ctx.stop_flags.new(session)
-                try:
-                    yield from stream(ctx, checkpoint, prompt, settings, flag)
-                finally:
-                    ctx.stop_flags.done(session, flag)
+            yield from in_lane(ctx, request, "story", lambda flag: stream(ctx, checkpoint, prompt, settings, flag),
+                               waiting)
         except UserError as e:
             yield gr.skip(), warn(e), model_status(ctx, checkpoint)
         except Exception as e:
             yield gr.skip(), unexpected(e), gr.skip()
 
     def stop_writing(request: gr.Request):
-        ctx.stop_flags.stop(session_of(request) + "/story")
+        ctx.stop_flags.stop(call_key(request, "story"))
 
     generate.click(write, inputs_kwargs=dict(checkpoint=ckpt, prompt=prompt, max_new=max_new, temperature=temperature,
                                              top_k=top_k, top_p=top_p, seed=seed),
-                   outputs=[output, note, status], api_name="story", concurrency_limit=4, concurrency_id="story")
+                   outputs=[output, note, status], api_name="story",
+                   concurrency_limit=None)  # its own lane (page.LANES) bounds it
     stop.click(stop_writing, None, None, api_name="story_stop", concurrency_limit=None, queue=False)
     ckpt.change(lambda path: model_status(ctx, path), ckpt, status, api_visibility="private", concurrency_limit=None)
     return ckpt

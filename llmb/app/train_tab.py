@@ -15,7 +15,7 @@ import gradio as gr
 from llmb.app import config as app_config
 from llmb.app.jobs import CONFIGS, job_spec, log_tail, progress
 from llmb.app.page import known_path, unexpected, warn
-from llmb.app.uploads import save_upload
+from llmb.app.uploads import forget_upload, save_upload, upload_key
 from llmb.errors import UserError
 from llmb.settings import specs
 
@@ -91,14 +91,19 @@ def settings_of(values, prefix):
     return {k.removeprefix(prefix + "_"): v for k, v in values.items() if k.startswith(prefix + "_")}
 
 
+def picked_data(config, values):
+    """Server paths of the picked data: the data folders' books, and uploads of the caller's browser only."""
+    return app_config.resolve_data(config, values.get("data") or [], values.get("uploads_key"))
+
+
 def spec_from_form(ctx, values):
     """A checked JobSpec from the Train form's named values."""
     config, kind = ctx.config, values.get("kind")
     if kind not in KINDS:
         raise UserError(f"unknown job type {kind!r}; use story or qlora")
     name = app_config.check_name(values.get("name") or f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
-    settings = settings_of(values, kind) | {"data": app_config.resolve_data(config, values.get("data") or []),
-                                            "out": str(config.checkpoints / name), "device": config.device}
+    settings = settings_of(values, kind) | {"data": picked_data(config, values), "out": str(config.checkpoints / name),
+                                            "device": config.device}
     if kind == "qlora":
         from llmb.app.chat_tab import base_choices
 
@@ -117,7 +122,7 @@ def run_lr_finder(ctx, values):
     config = ctx.config
     check_allowed(config)
     name = f"lr-find-{time.strftime('%Y%m%d-%H%M%S')}"
-    settings = settings_of(values, "story") | {"data": app_config.resolve_data(config, values.get("data") or []),
+    settings = settings_of(values, "story") | {"data": picked_data(config, values),
                                                "out": str(config.work_dir / "lr-find" / name), "device": config.device}
     job = ctx.jobs.start(job_spec("lr-find", settings, values.get("lr_steps")))
     try:
@@ -134,23 +139,34 @@ def run_lr_finder(ctx, values):
     return job["summary"]["suggested_lr"], plot
 
 
-def add_uploads(ctx, files, selected):
-    """Save each upload that is usable data; (message, Data picker update, emptied upload box)."""
+def add_uploads(ctx, files, selected, key):
+    """Save each upload that is usable data into the browser's own folder (`key`, made if missing);
+    (message, Data picker update, emptied upload box, the key)."""
     check_allowed(ctx.config)
+    key = upload_key(key)
     if files is not None and not isinstance(files, list):
         files = [files]
     saved, problems = [], []
     for f in files or []:
         try:
-            saved.append(save_upload(f, ctx.config.uploads))
+            saved.append(save_upload(f, ctx.config.uploads / key))
         except UserError as e:
             problems.append(str(e))
-    labels = {path: label for label, path in app_config.data_choices(ctx.config)}
+        finally:
+            forget_upload(f)
+    labels = {path: label for label, path in app_config.data_choices(ctx.config, key)}
     names = [labels[str(p)] for p in saved if str(p) in labels]
     message = (f"uploaded {len(saved)} file(s)" if saved else "") + ("; " if saved and problems else "") + \
         (warn("; ".join(problems)) if problems else "")
     picked = [x for x in (selected or []) if isinstance(x, str)] if isinstance(selected, list) else []
-    return message, gr.update(choices=list(labels.values()), value=list(dict.fromkeys([*picked, *names]))), None
+    return message, gr.update(choices=list(labels.values()), value=list(dict.fromkeys([*picked, *names]))), None, key
+
+
+def own_uploads(ctx, uploads_key):
+    """On page load: the browser's uploads key (a new one if it has none) and the Data picker's choices,
+    the data folders' and this browser's uploads."""
+    key = upload_key(uploads_key)
+    return key, gr.update(choices=[label for label, _ in app_config.data_choices(ctx.config, key)])
 
 
 def components(ctx):
@@ -207,15 +223,17 @@ def components(ctx):
     return c
 
 
-def build(ctx):
+def build(ctx, uploads_key):
+    """`uploads_key`: the browser's own uploads folder (gr.BrowserState; uploads.upload_key)."""
     with gr.Tab("Train", id="train"):
         c = components(ctx)
     form_values = {k: w for k, w in c.items() if k.startswith(("story_", "qlora_")) and not k.endswith("_group")}
 
-    def start_job(**values):
+    # uploads_key=None: optional through the API too (a client without one trains on the data folders)
+    def start_job(uploads_key=None, **values):
         try:
             check_allowed(ctx.config)
-            job = ctx.jobs.start(spec_from_form(ctx, values))
+            job = ctx.jobs.start(spec_from_form(ctx, values | {"uploads_key": uploads_key}))
             return f"started `{job['name']}`", gr.update(value=job["command"], visible=True), job_markdown(job)
         except UserError as e:
             return warn(e), gr.skip(), gr.skip()
@@ -232,9 +250,9 @@ def build(ctx):
             return "sent SIGTERM; press Stop once more to end it at once (SIGKILL, unsaved)", job_markdown(job)
         return "stop requested: the run finishes its step, saves and exits", job_markdown(job)
 
-    def find_lr(**values):
+    def find_lr(uploads_key=None, **values):
         try:
-            suggested, plot = run_lr_finder(ctx, values)
+            suggested, plot = run_lr_finder(ctx, values | {"uploads_key": uploads_key})
             return f"suggested learning rate: **{suggested:.2e}** (filled in above)", f"{suggested:.2e}", \
                 gr.update(value=str(plot), visible=True)
         except UserError as e:
@@ -242,13 +260,13 @@ def build(ctx):
         except Exception as e:
             return unexpected(e), gr.skip(), gr.skip()
 
-    def upload(files, selected):
+    def upload(files, selected, uploads_key=None):
         try:
-            return add_uploads(ctx, files, selected)
+            return add_uploads(ctx, files, selected, uploads_key)
         except UserError as e:
-            return warn(e), gr.skip(), None
+            return warn(e), gr.skip(), None, gr.skip()
 
-    data = {"data": c["data"]}
+    data = {"data": c["data"], "uploads_key": uploads_key}
     story_form = {k: w for k, w in form_values.items() if k.startswith("story_")}
     c["start"].click(start_job, inputs_kwargs={"kind": c["kind"], "name": c["name"]} | data | form_values,
                      outputs=[c["message"], c["command"], c["status"]], api_name="train_start", concurrency_limit=1,
@@ -257,8 +275,9 @@ def build(ctx):
     c["lr_button"].click(find_lr, inputs_kwargs=data | {"lr_steps": c["lr_steps"]} | story_form,
                          outputs=[c["lr_result"], c["story_lr"], c["lr_plot"]], api_name="lr_find",
                          concurrency_limit=1, concurrency_id="train")
-    c["upload"].upload(upload, inputs_kwargs={"files": c["upload"], "selected": c["data"]},
-                       outputs=[c["message"], c["data"], c["upload"]], api_name="train_upload", concurrency_limit=1)
+    c["upload"].upload(upload, inputs_kwargs={"files": c["upload"], "selected": c["data"], "uploads_key": uploads_key},
+                       outputs=[c["message"], c["data"], c["upload"], uploads_key], api_name="train_upload",
+                       concurrency_limit=1)
     c["kind"].change(lambda kind: [gr.update(visible=kind == "story")] * 2 + [gr.update(visible=kind == "qlora")],
                      c["kind"], [c["story_group"], c["lr_box"], c["qlora_group"]], api_visibility="private",
                      concurrency_limit=None)

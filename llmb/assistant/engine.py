@@ -26,14 +26,20 @@ from llmb.quantize import quantize_linears_int8
 STOP_MARKERS = (HUMAN, ASSISTANT, "<|endoftext|>")
 
 
+def message_text(content):
+    """A message's content as text: Gradio's content parts ([{"type": "text", "text": ...}]) joined by
+    spaces; anything else is returned as it is (the caller checks it)."""
+    if isinstance(content, list):
+        return " ".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return content
+
+
 def history_to_turns(history):
     """Chat history as turns. Accepts (user, assistant) pairs or {"role", "content"} dicts (Gradio style)."""
     turns = []
     for item in history or []:
         if isinstance(item, dict):
-            role, content = item.get("role"), item.get("content")
-            if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}]
-                content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+            role, content = item.get("role"), message_text(item.get("content"))
             if role not in ("system", "user", "assistant"):
                 raise UserError(f"history message with unknown role {role!r}; use system, user or assistant")
             turns.append(Turn(role, str(content or "").strip()))

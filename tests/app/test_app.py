@@ -323,12 +323,12 @@ def test_upload_accepts_books_and_chats_and_refuses_bad_files(app, client, tmp_p
     binary.write_bytes(bytes(range(256)) * 10)
     malformed = tmp_path / "broken.jsonl"
     malformed.write_text('{"text": "### Human: hi### Assistant: hello"}\n{not json\n')
-    message, data, box = client.predict(files=[handle_file(p) for p in (good, chats, binary, malformed)], selected=[],
-                                        api_name="/train_upload")
+    message, data, box, key = client.predict(files=[handle_file(p) for p in (good, chats, binary, malformed)],
+                                             selected=[], api_name="/train_upload")
     assert message.startswith("uploaded 2 file(s)")
     assert "blob.txt" in message and "binary" in message and "broken.jsonl" in message and "invalid JSON" in message
     assert "/tmp" not in message and "gradio" not in message, "messages name the user's file, not a server path"
-    uploads = app.work / "uploads"
+    uploads = app.work / "uploads" / key  # this browser's own folder (no key sent: a new one)
     assert sorted(p.name for p in uploads.iterdir()) == ["chats.jsonl", "my_book.txt"]
     assert data["value"] == ["uploads/my_book.txt", "uploads/chats.jsonl"], "the upload reply holds names, not paths"
     assert not any("/" in c[1] and c[1].startswith("/") for c in data["choices"])

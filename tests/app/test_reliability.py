@@ -6,23 +6,29 @@ what only the server shows (the queue, the files it serves, upload limits, named
 What the module tries is counted and printed at the end (`pytest -s` shows it).
 """
 
+import asyncio
 import errno
 import json
 import os
+import re
 import threading
 import time
 import urllib.request
+import uuid
 from collections import Counter
+from contextlib import ExitStack
+from types import SimpleNamespace
 
 import pytest
 from gradio_client import Client
 
 from llmb.app import config as app_config
-from llmb.app import jobs
+from llmb.app import jobs, page
 from llmb.app.jobs import JobManager, job_spec
-from llmb.app.models import Assistant, check_prompt, plain_messages
-from llmb.app.page import known_path
-from llmb.app.uploads import save_upload
+from llmb.app.models import Assistant, StopFlags, check_prompt, plain_messages
+from llmb.app.page import Lane, known_path
+from llmb.app.uploads import save_upload, upload_key
+from llmb.assistant.engine import history_to_turns
 from llmb.errors import UserError
 from tests.app.app_server import WIZARD, app_folders, launch_app, stop_app, stop_training
 
@@ -80,6 +86,89 @@ def test_stop_escalates_by_itself_after_the_grace_period(tmp_path, monkeypatch):
     assert job["signals"] == ["SIGINT", "SIGTERM", "SIGKILL"]
     assert job["status"] == "stopped" and "killed by signal 9 (SIGKILL)" in job["error"]
     TRIED["faults injected"] += 1
+
+
+# ------------------------------------------------------------------ 2. a lane per kind of call
+
+def test_a_lane_runs_a_few_lets_a_few_wait_and_ends_the_rest_at_once():
+    """Gradio's queue is one for all events: a flooded kind ends its extra calls at once instead of filling it."""
+    lane, a, b = Lane("story", running=1, waiting=1), ExitStack(), ExitStack()
+    a.enter_context(lane.place("a"))
+    assert list(lane.turn("a")) == [], "a free place: it runs at once"
+    b.enter_context(lane.place("b"))
+    waiting = lane.turn("b")
+    assert next(waiting) == 0, "b waits, first in line"
+    with pytest.raises(UserError, match="busy: all 2 places for a story are taken; try again in a moment"):
+        a.enter_context(lane.place("c"))
+    with pytest.raises(UserError, match="your previous story is still running"):
+        a.enter_context(lane.place("a"))
+    a.close()
+    assert list(waiting) == [], "once a ends, b runs"
+    b.close()
+    with lane.place("c"):
+        assert list(lane.turn("c")) == []
+    TRIED["concurrent sessions"] += 3
+
+
+def run_in_lane(unread, steps=50):
+    """Run a fake call of `steps` steps in a lane, its client leaving `unread` messages unread; (made, closed)."""
+    queue = asyncio.Queue()
+    for _ in range(unread):
+        queue.put_nowait("a message")
+    demo = SimpleNamespace(_queue=SimpleNamespace(pending_messages_per_session={"s1": queue}))
+    ctx = SimpleNamespace(demo=demo, lanes={"story": Lane("story", 1, 0)}, stop_flags=StopFlags())
+    made, closed = [], []
+
+    def call(flag):
+        try:
+            for i in range(steps):
+                made.append(i)
+                yield i
+        finally:
+            closed.append(True)
+
+    list(page.in_lane(ctx, SimpleNamespace(session_hash="s1"), "story", call, waiting=None))
+    assert not ctx.lanes["story"].active and not ctx.stop_flags.flags, "the place and the stop flag are given back"
+    return made, closed
+
+
+def test_a_call_nobody_reads_stops_at_its_next_step(monkeypatch):
+    monkeypatch.setattr(page, "UNREAD_S", 0.0)
+    made, closed = run_in_lane(unread=page.MAX_UNREAD)
+    assert len(made) <= 2 and closed == [True], "the model is stopped, not run to the end"
+    assert len(run_in_lane(unread=page.MAX_UNREAD - 1)[0]) == 50, "a client that keeps up is served to the end"
+    TRIED["faults injected"] += 1
+
+
+def test_the_app_and_the_engine_read_content_parts_alike():
+    history = [{"role": "assistant", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]}]
+    assert plain_messages(history)[0]["content"] == history_to_turns(history)[0].content == "Hello there"
+
+
+# ------------------------------------------------------------------ 3. each browser its own uploads
+
+def test_an_uploads_key_is_checked_and_a_bad_one_replaced():
+    good = upload_key(None)
+    assert re.fullmatch(r"[A-Za-z0-9_-]{16,64}", good) and upload_key(good) == good
+    for bad in ("", "short", "../../" + good, good + "/x", "x" * 65, 5, ["k" * 20]):
+        new = upload_key(bad)
+        assert new != bad and re.fullmatch(r"[A-Za-z0-9_-]{16,64}", new) and new != upload_key(bad)
+        TRIED["bad inputs"] += 1
+
+
+def test_a_browser_lists_and_trains_on_its_own_uploads_only(tmp_path):
+    config = app_config.parse_args(["--data-dir", str(tmp_path / "data"), "--work-dir", str(tmp_path / "work")], {})
+    mine, theirs = upload_key(None), upload_key(None)
+    for key, name in ((mine, "mine.txt"), (theirs, "theirs.txt")):
+        (config.uploads / key).mkdir(parents=True)
+        (config.uploads / key / name).write_text("A book.")
+    assert [label for label, _ in app_config.data_choices(config, mine)] == ["uploads/mine.txt"]
+    assert app_config.data_choices(config) == [], "no key, no uploads"
+    assert app_config.resolve_data(config, ["uploads/mine.txt"], mine) == [str(config.uploads / mine / "mine.txt")]
+    for key in (mine, None, "../" + theirs, "..", "x" * 10):
+        with pytest.raises(UserError, match="'uploads/theirs.txt' is not one of the data sources"):
+            app_config.resolve_data(config, ["uploads/theirs.txt"], key)
+        TRIED["bad inputs"] += 1
 
 
 # ------------------------------------------------------------------ 5. disk full at start
@@ -298,8 +387,9 @@ def app(tmp_path_factory, shared_data):  # the tests that use it are marked slow
     root = tmp_path_factory.mktemp("reliability")
     ckpts, data, work = app_folders(root, shared_data)
     app = launch_app(root, ["--checkpoints", ckpts, "--story-ckpt", ckpts / "tiny-story", "--base", "microsoft/phi-2",
-                            "--adapter", "none", "--data-dir", data, "--work-dir", work, "--device", "cpu"])
-    app.ckpts, app.data, app.work = ckpts, data, work
+                            "--adapter", "none", "--data-dir", data, "--work-dir", work, "--device", "cpu"],
+                     env={"GRADIO_TEMP_DIR": str(root / "gradio-cache")})
+    app.ckpts, app.data, app.work, app.cache = ckpts, data, work, root / "gradio-cache"
     yield app
     stop_training(work)
     stop_app(app)
@@ -322,6 +412,119 @@ def test_one_client_cannot_fill_the_queue_for_everyone(app):
     notes = [c.result(timeout=60)[1] for c in calls]
     assert sum("your previous story is still running" in n for n in notes) == 19, notes
     TRIED["concurrent sessions"] += 21
+
+
+def join_unread(app, api_name, sessions=1, **values):
+    """Start calls as raw clients that never open their streams, each in a session of its own (values by
+    label), all at once; returns the session ids."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with urllib.request.urlopen(f"{app.url}config", timeout=10) as r:
+        config = json.loads(r.read())
+    dep = next(d for d in config["dependencies"] if d.get("api_name") == api_name)
+    props = {c["id"]: c.get("props", {}) for c in config["components"]}
+    data = [values.get(props[i].get("label"), props[i].get("value")) for i in dep["inputs"]]
+
+    def join(session):
+        body = json.dumps({"data": data, "fn_index": dep["id"], "trigger_id": dep["targets"][0][0],
+                           "event_data": None, "session_hash": session}).encode()
+        request = urllib.request.Request(f"{app.url}gradio_api/queue/join", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as r:
+            assert r.status == 200, r.read()
+        return session
+
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(join, [uuid.uuid4().hex[:12] for _ in range(sessions)]))
+
+
+def wait_for_log(app, text, count=1, timeout=60):
+    deadline = time.time() + timeout
+    while app.log_text().count(text) < count:
+        assert time.time() < deadline, f"{count} x {text!r} not in the log:\n{app.log_text()[-2000:]}"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_many_session_ids_cannot_fill_the_queue_and_unread_calls_stop(app):
+    """70 story calls from 70 session ids that never read: the story lane is busy, the rest of the app is not."""
+    join_unread(app, "story", sessions=70, **{"Max new characters": 2000})
+    other = Client(app.url, verbose=False)
+    note = story_call(other, ckpt=app.ckpts / "tiny-story", max_new=20).result(timeout=30)[1]
+    assert "busy: all 12 places for a story are taken; try again in a moment" in note, note
+    status = other.predict(message="Hello", system="", api_name="/chat")[3]
+    assert "cannot be reached" in status, "the assistant is served while stories are flooded"
+    assert other.predict(kind="story", name="x", data=[WIZARD], story_n_layer=0, api_name="/train_start")[0] \
+        .startswith("⚠️"), "and so is the Train tab"
+    wait_for_log(app, "llmb: stopped a story that nobody reads", count=4)  # not 2000 characters each
+    deadline = time.time() + 90
+    while not story_call(other, ckpt=app.ckpts / "tiny-story", max_new=20).result(timeout=60)[1].startswith("done"):
+        assert time.time() < deadline, "the lane never freed up"
+        time.sleep(0.5)
+    assert "Queue is full" not in app.log_text()
+    TRIED["concurrent sessions"] += 71
+
+
+@pytest.mark.slow
+def test_a_story_whose_client_leaves_stops_at_the_next_step(app):
+    session, = join_unread(app, "story", **{"Max new characters": 2000})
+    with urllib.request.urlopen(f"{app.url}gradio_api/queue/data?session_hash={session}", timeout=30) as stream:
+        while b"process_generating" not in stream.readline():
+            pass
+    wait_for_log(app, "llmb: stopped a story whose client left")
+    TRIED["faults injected"] += 1
+
+
+def cached_files(app):
+    """What Gradio's upload cache holds (but its empty temporary files)."""
+    return sorted(p.name for p in app.cache.rglob("*") if p.is_file() and p.stat().st_size) if app.cache.exists() \
+        else []
+
+
+@pytest.mark.slow
+def test_uploads_belong_to_one_browser_and_are_not_kept_in_gradios_cache(app, tmp_path):
+    from gradio_client import handle_file
+
+    book = tmp_path / "private book.txt"
+    book.write_text("Once upon a time. " * 100)
+    a, b = Client(app.url, verbose=False), Client(app.url, verbose=False)
+    message, data, _, key = a.predict(files=[handle_file(str(book))], selected=[], api_name="/train_upload")
+    assert message.startswith("uploaded 1 file(s)") and re.fullmatch(r"[A-Za-z0-9_-]{16,64}", key)
+    assert ["uploads/private_book.txt"] * 2 in data["choices"] and (app.work / "uploads" / key / "private_book.txt").is_file()
+    assert "private_book.txt" not in cached_files(app), "handled, the upload leaves Gradio's cache at once"
+    other = tmp_path / "other.txt"
+    other.write_text("Another book. " * 100)
+    _, data_b, _, key_b = b.predict(files=[handle_file(str(other))], selected=[], api_name="/train_upload")
+    assert key_b != key and ["uploads/other.txt"] * 2 in data_b["choices"]
+    assert not any("private_book" in label for label, _ in data_b["choices"]), "another browser's uploads are not listed"
+    for forged in (key_b, "../" + key, ""):
+        message = b.predict(kind="story", name="y", data=["uploads/private_book.txt"], uploads_key=forged,
+                            story_max_iters="5", api_name="/train_start")[0]
+        assert "'uploads/private_book.txt' is not one of the data sources" in message, message
+        TRIED["bad inputs"] += 1
+    message = a.predict(kind="story", name="z", data=["uploads/private_book.txt"], uploads_key=key, story_n_layer=0,
+                        api_name="/train_start")[0]
+    assert "data sources" not in message and message.startswith("⚠️"), "its own browser may use it"
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(f"{app.url}gradio_api/file={app.work / 'uploads' / key / 'private_book.txt'}", timeout=10)
+    assert e.value.code in (403, 404)
+    TRIED["bad inputs"] += 1
+
+
+@pytest.mark.slow
+def test_the_upload_route_keeps_only_books_and_chats(app, tmp_path):
+    import httpx
+
+    (tmp_path / "tool.exe").write_bytes(b"MZ\x90\x00" + bytes(range(256)))
+    (tmp_path / "fine.txt").write_text("Once upon a time.")
+    before = cached_files(app)
+    for names in (["tool.exe"], ["fine.txt", "tool.exe"]):
+        files = [("files", (name, (tmp_path / name).read_bytes())) for name in names]
+        reply = httpx.post(f"{app.url}gradio_api/upload", files=files, timeout=30)
+        assert reply.status_code == 415 and reply.text == "tool.exe: upload .txt books or .jsonl chats; nothing was kept"
+        TRIED["bad inputs"] += 1
+    assert cached_files(app) == before, "nothing of a refused upload is kept"
+    assert not any(p.suffix == ".exe" for p in app.work.rglob("*")), "nor listed anywhere"
+    assert httpx.post(f"{app.url}gradio_api/upload", files=[("files", ("fine.TXT", b"A book."))]).status_code == 200
 
 
 @pytest.mark.slow
