@@ -18,7 +18,6 @@ from collections import OrderedDict
 from pathlib import Path
 
 from llmb.assistant.engine import message_text
-from llmb.device import resolve_device
 from llmb.errors import UserError
 from llmb.settings import check_number
 
@@ -110,13 +109,13 @@ class StoryModels:
 
     def __init__(self, device="auto", keep=4):
         self.device_wanted, self.keep = device, keep
-        self.loaded = OrderedDict()  # resolved path -> (weights mtime, model, tokenizer, meta)
+        self.loaded = OrderedDict()  # resolved path -> (weights mtime, model, tokenizer, meta, precision)
         self.errors = {}  # resolved path -> why it failed to load
         self.lock = threading.Lock()
 
     def get(self, path):
         """(model, tokenizer, meta) of the checkpoint in `path`; UserError if it cannot be loaded."""
-        from llmb.story.checkpoint import WEIGHTS, load_checkpoint
+        from llmb.story.checkpoint import WEIGHTS, load_for_sampling
 
         if not path:
             raise UserError("no story checkpoint: train one in the Train tab, or start the app with --story-ckpt DIR")
@@ -125,14 +124,14 @@ class StoryModels:
             mtime = (key / WEIGHTS).stat().st_mtime if (key / WEIGHTS).is_file() else None
             if key in self.loaded and self.loaded[key][0] == mtime:
                 self.loaded.move_to_end(key)
-                return self.loaded[key][1:]
-            try:
-                model, tokenizer, meta = load_checkpoint(key, resolve_device(self.device_wanted))
+                return self.loaded[key][1:4]
+            try:  # the CLI's `sample` loader: int8 linear layers on a CPU
+                model, tokenizer, meta, precision = load_for_sampling(key, self.device_wanted)
             except Exception as e:  # bad checkpoint, no memory, ...: the tab says why
                 self.errors[key] = load_error(e)
                 raise UserError(f"could not load the story model: {self.errors[key]}") from None
             self.errors.pop(key, None)
-            self.loaded[key] = (mtime, model, tokenizer, meta)
+            self.loaded[key] = (mtime, model, tokenizer, meta, precision)
             while len(self.loaded) > self.keep:
                 self.loaded.popitem(last=False)
             return model, tokenizer, meta
@@ -146,10 +145,11 @@ class StoryModels:
             return f"**Story model `{name}`:** failed to load: {self.errors[key]}"
         if key not in self.loaded:
             return f"**Story model `{name}`:** not loaded yet (loads on first Generate, a second or two)"
-        _, model, tokenizer, meta = self.loaded[key]
-        param = next(model.parameters())
-        return (f"**Story model `{name}`:** loaded on {param.device.type}, {str(param.dtype).replace('torch.', '')}, "
-                f"{model.num_params() / 1e6:.2f}M parameters, {tokenizer.kind} tokenizer, step {meta.get('step', '?')}")
+        _, model, tokenizer, meta, precision = self.loaded[key]
+        device = next(model.parameters()).device.type
+        weights = "int8 linear layers" if precision == "int8" else "fp32"
+        return (f"**Story model `{name}`:** loaded on {device}, {weights}, {meta['num_params'] / 1e6:.2f}M parameters, "
+                f"{tokenizer.kind} tokenizer, step {meta.get('step', '?')}")
 
 
 def continue_story(models, path, prompt, settings, cancel=None):

@@ -9,10 +9,13 @@ their inputs by name (`inputs_kwargs`), so the HTTP API is named too: `client.pr
 api_name="/story")`. Nothing here imports torch: the models load on the first request that needs them.
 """
 
+import os
+import secrets
 import threading
 import time
 import traceback
 from contextlib import closing, contextmanager
+from pathlib import Path
 
 import gradio as gr
 from starlette.middleware import Middleware
@@ -22,6 +25,7 @@ from llmb.app.jobs import JobManager
 from llmb.app.models import Assistant, StopFlags, StoryModels
 from llmb.app.uploads import MAX_UPLOAD, UploadTypes
 from llmb.errors import UserError
+from llmb.fileio import atomic_path
 
 QUEUE_SIZE = 64  # Gradio's one queue for every event; story and answer calls wait in their own lanes instead
 CACHE_CLEANUP = (3600, 3600)  # Gradio's upload cache: every hour, delete files older than an hour
@@ -187,6 +191,31 @@ def known_path(path, choices, what):
     return path
 
 
+def browser_secret(config):
+    """The key that encrypts what the page keeps in each browser (its chat history, its uploads key).
+
+    Gradio picks a new random one at every start, so after a restart every browser would forget its chat
+    and lose sight of its uploads. This one is kept in the work folder, readable by its owner only (the
+    app never serves that folder); where it cannot be kept, a random one for this run, and a note.
+    """
+    path = config.work_dir / "browser-secret"
+    try:
+        if len(secret := path.read_text().strip()) >= 32:
+            return secret
+    except OSError:
+        pass
+    secret = secrets.token_urlsafe(32)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            Path(tmp).write_text(secret)
+            os.chmod(tmp, 0o600)
+    except OSError as e:
+        print(f"llmb: could not keep {path} ({e.strerror or e}); browsers will forget their chat when the app "
+              "restarts", flush=True)
+    return secret
+
+
 def build(config):
     """The whole page; the tabs live in story_tab, chat_tab and train_tab."""
     from llmb.app import chat_tab, story_tab, train_tab
@@ -197,8 +226,10 @@ def build(config):
         gr.Markdown("# llmb: LLM basics\nA story model trained from scratch, an assistant fine-tuned with QLoRA, "
                     "and the training itself, in one page.")
         # outside the tabs: a hidden tab's components are not mounted when the page loads
-        saved = gr.BrowserState({"chat": [], "base": []}, storage_key="llmb-chat")
-        uploads_key = gr.BrowserState("", storage_key="llmb-uploads")  # names the browser's own uploads folder
+        secret = browser_secret(config)
+        saved = gr.BrowserState({"chat": [], "base": []}, storage_key="llmb-chat", secret=secret)
+        # names the browser's own uploads folder
+        uploads_key = gr.BrowserState("", storage_key="llmb-uploads", secret=secret)
         with gr.Tabs():
             story = story_tab.build(ctx)
             chat = chat_tab.build(ctx, saved)

@@ -126,6 +126,7 @@ def load_checkpoint(path, device="cpu", cpu_int8=False):
         load_model(model, str(path / WEIGHTS), device="cpu")
     except Exception as e:  # safetensors raises several kinds for a bad or mismatched file
         raise UserError(f"could not read weights {path / WEIGHTS}: {e}") from None
+    meta["num_params"] = model.num_params()  # counted before int8 layers hide their weights from parameters()
     if cpu_int8:
         if device != "cpu":
             raise UserError("--cpu-int8 is for sampling on the CPU; leave it off on a GPU")

@@ -100,7 +100,10 @@ def test_story_streams_a_continuation(app, client):
     assert len(updates) > 5, "the continuation should arrive in pieces"
     assert final[0].startswith("Dorothy") and len(final[0]) == len("Dorothy") + 200
     assert "done: 200 new characters" in final[1]
-    assert "loaded on cpu" in final[2]
+    from llmb.quantize import int8_supported
+
+    weights = "int8 linear layers" if int8_supported() else "fp32"
+    assert f"loaded on cpu, {weights}" in final[2], "the app samples as `llmb sample` does"
     assert story(client, app.ckpts / "tiny-story", seed=3, max_new=200)[0] == final[0], "same seed, same text"
 
 

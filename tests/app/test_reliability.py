@@ -171,6 +171,19 @@ def test_a_browser_lists_and_trains_on_its_own_uploads_only(tmp_path):
         TRIED["bad inputs"] += 1
 
 
+def test_browsers_keep_their_chat_and_uploads_key_across_a_restart(tmp_path, capsys):
+    config = app_config.parse_args(["--work-dir", str(tmp_path / "work")], {})
+    first, again = page.browser_secret(config), page.browser_secret(config)  # two starts of the app
+    assert first == again and len(first) >= 32
+    assert oct((config.work_dir / "browser-secret").stat().st_mode & 0o777) == "0o600"
+    # a work folder that cannot be written: the app still starts, with a secret for this run, and says so
+    blocked = app_config.parse_args(["--work-dir", str(tmp_path / "file" / "work")], {})
+    (tmp_path / "file").write_text("not a folder")
+    one, other = page.browser_secret(blocked), page.browser_secret(blocked)
+    assert one != other and len(one) >= 32 and "browsers will forget their chat" in capsys.readouterr().out
+    TRIED["faults injected"] += 1
+
+
 # ------------------------------------------------------------------ 5. disk full at start
 
 def test_a_full_disk_starts_no_trainer(tmp_path, monkeypatch):
