@@ -140,7 +140,7 @@ def load_for_sampling(path, device="auto", precision="auto"):
     """(model, tokenizer, meta, precision used): the loader of every sampler (CLI, app, benchmarks).
 
     precision auto: int8 linear layers on a CPU, fp32 on a GPU. Generating reads every weight once
-    per token, so on a CPU int8 weights (a quarter of fp32's bytes) sample about 1.5x faster; the Oz
+    per token, so on a CPU int8 weights (a quarter of fp32's bytes) sample 1.15-1.5x faster; the Oz
     model's val loss moves by 0.001 nats/char. Training and `eval` always use fp32.
     """
     from llmb.device import resolve_device
