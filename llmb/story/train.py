@@ -213,6 +213,34 @@ def calibrate(run, now):
     run.bar.refresh()
     run.say(f"--max-time {cfg.max_time:g}s: {step_time * 1e3:.1f} ms/step -> planned {run.total_steps} steps")
     run.t_log = time.perf_counter()
+    run.plan_from = (run.t_log, run.step, run.eval_time)
+
+
+def replan(run):
+    """--max-time, at each eval: plan the rest again from the speed measured since the last plan.
+
+    A machine's speed drifts (by a third within one run here), so a single plan can leave a fifth
+    of the time unused, or run out of it before the anneal ends. The new schedule keeps the old one's
+    progress (the share of the cycle done), so the lr goes on from where it is: still rising in the
+    warm-up, still falling after it, and one-cycle never restarts.
+    """
+    cfg, now = run.cfg, time.perf_counter()
+    t0, step0, eval0 = run.plan_from
+    progress = (run.step - run.schedule_start) / (run.total_steps - run.schedule_start)
+    if run.step - step0 < 10 or progress > 0.8:  # the last fifth runs as planned: its 3% margin is not too thin
+        return
+    step_time = (now - t0 - (run.eval_time - eval0)) / (run.step - step0)
+    time_left = cfg.max_time - (now - run.start)
+    total = agree(run.accelerator, plan_steps(run.step, step_time, run.eval_cost, time_left, cfg.eval_interval))
+    total = min(total, cfg.max_iters or total)
+    if abs(total - run.total_steps) < 0.02 * (run.total_steps - run.step):
+        return
+    run.schedule_start = total - round((total - run.step) / (1 - progress))  # same progress at this step
+    plan_schedule(run, total)
+    run.bar.total = total
+    run.bar.refresh()
+    run.say(f"--max-time: {step_time * 1e3:.1f} ms/step since the last plan -> now {total} steps")
+    run.plan_from = (now, run.step, run.eval_time)
 
 
 # ----------------------------------------------------------------------------------- the model
@@ -325,6 +353,9 @@ class Run:
     t_log: float = 0.0
     step_log: int = 0
     calib_from: tuple = None
+    plan_from: tuple = None  # --max-time: (time, step, eval_time) when the schedule was last planned
+    eval_time: float = 0.0  # seconds spent in evals and saves during this invocation
+    eval_cost: float = 0.0  # seconds the last eval and save took
     last: dict = field(default_factory=lambda: {"train_loss": None, "val_loss": None, "val_bpc": None})
     best_val: float = math.inf
 
@@ -542,6 +573,8 @@ def loop(run):
     run.raw_model.train()
     run.start = run.t_log = time.perf_counter()
     run.step_log = first_step = run.step
+    if cfg.max_time is not None and run.total_steps is not None:  # resumed after planning: replan from here
+        run.plan_from = (run.start, run.step, 0.0)
     with StopSignal() as stop:
         while True:
             loss = train_step(run)
@@ -557,6 +590,8 @@ def loop(run):
                 log_step(run, loss.item(), now, evaluate_now)
             if done or stopped_by:
                 return stopped_by or "done"
+            if evaluate_now and cfg.max_time is not None and run.plan_from is not None:
+                replan(run)
 
 
 def log_step(run, loss, now, evaluate_now):
@@ -570,6 +605,8 @@ def log_step(run, loss, now, evaluate_now):
     if evaluate_now:
         evaluate_and_save(run, record)
         run.t_log = time.perf_counter()  # evals are not counted as training throughput
+        run.eval_cost = run.t_log - now
+        run.eval_time += run.eval_cost
     if run.main:
         run.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_sec:.0f}")
         run.metrics.log(**record)

@@ -113,6 +113,33 @@ def test_max_time_plans_the_schedule_inside_its_warm_up_and_stops_on_time(corpus
     assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))  # ... then anneals: one-cycle never restarts
 
 
+def test_max_time_replans_when_the_machine_speeds_up(corpus, tmp_path, monkeypatch):
+    """The first 60 steps are slowed down (a busy machine), so the first plan is far too short: the
+    plans at each eval lengthen the schedule to fill the time, and the lr still rises once, then falls."""
+    import llmb.story.train as story_train
+
+    real_step = story_train.train_step
+
+    def busy_then_quiet(run):
+        if run.step < 60:
+            time.sleep(0.03)
+        return real_step(run)
+
+    monkeypatch.setattr(story_train, "train_step", busy_then_quiet)
+    cfg = TrainConfig(data=[str(corpus)], out=str(tmp_path / "drift"), max_time=6.0, eval_interval=25,
+                      eval_iters=1, log_interval=1, sample_chars=0, **TINY)
+    _, summary = train(cfg, **QUIET)
+    records = read_metrics(tmp_path / "drift" / "metrics.jsonl")
+    plans = [r["total_steps"] for r in records if r["total_steps"]]
+    assert plans[-1] > 1.5 * plans[0], f"the schedule was not lengthened: {plans[0]} -> {plans[-1]}"
+    assert 0.75 * 6.0 <= summary["elapsed_s"] <= 6.0 + 1.0, "the time was used, not overrun"
+    lrs = [r["lr"] for r in records]
+    peak = lrs.index(max(lrs))
+    assert lrs[-1] < 0.05 * lrs[peak], "the anneal ran to (nearly) its end within the time"
+    assert all(a <= b * (1 + 1e-5) for a, b in zip(lrs[:peak], lrs[1:peak + 1]))
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))
+
+
 def test_one_cycle_shape():
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
     sched = make_scheduler(opt, "onecycle", 1e-2, 100, pct_start=0.25)
