@@ -25,3 +25,13 @@ def test_int8_linears_keep_the_predictions():
     assert 0 < (ref - q).abs().mean() / ref.std() < 0.05  # changed, but only a little
     # and it samples through the same generate, KV cache and all
     assert len(list(generate_ids(int8, [1, 2, 3], 40, temperature=0))) == 40
+
+
+def test_the_direct_int8_forward_gives_exactly_the_stock_forward():
+    from torch.ao.nn.quantized.dynamic import Linear as StockInt8Linear
+
+    torch.manual_seed(0)
+    model = quantize_linears_int8(GPT(GPTConfig(vocab_size=50, block_size=32, n_layer=1, n_head=2, n_embd=64)))
+    x = torch.randn(3, 5, 64)
+    for layer in (model.h[0].attn.c_attn, model.h[0].mlp.c_fc):
+        assert torch.equal(layer(x), StockInt8Linear.forward(layer, x))
