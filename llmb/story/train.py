@@ -204,16 +204,26 @@ def calibrate(run, now):
     step_time = (now - run.calib_from[0]) / (run.step - run.calib_from[1])
     t0 = time.perf_counter()
     run.last["val_loss"], run.last["val_bpc"], _ = run_eval(run, sample_chars=0)
-    eval_cost = time.perf_counter() - t0
-    time_left = cfg.max_time - (time.perf_counter() - run.start)
-    total = agree(run.accelerator, plan_steps(run.step, step_time, eval_cost, time_left, cfg.eval_interval))
+    total = steps_in_time(run, step_time, eval_cost=time.perf_counter() - t0)
     run.schedule_start = run.step  # the planned schedule starts here, at the lr the calibration used
-    plan_schedule(run, min(total, cfg.max_iters or total))
-    run.bar.total = run.total_steps
-    run.bar.refresh()
-    run.say(f"--max-time {cfg.max_time:g}s: {step_time * 1e3:.1f} ms/step -> planned {run.total_steps} steps")
+    adopt_plan(run, total, f"--max-time {cfg.max_time:g}s: {step_time * 1e3:.1f} ms/step -> planned {total} steps")
     run.t_log = time.perf_counter()
-    run.plan_from = (run.t_log, run.step, run.eval_time)
+
+
+def steps_in_time(run, step_time, eval_cost):
+    """--max-time: the step to end at, from the measured speed and the time left (every process agrees)."""
+    time_left = run.cfg.max_time - (time.perf_counter() - run.start)
+    total = agree(run.accelerator, plan_steps(run.step, step_time, eval_cost, time_left, run.cfg.eval_interval))
+    return min(total, run.cfg.max_iters or total)
+
+
+def adopt_plan(run, total, message):
+    """Schedule the run to end at step `total` (from run.schedule_start) and remember when it was planned."""
+    plan_schedule(run, total)
+    run.bar.total = total
+    run.bar.refresh()
+    run.say(message)
+    run.plan_from = (time.perf_counter(), run.step, run.eval_time)
 
 
 def replan(run):
@@ -224,23 +234,16 @@ def replan(run):
     progress (the share of the cycle done), so the lr goes on from where it is: still rising in the
     warm-up, still falling after it, and one-cycle never restarts.
     """
-    cfg, now = run.cfg, time.perf_counter()
     t0, step0, eval0 = run.plan_from
     progress = (run.step - run.schedule_start) / (run.total_steps - run.schedule_start)
     if run.step - step0 < 10 or progress > 0.8:  # the last fifth runs as planned: its 3% margin is not too thin
         return
-    step_time = (now - t0 - (run.eval_time - eval0)) / (run.step - step0)
-    time_left = cfg.max_time - (now - run.start)
-    total = agree(run.accelerator, plan_steps(run.step, step_time, run.eval_cost, time_left, cfg.eval_interval))
-    total = min(total, cfg.max_iters or total)
+    step_time = (time.perf_counter() - t0 - (run.eval_time - eval0)) / (run.step - step0)
+    total = steps_in_time(run, step_time, run.eval_cost)
     if abs(total - run.total_steps) < 0.02 * (run.total_steps - run.step):
         return
     run.schedule_start = total - round((total - run.step) / (1 - progress))  # same progress at this step
-    plan_schedule(run, total)
-    run.bar.total = total
-    run.bar.refresh()
-    run.say(f"--max-time: {step_time * 1e3:.1f} ms/step since the last plan -> now {total} steps")
-    run.plan_from = (now, run.step, run.eval_time)
+    adopt_plan(run, total, f"--max-time: {step_time * 1e3:.1f} ms/step since the last plan -> now {total} steps")
 
 
 # ----------------------------------------------------------------------------------- the model
