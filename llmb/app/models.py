@@ -109,7 +109,7 @@ class StoryModels:
 
     def __init__(self, device="auto", keep=4):
         self.device_wanted, self.keep = device, keep
-        self.loaded = OrderedDict()  # resolved path -> (weights mtime, model, tokenizer, meta, precision)
+        self.loaded = OrderedDict()  # resolved path -> (weights mtime, model, tokenizer, meta)
         self.errors = {}  # resolved path -> why it failed to load
         self.lock = threading.Lock()
 
@@ -124,14 +124,14 @@ class StoryModels:
             mtime = (key / WEIGHTS).stat().st_mtime if (key / WEIGHTS).is_file() else None
             if key in self.loaded and self.loaded[key][0] == mtime:
                 self.loaded.move_to_end(key)
-                return self.loaded[key][1:4]
+                return self.loaded[key][1:]
             try:  # the CLI's `sample` loader: int8 linear layers on a CPU
-                model, tokenizer, meta, precision = load_for_sampling(key, self.device_wanted)
+                model, tokenizer, meta = load_for_sampling(key, self.device_wanted)
             except Exception as e:  # bad checkpoint, no memory, ...: the tab says why
                 self.errors[key] = load_error(e)
                 raise UserError(f"could not load the story model: {self.errors[key]}") from None
             self.errors.pop(key, None)
-            self.loaded[key] = (mtime, model, tokenizer, meta, precision)
+            self.loaded[key] = (mtime, model, tokenizer, meta)
             while len(self.loaded) > self.keep:
                 self.loaded.popitem(last=False)
             return model, tokenizer, meta
@@ -145,9 +145,9 @@ class StoryModels:
             return f"**Story model `{name}`:** failed to load: {self.errors[key]}"
         if key not in self.loaded:
             return f"**Story model `{name}`:** not loaded yet (loads on first Generate, a second or two)"
-        _, model, tokenizer, meta, precision = self.loaded[key]
+        _, model, tokenizer, meta = self.loaded[key]
         device = next(model.parameters()).device.type
-        weights = "int8 linear layers" if precision == "int8" else "fp32"
+        weights = "int8 linear layers" if meta["precision"] == "int8" else "fp32"
         return (f"**Story model `{name}`:** loaded on {device}, {weights}, {meta['num_params'] / 1e6:.2f}M parameters, "
                 f"{tokenizer.kind} tokenizer, step {meta.get('step', '?')}")
 

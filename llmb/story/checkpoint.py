@@ -106,9 +106,10 @@ def load_train_state(out_dir):
 
 
 def load_checkpoint(path, device="cpu", cpu_int8=False):
-    """(model in eval mode, tokenizer, config dict) from a checkpoint folder.
+    """(model in eval mode, tokenizer, meta) from a checkpoint folder.
 
-    cpu_int8: int8 linear layers, for sampling faster on a CPU (see llmb.quantize).
+    meta: config.json's dict, plus num_params. cpu_int8: int8 linear layers, for sampling faster on
+    a CPU (see llmb.quantize).
     """
     path = Path(path)
     require(path, "story", "pass the --out folder of a story training run (has it saved yet?)")
@@ -137,7 +138,8 @@ def load_checkpoint(path, device="cpu", cpu_int8=False):
 
 
 def load_for_sampling(path, device="auto", precision="auto"):
-    """(model, tokenizer, meta, precision used): the loader of every sampler (CLI, app, benchmarks).
+    """(model, tokenizer, meta): the loader of every sampler (CLI, app, benchmarks); meta["precision"]
+    says which weights it got, fp32 or int8.
 
     precision auto: int8 linear layers on a CPU, fp32 on a GPU. Generating reads every weight once
     per token, so on a CPU int8 weights (a quarter of fp32's bytes) sample 1.15-1.5x faster; the Oz
@@ -151,4 +153,5 @@ def load_for_sampling(path, device="auto", precision="auto"):
     device = "cpu" if precision == "int8" else resolve_device(device)
     int8 = precision == "int8" or (precision == "auto" and device == "cpu" and int8_supported())
     model, tokenizer, meta = load_checkpoint(path, device, cpu_int8=int8)
-    return model, tokenizer, meta, "int8" if int8 else "fp32"
+    meta["precision"] = "int8" if int8 else "fp32"
+    return model, tokenizer, meta

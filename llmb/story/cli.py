@@ -43,7 +43,7 @@ def cmd_sample(args):
     from llmb.story.sample import check_sampling, generate
 
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
-    model, tokenizer, _, _ = load_for_sampling(args.ckpt, args.device, args.precision)
+    model, tokenizer, _ = load_for_sampling(args.ckpt, args.device, args.precision)
     unknown = tokenizer.unknown(args.prompt)
     if unknown:
         print(f"note: dropped characters the model never saw: {''.join(unknown)!r}", file=sys.stderr)

@@ -89,9 +89,10 @@ def test_samplers_get_int8_on_a_cpu_by_default_with_logits_close_to_fp32(trained
     from llmb.quantize import int8_supported
     from llmb.story.checkpoint import load_for_sampling
 
-    fp32, _, _, used = load_for_sampling(trained, "cpu", "fp32")
-    assert used == "fp32" and type(fp32.h[0].mlp.c_fc) is torch.nn.Linear
-    auto, _, _, used = load_for_sampling(trained, "cpu")
+    fp32, _, meta = load_for_sampling(trained, "cpu", "fp32")
+    assert meta["precision"] == "fp32" and type(fp32.h[0].mlp.c_fc) is torch.nn.Linear
+    auto, _, meta = load_for_sampling(trained, "cpu")
+    used = meta["precision"]
     assert used == ("int8" if int8_supported() else "fp32")
     assert (type(auto.h[0].mlp.c_fc) is not torch.nn.Linear) == (used == "int8")
     ids = torch.randint(0, fp32.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
