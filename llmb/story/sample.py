@@ -61,16 +61,15 @@ def generate_ids(model, ids, max_new_tokens, temperature=1.0, top_k=None, top_p=
         generator.seed()
     ids = list(ids)
     cache = model.new_cache() if use_cache else None
-    feed = ids[-context:]
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         if should_stop is not None and should_stop():
             return
-        if not use_cache:
-            feed = ids[-context:]
-        logits, _ = model(torch.tensor([feed], device=device), cache=cache)
-        token = next_token(logits[0, -1].float().cpu(), temperature, top_k, top_p, generator)
+        if use_cache and step > 0:  # one new token: the compiled decoder
+            logits = model.decode_next(ids[-1], cache)
+        else:  # the prompt, or all the text again without a cache
+            logits = model(torch.tensor([ids[-context:]], device=device), cache=cache)[0][0, -1]
+        token = next_token(logits.float().cpu(), temperature, top_k, top_p, generator)
         ids.append(token)
-        feed = [token]
         yield token
 
 

@@ -95,3 +95,39 @@ def test_weight_tying_and_decay_groups():
     assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])
     n = sum(p.numel() for g in opt.param_groups for p in g["params"])
     assert n == model.num_params()
+
+
+def decode_all(model, seq, prompt_len):
+    """Logits for seq[prompt_len - 1:] the way sampling gets them: a forward over the prompt, then decode_next."""
+    cache = model.new_cache()
+    logits = [model(seq[:, :prompt_len], cache=cache)[0][0, -1]]
+    logits += [model.decode_next(int(t), cache) for t in seq[0, prompt_len:]]
+    return torch.stack(logits)
+
+
+def test_compiled_decoder_matches_full_recompute_past_block_size():
+    for bias in (False, True):
+        model = tiny(block_size=8, bias=bias)
+        seq = torch.randint(0, 23, (1, 40))
+        full, _ = model(seq)
+        torch.testing.assert_close(decode_all(model, seq, 11), full[0, 10:], rtol=1e-10, atol=1e-10)
+        assert isinstance(model.decoder(), torch.jit.ScriptModule)  # the fast path is the one taken
+        assert set(model.state_dict()) == set(tiny(block_size=8, bias=bias).state_dict())  # never saved
+
+
+def test_decoder_follows_weight_updates_and_swapped_layers():
+    from llmb.quantize import quantize_linears_int8
+
+    model = tiny(block_size=8, dtype=torch.float32)
+    seq = torch.randint(0, 23, (1, 20))
+    decode_all(model, seq, 3)  # builds the decoder
+    with torch.no_grad():
+        model.h[0].mlp.c_fc.weight.mul_(3)  # as an optimizer step does, in place
+    torch.testing.assert_close(decode_all(model, seq, 3), model(seq)[0][0, 2:])
+    quantize_linears_int8(model)  # new layers: the decoder is rebuilt on them
+    with torch.inference_mode():  # int8 activations are scaled per call: compare with forward token by token
+        cache = model.new_cache()
+        int8_forward = [model(seq[:, :3], cache=cache)[0][0, -1]]
+        int8_forward += [model(seq[:, t:t + 1], cache=cache)[0][0, -1] for t in range(3, 20)]
+        torch.testing.assert_close(decode_all(model, seq, 3), torch.stack(int8_forward), rtol=1e-5, atol=1e-5)
+    assert isinstance(model.decoder(), torch.jit.ScriptModule)
