@@ -87,11 +87,18 @@ def generate(model, tokenizer, prompt, max_new_tokens=500, temperature=0.8, top_
     text_so_far = ""
     for token in generate_ids(model, ids, max_new_tokens, temperature, top_k, top_p, seed, use_cache, should_stop):
         new.append(token)
-        # decode everything generated so far: subword decoders merge pieces ("##ing")
+        # decode all of this line so far: subword decoders merge pieces ("##ing")
         text = tokenizer.decode(new)
+        if text.endswith("\ufffd"):  # a character split across byte-level tokens: wait for its other bytes
+            continue
         if text.startswith(text_so_far):
             piece, text_so_far = text[len(text_so_far):], text
             if piece:
                 yield piece
         else:  # the decoder re-spaced earlier text; give the new tail only
             text_so_far = text
+        if text_so_far.endswith("\n"):  # start afresh at each new line: decoding costs a line, not all the text
+            new, text_so_far = [], ""
+    text = tokenizer.decode(new) if new else ""
+    if text.startswith(text_so_far) and len(text) > len(text_so_far):  # the end came mid-character
+        yield text[len(text_so_far):]

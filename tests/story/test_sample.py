@@ -55,6 +55,14 @@ def test_generate_streams_text_and_survives_unknown_characters():
     assert tok.unknown("abc \u2603 xyz") == ["\u2603", "x", "y", "z"]
 
 
+def test_streamed_pieces_add_up_to_the_generated_text_across_lines():
+    tok = CharTokenizer(list("ab\ncd e"))
+    model = tiny_model(vocab=tok.vocab_size)
+    ids = list(generate_ids(model, tok.encode("ab"), 300, temperature=1.0, seed=3))
+    pieces = list(generate(model, tok, "ab", max_new_tokens=300, temperature=1.0, seed=3))
+    assert "".join(pieces) == tok.decode(ids) and tok.decode(ids).count("\n") > 5
+
+
 def test_should_stop_stops_at_once():
     model = tiny_model()
     produced = []
@@ -74,3 +82,16 @@ def test_nonsense_settings_are_one_clear_error():
         settings = {"max_new_tokens": 5, **bad}
         with pytest.raises(UserError, match=message):
             list(generate_ids(model, [1], **settings))
+
+
+def test_streaming_a_byte_level_tokenizer_never_shows_half_a_character(shared_data, monkeypatch):
+    import llmb.story.sample as sample
+    from llmb.story.tokenizer import SubwordTokenizer
+
+    tok = SubwordTokenizer.from_pretrained(str(shared_data / "phi-2-tokenizer"))
+    ids = tok.encode("The wizard said,\n\n  \u201cSnow \u2603 falls on the caf\u00e9.\u201d\nEnd")
+    monkeypatch.setattr(sample, "generate_ids", lambda *args, **kw: iter(ids))  # stands in for the model's choices
+    pieces = list(sample.generate(None, tok, "x", len(ids)))
+    assert "".join(pieces) == tok.decode(ids) and not any("\ufffd" in p for p in pieces)
+    monkeypatch.setattr(sample, "generate_ids", lambda *args, **kw: iter(ids[:7]))  # stops inside the quote mark's bytes
+    assert "".join(sample.generate(None, tok, "x", 7)) == tok.decode(ids[:7])
