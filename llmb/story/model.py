@@ -20,6 +20,7 @@ by TorchScript so that its few hundred operations are called from C++ instead of
 """
 
 import math
+import threading
 import warnings
 from dataclasses import asdict, dataclass
 from typing import List
@@ -27,6 +28,8 @@ from typing import List
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+_COMPILING = threading.Lock()
 
 
 @dataclass
@@ -257,16 +260,17 @@ class GPT(nn.Module):
         same Decoder runs from Python and gives the same logits, only slower.
         """
         layers = tuple((id(m), type(m)) for m in self.modules())
-        if self._decoder is None or self._decoder[0] != layers:
-            decoder = Decoder(self)
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # the deprecation notice
-                    decoder = torch.jit.script(decoder)
-            except Exception:
-                pass
-            self._decoder = (layers, decoder)  # a tuple: not registered as a submodule, not saved
-        return self._decoder[1]
+        with _COMPILING:  # the app samples in several threads; compile once, not concurrently
+            if self._decoder is None or self._decoder[0] != layers:
+                decoder = Decoder(self)
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")  # the deprecation notice
+                        decoder = torch.jit.script(decoder)
+                except Exception:
+                    pass
+                self._decoder = (layers, decoder)  # a tuple: not registered as a submodule, not saved
+            return self._decoder[1]
 
     def configure_optimizer(self, lr, weight_decay=0.1, betas=(0.9, 0.95)):
         """AdamW with weight decay on the 2-D weights (matmuls, embeddings) only."""

@@ -131,3 +131,15 @@ def test_decoder_follows_weight_updates_and_swapped_layers():
         int8_forward += [model(seq[:, t:t + 1], cache=cache)[0][0, -1] for t in range(3, 20)]
         torch.testing.assert_close(decode_all(model, seq, 3), torch.stack(int8_forward), rtol=1e-5, atol=1e-5)
     assert isinstance(model.decoder(), torch.jit.ScriptModule)
+
+
+def test_threads_decoding_at_once_share_one_compiled_decoder():
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = tiny(block_size=8)
+    seqs = [torch.randint(0, 23, (1, 30)) for _ in range(4)]
+    with ThreadPoolExecutor(4) as pool:  # as the app's story lane does: the first calls race to build it
+        results = list(pool.map(lambda seq: decode_all(model, seq, 5), seqs))
+    for seq, got in zip(seqs, results):
+        torch.testing.assert_close(got, model(seq)[0][0, 4:], rtol=1e-10, atol=1e-10)
+    assert isinstance(model.decoder(), torch.jit.ScriptModule)
