@@ -14,9 +14,10 @@ whole command). The profiler adds a little to every op, most to the small ones.
     python benchmarks/bench_train_breakdown.py [--steps 20] [--rounds 4] [--threads N] [--nanogpt DIR]
 """
 
-import sys
+import importlib.util
 import time
 from collections import defaultdict
+from pathlib import Path
 
 from common import median, parse, peer_parser
 
@@ -46,8 +47,9 @@ def main():
     from torch.profiler import profile
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    sys.path.insert(0, args.nanogpt)
-    import model as nano  # nanoGPT's model.py
+    spec = importlib.util.spec_from_file_location("nanogpt_model", Path(args.nanogpt) / "model.py")
+    nano = importlib.util.module_from_spec(spec)  # nanoGPT's model.py
+    spec.loader.exec_module(nano)
 
     from llmb.story.model import GPT, GPTConfig
 

@@ -110,8 +110,8 @@ def test_cli_sigint_saves_adapter_then_resume_continues(tiny_phi, small_data, tm
             "--eval-split", 0.25, "--device", "cpu", "--lr", 1e-2]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     proc = run_train(args + ["--max-steps", 100_000], env)
-    deadline = time.time() + 120
-    while not read_metrics(out / "metrics.jsonl") and time.time() < deadline:
+    deadline = time.time() + 120  # stop after a real step (the step-0 record comes before any training)
+    while not any(r["step"] >= 1 for r in read_metrics(out / "metrics.jsonl")) and time.time() < deadline:
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
