@@ -154,4 +154,5 @@ def load_for_sampling(path, device="auto", precision="auto"):
     int8 = precision == "int8" or (precision == "auto" and device == "cpu" and int8_supported())
     model, tokenizer, meta = load_checkpoint(path, device, cpu_int8=int8)
     meta["precision"] = "int8" if int8 else "fp32"
+    model.decoder()  # compile the decoder that samples each new token (GPT.decoder) now, with the loading
     return model, tokenizer, meta
