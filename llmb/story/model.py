@@ -242,14 +242,15 @@ class GPT(nn.Module):
     def new_cache(self):
         return KVCache(self.config.n_layer, self.config.block_size)
 
-    def decode_next(self, token, cache):
+    def decode_next(self, token, cache, decoder=None):
         """Logits (vocab_size,) for one token (an int) after the cached ones, updating the cache:
-        forward(tensor([[token]]), cache=cache)[0][0, -1], through the compiled Decoder."""
+        forward(tensor([[token]]), cache=cache)[0][0, -1], through the compiled Decoder
+        (pass `decoder=model.decoder()` when decoding many tokens: finding it costs a walk over the layers)."""
         S, pos = cache.block_size, cache.pos
         like = cache.k[0]  # the cache is filled by a forward over the prompt first
         cos, sin = self.rope(pos, 1, like)
-        logits = self.decoder()(torch.tensor([token], device=like.device), cache.k, cache.v,
-                                cos.view(-1), sin.view(-1), pos % S, min(pos + 1, S))
+        logits = (decoder or self.decoder())(torch.tensor([token], device=like.device), cache.k, cache.v,
+                                             cos.view(-1), sin.view(-1), pos % S, min(pos + 1, S))
         cache.pos += 1
         return logits[0]
 
