@@ -46,7 +46,6 @@ def main():
     import torch
     from torch.profiler import profile
 
-    torch.set_num_threads(args.threads or torch.get_num_threads())
     spec = importlib.util.spec_from_file_location("nanogpt_model", Path(args.nanogpt) / "model.py")
     nano = importlib.util.module_from_spec(spec)  # nanoGPT's model.py
     spec.loader.exec_module(nano)

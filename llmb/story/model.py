@@ -249,8 +249,9 @@ class GPT(nn.Module):
         S, pos = cache.block_size, cache.pos
         like = cache.k[0]  # the cache is filled by a forward over the prompt first
         cos, sin = self.rope(pos, 1, like)
-        logits = (decoder or self.decoder())(torch.tensor([token], device=like.device), cache.k, cache.v,
-                                             cos.view(-1), sin.view(-1), pos % S, min(pos + 1, S))
+        decoder = self.decoder() if decoder is None else decoder
+        logits = decoder(torch.tensor([token], device=like.device), cache.k, cache.v, cos.view(-1), sin.view(-1),
+                         pos % S, min(pos + 1, S))
         cache.pos += 1
         return logits[0]
 
