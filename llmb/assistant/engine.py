@@ -57,17 +57,26 @@ def partial_marker_len(text, markers=STOP_MARKERS):
 
 
 class StopWatch:
-    """A StoppingCriteria checked after every new token: stops when `stop` or `cancel` is set."""
+    """A StoppingCriteria checked after every new token: stops when `stop` or `cancel` is set, or
+    when the new text ends a stop marker (checked here, on the generating thread, so generation
+    ends at the marker's last token however late the reader sees it).
+    """
 
-    def __init__(self, prompt_len, *events):
+    def __init__(self, prompt_len, *events, markers=(), tokenizer=None):
         self.prompt_len, self.events, self.new_tokens = prompt_len, [e for e in events if e is not None], 0
-        self.fired = None  # the event that stopped generation
+        self.markers, self.tokenizer = markers, tokenizer
+        self.tail = max(map(len, markers), default=0)  # tokens that can hold a marker: each has >= 1 character
+        self.fired = None  # what stopped generation: one of the events, or "marker"
 
     def __call__(self, input_ids, scores, **kwargs):
         import torch
 
         self.new_tokens = input_ids.shape[1] - self.prompt_len
         self.fired = next((e for e in self.events if e.is_set()), None)
+        if self.fired is None and self.markers:
+            new = input_ids[0, max(self.prompt_len, input_ids.shape[1] - self.tail):]
+            tail = self.tokenizer.decode(new, skip_special_tokens=True)  # as the reader sees it: eos ends by itself
+            self.fired = "marker" if any(m in tail for m in self.markers) else None
         return torch.full((input_ids.shape[0],), self.fired is not None, dtype=torch.bool, device=input_ids.device)
 
 
@@ -187,7 +196,7 @@ class ChatEngine:
         from transformers import TextIteratorStreamer
 
         stop = threading.Event()  # set here when a marker appears or the caller walks away
-        watch = StopWatch(len(ids), stop, cancel)
+        watch = StopWatch(len(ids), stop, cancel, markers=self.markers, tokenizer=self.tokenizer)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True,
                                         clean_up_tokenization_spaces=False)
         errors, held, started, first, stopped_by = [], "", False, None, None
@@ -225,7 +234,7 @@ class ChatEngine:
     def _finish(watch, cancel, stopped_by, max_new_tokens, t0, first):
         seconds = time.time() - t0
         if stopped_by is None:
-            stopped_by = "cancel" if cancel is not None and watch.fired is cancel else \
+            stopped_by = "cancel" if cancel is not None and watch.fired is cancel else "marker" if watch.fired == "marker" else \
                 "length" if watch.new_tokens >= max_new_tokens else "eos"
         return {"new_tokens": watch.new_tokens, "stopped_by": stopped_by, "seconds": seconds,
                 "time_to_first_token": (first - t0) if first else None,
