@@ -11,7 +11,10 @@ nanoGPT's `configure_optimizers`), with gradient clipping at 1.0 as both trainer
 loading, logging and scheduling around them are left out (bench_train_throughput.py measures the
 whole command). The profiler adds a little to every op, most to the small ones.
 
-    python benchmarks/bench_train_breakdown.py [--steps 20] [--rounds 4] [--threads N] [--nanogpt DIR]
+--compile runs our model through torch.compile (nanoGPT stays as its CPU recipe runs it, eager):
+it shows what fusing the small operations would buy. The fused kernels count as "everything else".
+
+    python benchmarks/bench_train_breakdown.py [--steps 20] [--rounds 4] [--threads N] [--nanogpt DIR] [--compile]
 """
 
 import importlib.util
@@ -41,6 +44,7 @@ def group_of(name):
 def main():
     p = peer_parser(__doc__, rounds=4)
     p.add_argument("--steps", type=int, default=20, help="steps per contender per round")
+    p.add_argument("--compile", action="store_true", help="our model through torch.compile (needs a C++ compiler)")
     args = parse(p)
 
     import torch
@@ -56,8 +60,11 @@ def main():
     torch.manual_seed(0)
     ours = GPT(GPTConfig(**shape, dropout=0.0))
     theirs = nano.GPT(nano.GPTConfig(**shape, dropout=0.0, bias=False))
+    optimizer = ours.configure_optimizer(1e-3, 0.1)
+    if args.compile:
+        ours = torch.compile(ours)  # compiled on the first step, in the warm-up round
     contenders = {
-        "llmb": (ours, ours.configure_optimizer(1e-3, 0.1)),
+        "llmb": (ours, optimizer),
         "nanoGPT": (theirs, theirs.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")),
     }
     data = torch.randint(0, 65, (200_000,))
@@ -82,6 +89,8 @@ def main():
             for x, y in batches:
                 step(model, optimizer, x, y)
             ms = 1000 * (time.perf_counter() - start) / args.steps
+            if r == 0 and args.compile and name == "llmb":
+                print(f"  torch.compile: the warm-up round took {ms * args.steps / 1000:.1f} s", flush=True)
             with profile() as prof:
                 for x, y in batches:
                     step(model, optimizer, x, y)
@@ -97,7 +106,8 @@ def main():
         print(f"  round {r}: " + ", ".join(f"{n} {wall[n][-1]:.1f} ms/step" for n in contenders) if r else
               "  warm-up round done", flush=True)
 
-    print(f"\none training step, nanoGPT's CPU config, {args.steps} steps x {args.rounds} rounds, "
+    compiled = "ours compiled, " if args.compile else ""
+    print(f"\none training step, nanoGPT's CPU config, {args.steps} steps x {args.rounds} rounds, {compiled}"
           f"{torch.get_num_threads()} thread(s); ms per step (median over rounds):")
     print(f"  {'':66s} {'llmb':>8s} {'nanoGPT':>8s}")
     for group in parts["llmb"]:
