@@ -233,9 +233,13 @@ class ChatEngine:
     @staticmethod
     def _finish(watch, cancel, stopped_by, max_new_tokens, t0, first):
         seconds = time.time() - t0
-        if stopped_by is None:
-            stopped_by = "cancel" if cancel is not None and watch.fired is cancel else "marker" if watch.fired == "marker" else \
-                "length" if watch.new_tokens >= max_new_tokens else "eos"
+        if stopped_by is None:  # the reader did not stop it: ask the StopWatch
+            if cancel is not None and watch.fired is cancel:
+                stopped_by = "cancel"
+            elif watch.fired == "marker":
+                stopped_by = "marker"
+            else:
+                stopped_by = "length" if watch.new_tokens >= max_new_tokens else "eos"
         return {"new_tokens": watch.new_tokens, "stopped_by": stopped_by, "seconds": seconds,
                 "time_to_first_token": (first - t0) if first else None,
                 "tokens_per_sec": watch.new_tokens / seconds if seconds > 0 else 0.0}
