@@ -120,6 +120,21 @@ def check_number(label, value, low=None, high=None, kind=float):
     return kind(x)
 
 
+
+def check_sampling(max_new_tokens, temperature, top_k=None, top_p=None, repetition_penalty=None):
+    """One clear error for a sampling setting that makes no sense (the story sampler's and the chat's).
+
+    temperature 0 is greedy; top_k, top_p and repetition_penalty None are off.
+    """
+    check_number("max new tokens", max_new_tokens, 1, kind=int)
+    check_number("temperature (0 = greedy)", temperature, 0)
+    if top_k is not None:
+        check_number("top-k", top_k, 1, kind=int)
+    if top_p is not None and not 0 < check_number("top-p", top_p, 0, 1):
+        raise UserError(f"top-p must be more than 0 and at most 1 (got {top_p})")
+    if repetition_penalty is not None and not check_number("repetition penalty", repetition_penalty, 0) > 0:
+        raise UserError(f"repetition penalty must be more than 0 (got {repetition_penalty}); 1 is off")
+
 def parse(spec, value, label=None):
     """`value` (text from a command line or a form, or a Python value) as the setting wants it.
 

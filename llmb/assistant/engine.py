@@ -22,6 +22,7 @@ from llmb.assistant.loading import load_adapter, load_base_model, load_chat_toke
 from llmb.device import resolve_device
 from llmb.errors import UserError
 from llmb.quantize import quantize_linears_int8
+from llmb.settings import check_sampling
 
 STOP_MARKERS = (HUMAN, ASSISTANT, "<|endoftext|>")
 
@@ -159,6 +160,7 @@ class ChatEngine:
         """The answer to `message` as an Answer (iterate it for pieces). Setting `cancel` (a threading.Event) stops it."""
         if not message or not message.strip():
             raise UserError("empty message")
+        check_sampling(max_new_tokens, temperature, top_k or None, top_p, repetition_penalty)  # top-k 0: off
         use_adapter = bool(self.has_adapter and use_adapter)  # no adapter: the base answers either way
         ids, dropped = self.prompt_ids(history, message, system, max_new_tokens)
         stats = {"prompt_tokens": len(ids), "dropped_turns": dropped, "adapter": use_adapter}

@@ -39,8 +39,9 @@ def train_main(argv=None, description=None):
 
 
 def cmd_sample(args):
+    from llmb.settings import check_sampling
     from llmb.story.checkpoint import load_for_sampling
-    from llmb.story.sample import check_sampling, generate
+    from llmb.story.sample import generate
 
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     model, tokenizer, _ = load_for_sampling(args.ckpt, args.device, args.precision)

@@ -2,7 +2,7 @@
 
 import torch
 
-from llmb.errors import UserError
+from llmb.settings import check_sampling
 
 
 def filter_logits(logits, top_k=None, top_p=None):
@@ -17,18 +17,6 @@ def filter_logits(logits, top_k=None, top_p=None):
         drop = cumulative - sorted_logits.softmax(-1) >= top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits
-
-
-def check_sampling(max_new_tokens, temperature, top_k=None, top_p=None):
-    """One clear error for a sampling setting that makes no sense."""
-    if max_new_tokens < 1:
-        raise UserError(f"max new tokens must be at least 1 (got {max_new_tokens})")
-    if temperature < 0:
-        raise UserError(f"temperature must be 0 (greedy) or more (got {temperature})")
-    if top_k is not None and top_k < 1:
-        raise UserError(f"top-k must be at least 1 (got {top_k})")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise UserError(f"top-p must be in (0, 1] (got {top_p})")
 
 
 def next_token(logits, temperature, top_k, top_p, generator):

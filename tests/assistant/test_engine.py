@@ -104,6 +104,16 @@ def test_a_slow_reader_does_not_let_generation_run_past_the_marker(tiny_phi, tmp
     assert answer.stats["stopped_by"] == "marker" and answer.stats["new_tokens"] == 8
 
 
+def test_nonsense_sampling_settings_are_one_clear_error(engine):
+    for bad, message in [(dict(max_new_tokens=0), "max new tokens must be at least 1"),
+                         (dict(temperature=float("nan")), "temperature .* must be a finite number"),
+                         (dict(top_p=0.0), "top-p must be more than 0"), (dict(top_k=-1), "top-k"),
+                         (dict(repetition_penalty=0.0), "repetition penalty must be more than 0")]:
+        with pytest.raises(UserError, match=message):
+            engine.stream([], "Hi", **bad)  # refused at once, before any generation starts
+    assert engine.reply([], "Hi", temperature=0, top_k=0, max_new_tokens=3)  # top-k 0 is off, not an error
+
+
 def test_text_like_a_marker_start_is_released(tiny_phi, tmp_path):
     engine = ChatEngine(str(scripted_phi(tmp_path, tiny_phi, " a### b.")), device="cpu")
     answer = engine.stream([], "Hi", temperature=0, max_new_tokens=12)

@@ -78,7 +78,8 @@ def test_nonsense_settings_are_one_clear_error():
 
     model = tiny_model()
     for bad, message in [(dict(temperature=-1), "temperature"), (dict(top_k=0), "top-k"),
-                         (dict(top_p=1.5), "top-p"), (dict(max_new_tokens=0), "max new tokens")]:
+                         (dict(top_p=1.5), "top-p"), (dict(max_new_tokens=0), "max new tokens"),
+                         (dict(temperature=float("nan")), "temperature")]:
         settings = {"max_new_tokens": 5, **bad}
         with pytest.raises(UserError, match=message):
             list(generate_ids(model, [1], **settings))
