@@ -221,13 +221,16 @@ def test_sigterm_saves_and_resume_continues_to_the_same_weights(corpus, tmp_path
 def test_two_process_ddp_ends_with_identical_weights(corpus, tmp_path, budget):
     script = tmp_path / "ddp_run.py"
     script.write_text(f"""
+import json
 import os
 import torch
 from llmb.story.train import TrainConfig, train
 model, summary = train(TrainConfig(data=[{str(corpus)!r}], out={str(tmp_path / 'ddp')!r}, **{budget!r},
                                    eval_interval=20, eval_iters=2, device="cpu", **{TINY!r}), log=lambda *a: None)
-torch.save(model.state_dict(), {str(tmp_path)!r} + f"/rank{{os.environ['RANK']}}.pt")
-print("tokens_seen", summary["tokens_seen"], "steps", summary["steps"])
+rank = {str(tmp_path)!r} + f"/rank{{os.environ['RANK']}}"
+torch.save(model.state_dict(), rank + ".pt")
+with open(rank + ".json", "w") as f:  # a file per rank: the two ranks' prints would interleave on one stdout
+    json.dump({{"tokens_seen": summary["tokens_seen"], "steps": summary["steps"]}}, f)
 """)
     r = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2, script)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -235,8 +238,9 @@ print("tokens_seen", summary["tokens_seen"], "steps", summary["steps"])
     b = torch.load(tmp_path / "rank1.pt")
     for name in a:
         assert torch.equal(a[name], b[name]), name
-    steps = int(r.stdout.split("steps ")[1].split()[0])
-    assert f"tokens_seen {steps * 16 * 32 * 2}" in r.stdout  # both ranks' batches count
+    summaries = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
+    steps = summaries[0]["steps"]
+    assert summaries == [{"tokens_seen": steps * 16 * 32 * 2, "steps": steps}] * 2  # both ranks' batches count
     assert steps == 20 if "max_iters" in budget else steps > 20  # a --max-time run planned its length
     assert (tmp_path / "ddp" / "model.safetensors").exists()
 
