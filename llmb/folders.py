@@ -4,10 +4,16 @@
     adapter   a LoRA adapter: adapter_config.json (what peft's save_pretrained writes)
     model     a Hugging Face model folder: config.json and weights (a base for --base)
 
+and, for every command that writes a folder, whether it may write there (`check_out_folder`):
+a new folder, an empty one, --resume of a run of its own kind, or --overwrite of a folder that
+holds what the command itself writes; anything else is refused in one line saying what is there.
+
 Reading a folder's kind imports nothing heavy, so the app can list its pickers before torch loads.
 """
 
 import json
+import os
+import re
 from pathlib import Path
 
 from llmb.errors import UserError
@@ -63,3 +69,106 @@ def require(path, kind, hint=""):
         got = f"it is {'an' if found == 'adapter' else 'a'} {found} folder" if found else "it holds none of those"
         raise UserError(f"{path} is not {what}: {got}{'; ' + hint if hint else ''}")
     return path
+
+
+# ------------------------------------------------------------------------------ output folders
+
+STORY_STATE = "train_state.pt"
+ADAPTER_CHECKPOINT = re.compile(r"checkpoint-\d+$")  # a QLoRA run's resumable checkpoints
+OUTPUTS = {"story": "a story checkpoint", "adapter": "a LoRA adapter run", "model": "a model folder",
+           "lr-find": "an LR-finder result", "run": "the log of a run that saved no model",
+           "other": "files that are not a model"}
+
+
+def output_kind(path):
+    """What an output folder holds: None (missing or empty) or a key of OUTPUTS.
+
+    A run that stopped before it finished counts as its kind: a story run with only its training
+    state, a QLoRA run with only its checkpoint-N folders.
+    """
+    path = Path(path)
+    if not path.is_dir() or not any(path.iterdir()):
+        return None
+    config = _config(path)
+    if is_adapter(path) or any(ADAPTER_CHECKPOINT.match(p.name) for p in path.iterdir() if p.is_dir()):
+        return "adapter"
+    if (isinstance(config, dict) and config.get("llmb") == "story") or (path / STORY_STATE).is_file():
+        return "story"
+    if isinstance(config, dict) and "model_type" in config:
+        return "model"
+    if (path / "lr_find.json").is_file():
+        return "lr-find"
+    if (path / "metrics.jsonl").is_file() or (path / "summary.json").is_file():
+        return "run"
+    return "other"
+
+
+def _listing(path, shown=4):
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in Path(path).iterdir())
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+
+
+def check_writable(path, flag="--out"):
+    """`path` is not a file, and it (or the folder it would be made in) is writable by us."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is a file; give a folder")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write in {parent} (read-only or not yours); give {flag} a folder you can write")
+    return path
+
+
+def check_out_folder(path, kind, overwrite=False, resume=False, flag="--out"):
+    """May a command that writes `kind` (a key of OUTPUTS) write its folder at `path`? The one rule:
+
+    a new or empty folder; with `resume`, a folder holding a run of `kind`; with `overwrite`, a folder
+    holding `kind` (or a run that saved no model), which the command replaces only once its new
+    content is complete. Anything else is a UserError naming what is there. Returns
+    output_kind(path): what the command will replace or resume (None for a fresh folder).
+    """
+    path = check_writable(path, flag)
+    found = output_kind(path)
+    if resume:
+        if found == kind:
+            return found
+        if found is None:
+            raise UserError(f"--resume: no checkpoint in {path} to resume; start a run without --resume")
+        raise UserError(f"--resume: {path} holds {OUTPUTS[found]} ({_listing(path)}), not {OUTPUTS[kind]} "
+                        f"to continue; give the {flag} of a run of this kind")
+    if found is None or (overwrite and found in (kind, "run")):
+        return found
+    if found in (kind, "run"):
+        again = " --resume to continue it," if kind in ("story", "adapter") and found == kind else ""
+        raise UserError(f"{path} already holds {OUTPUTS[found]} ({_listing(path)}); give{again} another {flag}, "
+                        "or --overwrite to replace it")
+    raise UserError(f"{path} already holds {OUTPUTS[found]} ({_listing(path)}); give another {flag} "
+                    f"(--overwrite only replaces {OUTPUTS[kind]})")
+
+
+def check_out_file(path, overwrite=False, flag="--out"):
+    """May a command write the file `path`? A new file, or an existing one with `overwrite` (replaced
+    atomically once written, see llmb.fileio); never a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; give a file name")
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} already exists; give another {flag}, or --overwrite to replace it")
+    check_writable(path.parent, flag)
+    return path
+
+
+def saved_step(path):
+    """The training step of the checkpoint a run left in `path` (what --resume continues), or None.
+
+    story: the step in config.json; a QLoRA run: the newest checkpoint-N. Read from the folder
+    itself, so it is right even after a kill -9 that wrote no summary.
+    """
+    path = Path(path)
+    config = _config(path)
+    if is_story_checkpoint(path) and isinstance(config.get("step"), int):
+        return config["step"]
+    steps = [int(p.name.split("-")[1]) for p in path.glob("checkpoint-*") if ADAPTER_CHECKPOINT.match(p.name)]
+    return max(steps) if steps else None

@@ -32,19 +32,6 @@ STATE = "train_state.pt"
 STAGING = ".saving"
 
 
-def check_out_folder(out):
-    """--out must be a folder we can write (or one we can create); checked before any work starts."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a folder for the checkpoint")
-    parent = out
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write in {parent} (read-only or not yours); give --out a folder you can write")
-    return out
-
-
 def save_checkpoint(out_dir, model, tokenizer, meta, state=None, replace=False):
     """Save weights, tokenizer, config (+ training state): complete in staging, then moved in.
 
@@ -70,8 +57,18 @@ def save_checkpoint(out_dir, model, tokenizer, meta, state=None, replace=False):
             os.replace(f, out_dir / f.name)
         _sync(out_dir, files=False)
         staging.rmdir()
-    except OSError as e:
-        raise UserError(f"could not save the checkpoint in {out_dir}: {e.strerror or e}") from None
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        shutil.rmtree(staging, ignore_errors=True)  # frees the space a full disk needs for summary.json
+        raise UserError(f"could not save the checkpoint in {out_dir}: {write_error(e)}; the last checkpoint "
+                        "there is kept") from None
+
+
+def write_error(e):
+    """Why a write failed, in one line: the OS's words ("No space left on device"), or the first line of
+    torch's ("PytorchStreamWriter failed writing file data/3: file write failed")."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def _sync(folder, files=True):
@@ -94,15 +91,46 @@ def _umask():
     return mask
 
 
+STATE_KEYS = ("step", "total_steps", "max_iters", "schedule_start", "elapsed_s", "optimizer")
+
+
 def load_train_state(out_dir):
     """The training state saved beside the weights, checked to belong to the same save."""
     out_dir = Path(out_dir)
-    state = torch.load(out_dir / STATE, map_location="cpu", weights_only=False)
+    damaged = f"; start a new run with --overwrite (the weights in {out_dir} still sample)"
+    try:
+        state = torch.load(out_dir / STATE, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or empty file: EOFError, RuntimeError, UnpicklingError, ...
+        raise UserError(f"{out_dir / STATE} is damaged and cannot be read ({write_error(e)}){damaged}") from None
+    if not isinstance(state, dict) or not all(k in state for k in STATE_KEYS):
+        raise UserError(f"{out_dir / STATE} is not a training state of this trainer{damaged}")
     saved_step = read_json(out_dir / CONFIG).get("step")
     if state.get("step") != saved_step:
         raise UserError(f"{out_dir}: the training state (step {state.get('step')}) does not match the weights "
                         f"(step {saved_step}): the last save was interrupted; start a new run with --overwrite")
     return state
+
+
+def read_model_config(path):
+    """The GPTConfig of config.json, every number inside the range the trainer allows."""
+    from llmb.settings import check_number, parse, spec_of
+    from llmb.story.config import TrainConfig
+
+    file = Path(path) / CONFIG
+    try:
+        meta = read_json(file)
+        model = dict(meta["model"])
+        GPTConfig(**model)  # unknown or missing names
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias"):
+            model[name] = parse(spec_of(TrainConfig, name), model[name], label=f"model {name}")
+        model["vocab_size"] = check_number("model vocab_size", model["vocab_size"], 1, 10**7, int)
+        model["rope_theta"] = check_number("model rope_theta", model.get("rope_theta", 10000.0), 1.0)
+        if model["n_embd"] % model["n_head"] or (model["n_embd"] // model["n_head"]) % 2:
+            raise UserError(f"model n_embd {model['n_embd']} does not split into {model['n_head']} even heads")
+    except (ValueError, KeyError, TypeError, UserError) as e:  # json's errors are ValueErrors
+        why = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+        raise UserError(f"{file} is not a valid story config ({why}); restore the file or train again") from None
+    return meta, GPTConfig(**model)
 
 
 def load_checkpoint(path, device="cpu", cpu_int8=False):
@@ -113,11 +141,7 @@ def load_checkpoint(path, device="cpu", cpu_int8=False):
     """
     path = Path(path)
     require(path, "story", "pass the --out folder of a story training run (has it saved yet?)")
-    try:
-        meta = read_json(path / CONFIG)
-        config = GPTConfig(**meta["model"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise UserError(f"{path / CONFIG} is not a valid story config ({e})") from None
+    meta, config = read_model_config(path)
     tokenizer = load_tokenizer(path)
     if tokenizer.vocab_size != config.vocab_size:  # e.g. files of two runs mixed by hand
         raise UserError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model {config.vocab_size}; "

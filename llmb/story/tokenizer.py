@@ -172,12 +172,29 @@ def build_tokenizer(name, text, vocab_size=2000):
 
 
 def load_tokenizer(directory):
+    """The tokenizer saved in a checkpoint folder; a damaged file is a UserError naming it."""
     directory = Path(directory)
     if (directory / CHAR_FILE).exists():
-        data = json.loads((directory / CHAR_FILE).read_text(encoding="utf-8"))
-        return CharTokenizer(data["chars"])
+        return load_char_vocab(directory / CHAR_FILE)
     if (directory / SUBWORD_FILE).exists():
         from tokenizers import Tokenizer
 
-        return SubwordTokenizer(Tokenizer.from_file(str(directory / SUBWORD_FILE)))
+        try:
+            return SubwordTokenizer(Tokenizer.from_file(str(directory / SUBWORD_FILE)))
+        except Exception as e:  # tokenizers raises its own Exception for a bad file
+            raise UserError(f"{directory / SUBWORD_FILE} is not a valid tokenizer ({str(e)[:100]}); "
+                            "restore the file or train again") from None
     raise UserError(f"no tokenizer in {directory} (expected {CHAR_FILE} or {SUBWORD_FILE})")
+
+
+def load_char_vocab(file):
+    """char_vocab.json: {"kind": "char", "chars": [distinct single characters]}."""
+    try:
+        chars = json.loads(Path(file).read_text(encoding="utf-8"))["chars"]
+        ok = isinstance(chars, list) and chars and all(isinstance(c, str) and len(c) == 1 for c in chars)
+    except (ValueError, KeyError, TypeError):  # not JSON, not text, no "chars"
+        ok = False
+    if not ok or len(set(chars)) != len(chars):
+        raise UserError(f"{file} is not a valid character vocabulary (expected {{\"chars\": [one character "
+                        "each, no repeats]}); restore the file or train again")
+    return CharTokenizer(chars)

@@ -23,10 +23,10 @@ import torch
 
 from llmb.device import resolve_device
 from llmb.errors import UserError
-from llmb.folders import folder_kind, is_story_checkpoint
+from llmb.folders import check_out_folder, check_writable, is_story_checkpoint
 from llmb.runlog import MetricsLog, StopSignal, trim_metrics, write_summary
 from llmb.settings import check, check_number
-from llmb.story.checkpoint import STATE, check_out_folder, load_checkpoint, load_train_state, save_checkpoint
+from llmb.story.checkpoint import STATE, load_checkpoint, load_train_state, save_checkpoint
 from llmb.story.config import SAFE_ON_RESUME, TrainConfig, check_memory
 from llmb.story.corpus import load_corpus
 from llmb.story.model import GPT, GPTConfig
@@ -283,7 +283,7 @@ def find_lr(cfg, data=None, num_iters=200, start_lr=1e-5, end_lr=1.0, out_dir=No
     start_lr = check_number("--start-lr", start_lr, 1e-12, 10.0)
     end_lr = check_number("--end-lr", end_lr, start_lr * 10, 1e3)
     if out_dir is not None:
-        check_out_folder(out_dir)
+        check_writable(out_dir)
     data = data or prepare_data(cfg)
     torch.manual_seed(cfg.seed)
     model = GPT(model_config(cfg, data.tokenizer.vocab_size))
@@ -348,6 +348,7 @@ class Run:
     bar: object = None
     replace: bool = False  # the folder holds another run's checkpoint; the first save replaces it
     saved: bool = False  # this run has saved a checkpoint
+    saved_step: int = None  # the step of the checkpoint in out (resumable), this run's or the resumed one's
     step: int = 0
     total_steps: int = None
     schedule_start: int = 0
@@ -379,22 +380,19 @@ def open_run(cfg, log):
     """Check the settings and --out; (Run, saved state or None). Nothing is written yet."""
     check(cfg)
     cfg.check_length()
-    out = check_out_folder(cfg.out)
+    found = check_out_folder(cfg.out, "story", overwrite=cfg.overwrite, resume=cfg.resume)
+    out = Path(cfg.out)
     accelerator = make_accelerator(cfg.device)
     say = log if accelerator.is_main_process else (lambda *a, **k: None)
     run = Run(cfg, out, accelerator, say)
-    has_run = is_story_checkpoint(out) or (out / STATE).is_file()
-    if not has_run and ((out / "config.json").exists() or folder_kind(out)):  # e.g. an adapter or a base model
-        raise UserError(f"{out} holds another model's files (config.json); give --out a folder of its own")
     if not cfg.resume:
-        if has_run and not cfg.overwrite:
-            raise UserError(f"{out} already holds a checkpoint; give --resume to continue it, --overwrite to "
-                            "replace it, or another --out")
-        run.replace = has_run
+        run.replace = found is not None  # --overwrite: the first save replaces what is there
         return run, None
     if not (is_story_checkpoint(out) and (out / STATE).is_file()):
         raise UserError(f"--resume: no checkpoint with training state in {out}; start a run without --resume")
-    return run, load_train_state(out)
+    state = load_train_state(out)
+    run.saved_step = state["step"]
+    return run, state
 
 
 def check_resume(cfg, saved):
@@ -418,6 +416,9 @@ def prepare(cfg, log=print):
     run, state = open_run(cfg, log)
     if state is not None:
         model, tokenizer, meta = load_checkpoint(run.out)
+        if not isinstance(meta.get("train"), dict) or "lr" not in meta["train"]:
+            raise UserError(f"{run.out / 'config.json'} has no training settings to resume with; "
+                            "start a new run with --overwrite")
         check_resume(cfg, meta["train"])
         run.data = prepare_data(cfg, tokenizer)
         if run.data.train_unknown:
@@ -554,7 +555,7 @@ def save(run):
         os.replace(run.out / NEW_METRICS, run.out / "metrics.jsonl")
         (run.out / "summary.json").unlink(missing_ok=True)
         run.replace = False
-    run.saved = True
+    run.saved, run.saved_step = True, run.step
 
 
 # ---------------------------------------------------------------------------------- the loop
@@ -621,7 +622,7 @@ def finish(run, stopped_by):
     extra = dict(final_val_bpc=run.last["val_bpc"], bpc_lossless=run.data.tokenizer.lossless,
                  best_val_loss=run.best_val if run.best_val < math.inf else None,
                  tokens_seen=run.step * run.tokens_per_step, lr=run.lr, params=run.raw_model.num_params(),
-                 tokenizer=run.data.tokenizer.kind)
+                 tokenizer=run.data.tokenizer.kind, saved_step=run.saved_step)
     summary = {"steps": run.step, "total_steps": run.total_steps, "stopped_by": stopped_by, **extra}
     run.bar.close()
     if run.main:
