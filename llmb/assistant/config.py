@@ -5,6 +5,7 @@ Every field carries its help text and allowed range (see llmb.settings). Imports
 
 from dataclasses import dataclass
 
+from llmb.errors import UserError
 from llmb.settings import setting
 
 DEFAULT_BASE = "microsoft/phi-2"
@@ -46,8 +47,15 @@ class TrainConfig:
     eval_split: float = setting(0.05, "fraction of the data held out when there is no --eval-data", low=0.0, high=0.5)
     eval_data: str | None = setting(None, "separate eval file (or hub id)")
     max_eval_examples: int = setting(200, "evaluate on at most this many examples", low=1, high=10**6)
-    skip_bad_rows: bool = setting(False, "skip unusable rows instead of stopping")
+    skip_bad_rows: bool = setting(False, "skip unusable rows (each is named) instead of stopping",
+                                  label="Skip bad rows", form=True)
     device: str = setting("auto", "where to train", choices=("auto", "cpu", "cuda"))
     gradient_checkpointing: bool = setting(True, "recompute activations in the backward pass (less memory)")
     resume: bool = setting(False, "continue from the last checkpoint in --out")
+    overwrite: bool = setting(False, "start afresh in an --out that already holds an adapter run (it stays "
+                                     "until the new run's first checkpoint replaces it)")
     seed: int = setting(0, "random seed", low=0, high=2**31 - 1)
+
+    def check(self):
+        if self.resume and self.overwrite:
+            raise UserError("--resume continues the run in --out, --overwrite replaces it: give one of them")

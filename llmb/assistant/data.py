@@ -112,6 +112,10 @@ def row_to_turns(row, fmt):
 # Sources -> conversations
 
 
+TOO_DEEP = "not valid JSON for a chat row: nested too deep"
+SHOWN_BAD_ROWS = 5  # the bad rows an error names (all of them stay on one line)
+
+
 def read_rows(path):
     """Yield (line_or_row_number, row_or_BadRow) from a .jsonl, .json or .parquet file."""
     suffix = path.suffix.lower()
@@ -125,11 +129,15 @@ def read_rows(path):
                     yield n, json.loads(line.rstrip("\r\n"))
                 except json.JSONDecodeError as e:
                     yield n, BadRow(f"invalid JSON at column {e.colno}: {e.msg}")
+                except RecursionError:  # e.g. a line of 200,000 '['
+                    yield n, BadRow(TOO_DEEP)
     elif suffix == ".json":
         try:
             rows = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise UserError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        except RecursionError:
+            raise UserError(f"{path}: {TOO_DEEP}") from None
         if not isinstance(rows, list):
             raise UserError(f"{path}: expected a JSON list of rows")
         yield from enumerate(rows, 1)
@@ -209,8 +217,7 @@ def load_chat_data(data, eval_data=None, eval_split=0.05, skip_bad_rows=False, s
             b += b2
         bad += b
     if bad and not skip_bad_rows:
-        shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
-        raise UserError(f"{len(bad)} bad rows (fix them or pass --skip-bad-rows):\n  {shown}")
+        raise UserError(bad_rows_message(bad))
     if bad:
         print(f"skipped {len(bad)} bad rows (first: {bad[0]})")
     if not evals and eval_split > 0:
@@ -218,6 +225,14 @@ def load_chat_data(data, eval_data=None, eval_split=0.05, skip_bad_rows=False, s
     if not train:
         raise UserError("no training conversations left; check --data")
     return train, evals
+
+
+def bad_rows_message(bad):
+    """One line naming the first bad rows ('file:line: why') and what to do."""
+    shown = "; ".join(b[:200] for b in bad[:SHOWN_BAD_ROWS])
+    more = f"; and {len(bad) - SHOWN_BAD_ROWS} more" if len(bad) > SHOWN_BAD_ROWS else ""
+    rows = "1 bad row" if len(bad) == 1 else f"{len(bad)} bad rows"
+    return f"{rows}: {shown}{more} (fix them, or skip them with --skip-bad-rows)"
 
 
 def split_eval(conversations, fraction, seed=0):

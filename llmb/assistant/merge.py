@@ -5,13 +5,14 @@ from pathlib import Path
 from llmb.assistant.loading import load_base_model, load_tokenizer
 from llmb.errors import UserError
 from llmb.fileio import save_dir_atomically, write_json
-from llmb.folders import require
+from llmb.folders import check_out_folder, require
 from llmb.hub import SOURCE_FILE, hub_name
 
 
-def merge(base, adapter, out, dtype="bfloat16"):
+def merge(base, adapter, out, dtype="bfloat16", overwrite=False):
     """Fold the LoRA update into the base weights (W = W0 + alpha/r * B A); `out` loads with from_pretrained.
 
+    overwrite: `out` may hold a model folder, replaced whole once the merged one is written.
     Needs the full base in memory (Phi-2: ~5.6 GB in bf16, 11 GB in fp32). Never merged into a
     4-bit base: rounding the sum back to 4 bits would lose most of the adapter.
     """
@@ -22,8 +23,7 @@ def merge(base, adapter, out, dtype="bfloat16"):
     if dtype not in ("bfloat16", "float32"):
         raise UserError(f"merge dtype must be bfloat16 or float32 (Phi-2 overflows in float16), got {dtype}")
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (out / "config.json").exists():
-        raise UserError(f"{out} exists and does not hold a model; pick a new --out folder")
+    check_out_folder(out, "model", overwrite)
     model = load_base_model(base, "none", "cpu", getattr(torch, dtype))
     model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     tokenizer = load_tokenizer(adapter if (Path(adapter) / "tokenizer_config.json").exists() else base)

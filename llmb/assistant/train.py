@@ -12,11 +12,15 @@ one device and `accelerate launch training/train_qlora.py` on several GPUs. A ru
     build         -> base + LoRA, optimizer, schedule; --resume restores all of it (RNG included)
     loop          -> evaluate at step 0, then optimizer steps; log, evaluate, save as configured
     finish        -> the adapter in --out, summary.json (llmb.runlog.write_summary)
+
+--out follows llmb.folders' rule: a new or empty folder, --resume of an adapter run, or --overwrite
+of one, whose files stay until the new run's first checkpoint is saved, then all go at once.
 """
 
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,8 +30,9 @@ from llmb.assistant.data import IGNORE, choose_template, collate, encode_dataset
 from llmb.assistant.loading import compute_dtype, load_base_model, load_tokenizer
 from llmb.device import resolve_device
 from llmb.errors import UserError
-from llmb.fileio import save_dir_atomically, write_json
-from llmb.runlog import MetricsLog, StopSignal, trim_metrics, write_summary
+from llmb.fileio import save_dir_atomically, sync_folder, write_error, write_json
+from llmb.folders import check_out_folder
+from llmb.runlog import MetricsLog, StopSignal, make_summary, trim_metrics, write_summary
 
 
 def add_lora(model, cfg):
@@ -46,13 +51,27 @@ def add_lora(model, cfg):
     elif cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
     model.config.use_cache = False  # the KV cache is for generation only
-    targets = "all-linear" if list(cfg.lora_targets) == ["all-linear"] else list(cfg.lora_targets)
+    targets = "all-linear" if list(cfg.lora_targets) == ["all-linear"] else check_targets(model, cfg.lora_targets)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     if quantized:
         cast_like_qlora(model, compute_dtype(model.device))
     return model
+
+
+def check_targets(model, targets):
+    """The --lora-targets names, each the name (or last part of the name) of a module of the model, as peft
+    matches them; else a UserError listing the model's linear layers."""
+    import torch
+
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise UserError(f"--lora-targets: this base has no module named {', '.join(missing)}; its linear layers "
+                        f"are {', '.join(linear)} (or give all-linear)")
+    return list(targets)
 
 
 def cast_like_qlora(model, dtype):
@@ -226,7 +245,11 @@ def save_checkpoint(out, step, model, tokenizer, optimizer, scheduler):
                     "rng": rng_state()}, tmp / "training_state.pt")
 
     target = Path(out) / f"checkpoint-{step}"
-    save_dir_atomically(target, write)
+    try:
+        save_dir_atomically(target, write)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        raise UserError(f"could not save the checkpoint in {out}: {write_error(e)}; the last checkpoint there "
+                        "is kept") from None
     for old in checkpoints(out):  # keep only the newest
         if old != target:
             shutil.rmtree(old)
@@ -250,12 +273,31 @@ def load_checkpoint(ckpt, model, optimizer, scheduler):
 def save_adapter(out, model, tokenizer):
     """The out dir itself is a PEFT adapter dir: written beside, then moved in file by file."""
     tmp = Path(out) / ".tmp-adapter"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)  # with the chat template: the adapter's prompt format
-    for f in tmp.iterdir():
-        os.replace(f, Path(out) / f.name)
-    tmp.rmdir()
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)  # with the chat template: the adapter's prompt format
+        sync_folder(tmp)  # safetensors writes 0600: give the files the umask's mode
+        for f in tmp.iterdir():
+            os.replace(f, Path(out) / f.name)
+        tmp.rmdir()
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"could not save the adapter in {out}: {write_error(e)}") from None
+
+
+NEW_METRICS = ".metrics.new.jsonl"  # an --overwrite run logs here until its first checkpoint replaces the old run
+
+
+def replace_old_run(run, out):
+    """--overwrite: the new run has saved its first checkpoint, so the old run's files go, all at once."""
+    for name in run.replace:
+        old = Path(out) / name
+        if name != NEW_METRICS and not (old.is_dir() and old in checkpoints(out)[-1:]):
+            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink(missing_ok=True)
+    os.replace(Path(out) / NEW_METRICS, Path(out) / "metrics.jsonl")
+    write_json(Path(out) / "training_args.json", asdict(run.cfg))
+    run.replace = []
 
 
 # ---------------------------------------------------------------------------
@@ -276,6 +318,8 @@ class Run:
     train_set: list
     eval_set: list
     window: dict = field(default_factory=lambda: {"loss": 0.0, "answer_tokens": 0, "tokens": 0, "t": time.time()})
+    replace: list = field(default_factory=list)  # --overwrite: the old run's files, until the first save
+    saved_step: int = None  # the step of the newest checkpoint in --out (what --resume continues)
 
 
 def build(cfg, accelerator, out):
@@ -367,6 +411,9 @@ def loop(run, log, stop, evals, out):
             acc.wait_for_everyone()
             if main:
                 save_checkpoint(out, step, acc.unwrap_model(run.model), run.tokenizer, run.optimizer, run.scheduler)
+                if run.replace:
+                    replace_old_run(run, out)
+            run.saved_step = step
     bar.close()
     return step, train_loss, val_loss
 
@@ -380,16 +427,21 @@ def train(cfg: TrainConfig):
     main = accelerator.is_main_process
     set_seed(cfg.seed)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    found = check_out_folder(out, "adapter", cfg.overwrite, cfg.resume)
+    old_files = sorted(p.name for p in out.iterdir()) if found and not cfg.resume else []
     run = build(cfg, accelerator, out)
+    out.mkdir(parents=True, exist_ok=True)
+    run.replace, run.saved_step = old_files, run.start_step or None
     if main:
         run.model.print_trainable_parameters()
         print(f"{len(run.train_set)} train / {len(run.eval_set)} eval conversations, "
               f"device {accelerator.device}, quant {cfg.quant}")
-        write_json(out / "training_args.json", asdict(cfg))
+        if not run.replace:
+            write_json(out / "training_args.json", asdict(cfg))
         if run.start_step:
             trim_metrics(out / "metrics.jsonl", run.start_step)
-    log = MetricsLog(out / "metrics.jsonl", truncate=run.start_step == 0) if main else None
+    metrics = out / (NEW_METRICS if run.replace else "metrics.jsonl")
+    log = MetricsLog(metrics, truncate=run.start_step == 0) if main else None
     evals = eval_batches(run.eval_set, cfg.batch_size, run.tokenizer.pad_token_id, accelerator.process_index,
                          accelerator.num_processes) if run.eval_set else None
     t0, step, train_loss, val_loss, stopped_by = time.time(), run.start_step, None, None, "error"
@@ -404,14 +456,35 @@ def train(cfg: TrainConfig):
 
 
 def finish(run, out, log, step, train_loss, val_loss, elapsed_s, stopped_by):
-    """The adapter (with its prompt format) in `out`, and summary.json; also after an error (stopped_by error)."""
-    cfg = run.cfg
-    if stopped_by != "error":
-        save_adapter(out, run.accelerator.unwrap_model(run.model), run.tokenizer)
+    """The adapter (with its prompt format) in `out`, and summary.json; also after an error (stopped_by error).
+
+    An --overwrite run that ends before its first checkpoint leaves the old run as it was.
+    """
+    cfg, error = run.cfg, None
     log.close()
-    return write_summary(
-        out, data=cfg.data, steps=step, total_steps=cfg.max_steps, train_loss=train_loss, val_loss=val_loss,
-        elapsed_s=elapsed_s, stopped_by=stopped_by, base=cfg.base, quant=cfg.quant,
-        format="guanaco" if is_guanaco(run.tokenizer) else "template",
-        final_val_ppl=math.exp(min(val_loss, 50)) if val_loss is not None else None,
-        lora={"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout, "targets": cfg.lora_targets})
+    if run.replace:
+        (Path(out) / NEW_METRICS).unlink(missing_ok=True)
+    elif stopped_by != "error":
+        try:
+            save_adapter(out, run.accelerator.unwrap_model(run.model), run.tokenizer)
+        except UserError as e:  # a full disk: the summary still says how the run ended
+            error, stopped_by = e, "error"
+    summary = dict(data=cfg.data, steps=step, total_steps=cfg.max_steps, train_loss=train_loss, val_loss=val_loss,
+                   elapsed_s=elapsed_s, stopped_by=stopped_by, base=cfg.base, quant=cfg.quant,
+                   format="guanaco" if is_guanaco(run.tokenizer) else "template",
+                   final_val_ppl=math.exp(min(val_loss, 50)) if val_loss is not None else None,
+                   lora={"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
+                         "targets": cfg.lora_targets}, saved_step=run.saved_step)
+    summary = make_summary(**summary) if run.replace else write_summary_or_warn(out, summary)
+    if error:
+        raise error
+    return summary
+
+
+def write_summary_or_warn(out, fields):
+    """summary.json; on a full disk a warning, so the run's own outcome (or error) stands."""
+    try:
+        return write_summary(out, **fields)
+    except OSError as e:
+        print(f"warning: could not write {Path(out) / 'summary.json'}: {write_error(e)}", file=sys.stderr)
+        return make_summary(**fields)

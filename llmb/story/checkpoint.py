@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from llmb.errors import UserError
-from llmb.fileio import read_json
+from llmb.fileio import read_json, sync_folder, write_error
 from llmb.folders import STORY_CONFIG as CONFIG
 from llmb.folders import STORY_WEIGHTS as WEIGHTS
 from llmb.folders import require
@@ -49,46 +49,18 @@ def save_checkpoint(out_dir, model, tokenizer, meta, state=None, replace=False):
             torch.save(state, staging / STATE)
         (staging / CONFIG).write_text(json.dumps({"llmb": "story", "model": model.config.to_dict(), **meta},
                                                  indent=2) + "\n", encoding="utf-8")
-        _sync(staging)
+        sync_folder(staging)
         if replace:
             for name in (CONFIG, STATE, *TOKENIZER_FILES):
                 (out_dir / name).unlink(missing_ok=True)
         for f in sorted(staging.iterdir(), key=lambda f: f.name == CONFIG):  # config.json last
             os.replace(f, out_dir / f.name)
-        _sync(out_dir, files=False)
+        sync_folder(out_dir, files=False)
         staging.rmdir()
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         shutil.rmtree(staging, ignore_errors=True)  # frees the space a full disk needs for summary.json
         raise UserError(f"could not save the checkpoint in {out_dir}: {write_error(e)}; the last checkpoint "
                         "there is kept") from None
-
-
-def write_error(e):
-    """Why a write failed, in one line: the OS's words ("No space left on device"), or the first line of
-    torch's ("PytorchStreamWriter failed writing file data/3: file write failed")."""
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-
-
-def _sync(folder, files=True):
-    """fsync the files of a folder (first giving them the umask's mode: safetensors writes 0600),
-    then the folder itself (so the renames are on disk too)."""
-    for f in folder.iterdir() if files else ():
-        f.chmod(0o666 & ~_umask())
-        with open(f, "rb") as handle:
-            os.fsync(handle.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _umask():
-    mask = os.umask(0)  # the only way to read it is to set it: put it straight back
-    os.umask(mask)
-    return mask
 
 
 STATE_KEYS = ("step", "total_steps", "max_iters", "schedule_start", "elapsed_s", "optimizer")

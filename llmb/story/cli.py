@@ -67,10 +67,13 @@ def cmd_eval(args):
 
 
 def cmd_lr_find(args):
+    from llmb.folders import check_out_folder
     from llmb.story.config import TrainConfig
     from llmb.story.train import find_lr
 
-    find_lr(from_args(TrainConfig, args), num_iters=args.num_iters, start_lr=args.start_lr, end_lr=args.end_lr,
+    cfg = from_args(TrainConfig, args)
+    check_out_folder(cfg.out, "lr-find", cfg.overwrite)
+    find_lr(cfg, num_iters=args.num_iters, start_lr=args.start_lr, end_lr=args.end_lr,
             out_dir=args.out)
     print(f"wrote {args.out}/lr_find.png and {args.out}/lr_find.json")
 

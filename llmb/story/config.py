@@ -24,7 +24,7 @@ SAFE_ON_RESUME = ("max_iters", "max_time", "eval_interval", "eval_iters", "log_i
 # What `lr-find` takes of a story config: the data and the model, not the schedule or the run's length.
 LR_FIND_SETTINGS = ("data", "out", "tokenizer", "vocab_size", "val_fraction", "n_layer", "n_head", "n_embd",
                     "block_size", "dropout", "bias", "batch_size", "weight_decay", "grad_clip", "seed", "device",
-                    "progress")
+                    "progress", "overwrite")
 
 
 @dataclass
@@ -68,8 +68,8 @@ class TrainConfig:
     seed: int = setting(1337, "random seed", low=0, high=2**31 - 1)
     device: str = setting("auto", "where to train", choices=("auto", "cpu", "cuda"))
     resume: bool = setting(False, "continue the run saved in --out")
-    overwrite: bool = setting(False, "start afresh in an --out that already holds a checkpoint (replaced at the "
-                                     "new run's first save)")
+    overwrite: bool = setting(False, "start afresh in an --out that already holds a run of this kind (it stays "
+                                     "until the new run's first save replaces it)")
     progress: bool = setting(True, "show a progress bar")
 
     def check(self):

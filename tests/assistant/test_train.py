@@ -155,7 +155,8 @@ def test_cli_bad_rows_exit_2(tiny_phi, shared_data, tmp_path):
     proc = run_train(["--base", tiny_phi, "--data", data, "--out", tmp_path / "o", "--max-steps", 1])
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 2
-    assert "\nerror: 1 bad rows" in "\n" + stderr and f"{data}:900: empty assistant turn" in stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith(f"error: 1 bad row: {data}:900: empty assistant turn"), stderr
     assert "Traceback" not in stderr
 
 
