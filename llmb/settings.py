@@ -101,39 +101,79 @@ def spec_of(cls, name):
 def check_number(label, value, low=None, high=None, kind=float):
     """`value` (a number or its text) as `kind`, inside [low, high]; else a UserError naming `label`.
 
-    The one bounded-number check of the project: the CLIs, the trainers and the app use it.
+    The one bounded-number check of the project: the CLIs, the trainers and the app use it. Whole
+    numbers are compared exactly (2**63 - 1 is not rounded up), and numbers beyond a float's range
+    (10**400, 1e400) are refused like any other out of range.
     """
     if isinstance(value, bool):
         raise UserError(f"{label} must be a number (got {value})")
     try:
-        x = float(value)
+        x = _exact_int(value) if kind is int else None
+        x = float(value) if x is None else x
     except (TypeError, ValueError):
         raise UserError(f"{label} must be a number (got {str(value)[:30]!r})") from None
-    if not math.isfinite(x):
+    except OverflowError:  # a whole number beyond a float's range
+        raise UserError(f"{label} must be {_span(low, high) or 'a finite number'} (got {_shown(value)})") from None
+    if isinstance(x, float) and not math.isfinite(x):
         raise UserError(f"{label} must be a finite number (got {value})")
     if kind is int and x != int(x):
         raise UserError(f"{label} must be a whole number (got {x:g})")
     if (low is not None and x < low) or (high is not None and x > high):
-        span = f"between {low:g} and {high:g}" if low is not None and high is not None else \
-            f"at least {low:g}" if low is not None else f"at most {high:g}"
-        raise UserError(f"{label} must be {span} (got {x:g})")
+        raise UserError(f"{label} must be {_span(low, high)} (got {_shown(x)})")
     return kind(x)
 
 
+def _exact_int(value):
+    """A whole number given as an int or as digits, as an exact int; None for anything else."""
+    if isinstance(value, int):
+        return value
+    digits = value.strip().lstrip("+-") if isinstance(value, str) else ""
+    if digits.isdigit():
+        if len(digits) > 1000:  # Python refuses to read such a long one
+            raise OverflowError
+        return int(value)
+    return None
 
-def check_sampling(max_new_tokens, temperature, top_k=None, top_p=None, repetition_penalty=None):
+
+def _shown(x):
+    """A number for a message: 1e+07, 0.5, 18446744073709551615 (exact when :g would round it), and a
+    number too large for that as 'a number of 401 digits'."""
+    if isinstance(x, int) and abs(x) >= 10**30:
+        return f"a number of {len(str(abs(x)))} digits" if x.bit_length() < 3000 else "a number too large to use"
+    if isinstance(x, str) or not isinstance(x, (int, float)):
+        return "a number too large to use"
+    return f"{x:g}" if float(f"{x:g}") == x else str(x)
+
+
+def _span(low, high):
+    if low is not None and high is not None:
+        return f"between {_shown(low)} and {_shown(high)}"
+    return f"at least {_shown(low)}" if low is not None else f"at most {_shown(high)}" if high is not None else ""
+
+
+MIN_TEMPERATURE = 0.01  # below it, logits / temperature overflow to inf; and it already samples like greedy
+SEED_RANGE = (0, 2**64 - 1)  # what torch's generators take
+MAX_NEW_TOKENS = 1_000_000
+
+
+def check_sampling(max_new_tokens, temperature, top_k=None, top_p=None, repetition_penalty=None, seed=None):
     """One clear error for a sampling setting that makes no sense (the story sampler's and the chat's).
 
-    temperature 0 is greedy; top_k, top_p and repetition_penalty None are off.
+    temperature 0 is greedy; top_k, top_p, repetition_penalty and seed None are off.
     """
-    check_number("max new tokens", max_new_tokens, 1, kind=int)
-    check_number("temperature (0 = greedy)", temperature, 0)
+    check_number("max new tokens", max_new_tokens, 1, MAX_NEW_TOKENS, kind=int)
+    if 0 < (temperature := check_number("temperature (0 = greedy)", temperature, 0)) < MIN_TEMPERATURE:
+        raise UserError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g} (got {temperature:g}); "
+                        "smaller ones sample as greedy does, and overflow")
     if top_k is not None:
         check_number("top-k", top_k, 1, kind=int)
     if top_p is not None and not 0 < check_number("top-p", top_p, 0, 1):
         raise UserError(f"top-p must be more than 0 and at most 1 (got {top_p})")
     if repetition_penalty is not None and not check_number("repetition penalty", repetition_penalty, 0) > 0:
         raise UserError(f"repetition penalty must be more than 0 (got {repetition_penalty}); 1 is off")
+    if seed is not None:
+        check_number("seed", seed, *SEED_RANGE, kind=int)
+
 
 def parse(spec, value, label=None):
     """`value` (text from a command line or a form, or a Python value) as the setting wants it.

@@ -11,6 +11,7 @@ from llmb.settings import (
     add_arguments,
     check,
     check_number,
+    check_sampling,
     from_args,
     from_values,
     parse,
@@ -120,3 +121,29 @@ def test_from_values_names_unknown_and_bad_fields_and_runs_the_class_check():
 def test_check_catches_bad_values_set_in_code():
     with pytest.raises(UserError, match="--batch-size must be between"):
         check(QLoRAConfig(out="x", batch_size=0))
+
+
+def test_check_number_takes_huge_values_as_out_of_range_and_whole_numbers_exactly():
+    """A float cannot hold 10**400 (OverflowError) nor tell 2**64 - 1 from 2**64: neither may slip through."""
+    with pytest.raises(UserError, match="a finite number .got a number of 401 digits"):
+        check_number("max tokens", 10**400)
+    for huge in (10**400, -10**400, "9" * 5000, float(10**300)):
+        with pytest.raises(UserError, match="layers must be between 1 and 64 .got "):
+            check_number("layers", huge, 1, 64, int)
+    assert check_number("seed", 2**64 - 1, 0, 2**64 - 1, int) == 2**64 - 1
+    assert check_number("seed", str(2**64 - 1), 0, 2**64 - 1, int) == 2**64 - 1
+    with pytest.raises(UserError, match="between 0 and 18446744073709551615 .got 18446744073709551616"):
+        check_number("seed", 2**64, 0, 2**64 - 1, int)
+
+
+@pytest.mark.parametrize("sampling, message", [
+    (dict(temperature=1e-300), "temperature must be 0 .greedy. or at least 0.01"),
+    (dict(max_new_tokens=10**400), "max new tokens must be between 1 and 1e\\+06"),
+    (dict(seed=1180591620717411303424), "seed must be between 0 and"),
+    (dict(seed=-1), "seed must be between 0 and"),
+])
+def test_check_sampling_refuses_extreme_numbers(sampling, message):
+    with pytest.raises(UserError, match=message):
+        check_sampling(**{"max_new_tokens": 10, "temperature": 0.7, **sampling})
+    check_sampling(10, 0)  # greedy
+    check_sampling(10, 0.01, seed=2**64 - 1)

@@ -102,12 +102,13 @@ def cmd_chat(args):
 
     from llmb.assistant.engine import ChatEngine
     from llmb.errors import UserError
-    from llmb.settings import check_sampling
+    from llmb.settings import check_number, check_sampling
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(check_number("--threads", args.threads, 1, 4096, int))
     # before the model loads (minutes for Phi-2); the engine checks again for every caller
-    check_sampling(args.max_new_tokens, args.temperature, args.top_k or None, args.top_p, args.repetition_penalty)
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k or None, args.top_p, args.repetition_penalty,
+                   args.seed)
     engine = ChatEngine(args.base, adapter=args.adapter, quant=args.quant, device=args.device, cpu_int8=args.cpu_int8)
     sampling = dict(system=args.system, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                     repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens, seed=args.seed)

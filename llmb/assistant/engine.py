@@ -160,7 +160,7 @@ class ChatEngine:
         """The answer to `message` as an Answer (iterate it for pieces). Setting `cancel` (a threading.Event) stops it."""
         if not message or not message.strip():
             raise UserError("empty message")
-        check_sampling(max_new_tokens, temperature, top_k or None, top_p, repetition_penalty)  # top-k 0: off
+        check_sampling(max_new_tokens, temperature, top_k or None, top_p, repetition_penalty, seed)  # top-k 0: off
         use_adapter = bool(self.has_adapter and use_adapter)  # no adapter: the base answers either way
         ids, dropped = self.prompt_ids(history, message, system, max_new_tokens)
         stats = {"prompt_tokens": len(ids), "dropped_turns": dropped, "adapter": use_adapter}

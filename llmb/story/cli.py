@@ -43,7 +43,7 @@ def cmd_sample(args):
     from llmb.story.checkpoint import load_for_sampling
     from llmb.story.sample import generate
 
-    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, seed=args.seed)
     model, tokenizer, _ = load_for_sampling(args.ckpt, args.device, args.precision)
     unknown = tokenizer.unknown(args.prompt)
     if unknown:

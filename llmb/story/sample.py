@@ -38,7 +38,7 @@ def generate_ids(model, ids, max_new_tokens, temperature=1.0, top_k=None, top_p=
     """
     if not ids:
         raise ValueError("the prompt must contain at least one token")
-    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    check_sampling(max_new_tokens, temperature, top_k, top_p, seed=seed)
     model.eval()
     device = next(model.parameters()).device
     context = model.receptive_field

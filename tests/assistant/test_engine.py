@@ -105,8 +105,11 @@ def test_a_slow_reader_does_not_let_generation_run_past_the_marker(tiny_phi, tmp
 
 
 def test_nonsense_sampling_settings_are_one_clear_error(engine):
-    for bad, message in [(dict(max_new_tokens=0), "max new tokens must be at least 1"),
+    for bad, message in [(dict(max_new_tokens=0), "max new tokens must be between 1 and"),
+                         (dict(max_new_tokens=10**400), "max new tokens must be between 1 and .* 401 digits"),
                          (dict(temperature=float("nan")), "temperature .* must be a finite number"),
+                         (dict(temperature=1e-300), "temperature must be 0 .greedy. or at least 0.01"),
+                         (dict(seed=1180591620717411303424), "seed must be between 0 and"),
                          (dict(top_p=0.0), "top-p must be more than 0"), (dict(top_k=-1), "top-k"),
                          (dict(repetition_penalty=0.0), "repetition penalty must be more than 0")]:
         with pytest.raises(UserError, match=message):
