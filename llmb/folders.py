@@ -135,7 +135,7 @@ def check_out_folder(path, kind, overwrite=False, resume=False, flag="--out"):
         if found == kind:
             return found
         if found is None:
-            raise UserError(f"--resume: no checkpoint in {path} to resume; start a run without --resume")
+            raise UserError(f"--resume: no checkpoint in {path} to resume from; start a run without --resume")
         raise UserError(f"--resume: {path} holds {OUTPUTS[found]} ({_listing(path)}), not {OUTPUTS[kind]} "
                         f"to continue; give the {flag} of a run of this kind")
     if found is None or (overwrite and found in (kind, "run")):

@@ -41,3 +41,31 @@ def test_written_files_follow_the_umask(tmp_path, umask, mode):
     finally:
         os.umask(old)
     assert (tmp_path / "summary.json").stat().st_mode & 0o777 == mode
+
+
+def test_a_folder_saved_atomically_follows_the_umask_whatever_wrote_it(tmp_path):
+    """safetensors (an adapter, a merged model) writes 0600; the saved folder's files get the umask's mode."""
+    def write(d):
+        (d / "weights.safetensors").write_bytes(b"w")
+        (d / "weights.safetensors").chmod(0o600)
+        (d / "sub").mkdir()
+        (d / "sub" / "state.pt").write_bytes(b"s")
+        (d / "sub" / "state.pt").chmod(0o600)
+
+    old = os.umask(0o022)
+    try:
+        save_dir_atomically(tmp_path / "ckpt", write)
+    finally:
+        os.umask(old)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "ckpt").rglob("*") if f.is_file()}
+    assert modes == {"weights.safetensors": 0o644, "state.pt": 0o644}
+
+
+def test_a_failed_folder_save_leaves_no_temporary_folder(tmp_path):
+    def full_disk(d):
+        (d / "half").write_bytes(b"h")
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    with pytest.raises(RuntimeError):
+        save_dir_atomically(tmp_path / "ckpt", full_disk)
+    assert os.listdir(tmp_path) == []

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from llmb.errors import UserError
-from llmb.folders import folder_kind, require
+from llmb.folders import check_out_file, check_out_folder, folder_kind, output_kind, require, saved_step
 
 
 def make(path, files):
@@ -31,3 +31,76 @@ def test_require_says_what_the_folder_is(tmp_path):
         require(adapter, "story", "train one first")
     with pytest.raises(UserError, match="does not exist"):
         require(tmp_path / "missing", "adapter")
+
+
+# ------------------------------------------------------------------------------ output folders
+
+def thesis(tmp_path):
+    """A folder of a user's own files, which no command may touch."""
+    folder = make(tmp_path / "mine", {"thesis.txt": "years of work"})
+    (folder / "sub").mkdir()
+    (folder / "sub" / "photo.jpg").write_bytes(b"\xff\xd8")
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["story", "adapter", "model", "lr-find"])
+def test_new_and_empty_folders_are_accepted(tmp_path, kind):
+    assert check_out_folder(tmp_path / "new" / "deeper", kind) is None
+    (tmp_path / "empty").mkdir()
+    assert check_out_folder(tmp_path / "empty", kind) is None
+
+
+@pytest.mark.parametrize("kind", ["story", "adapter", "model", "lr-find"])
+def test_a_users_own_files_are_refused_even_with_overwrite(tmp_path, kind):
+    mine = thesis(tmp_path)
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match=r"mine already holds files that are not a model \(sub/, thesis.txt\); "
+                                            r"give another --out"):
+            check_out_folder(mine, kind, overwrite=overwrite)
+    assert (mine / "thesis.txt").read_text() == "years of work"
+
+
+def test_a_folder_of_another_kind_is_refused_naming_what_is_there(tmp_path):
+    story = make(tmp_path / "s", {"config.json": json.dumps({"llmb": "story"}), "model.safetensors": "",
+                                  "char_vocab.json": "", "train_state.pt": "", "metrics.jsonl": ""})
+    with pytest.raises(UserError, match=r"s already holds a story checkpoint \(char_vocab.json, config.json, "
+                                        r"metrics.jsonl, model.safetensors, ...\); give another --out "
+                                        r"\(--overwrite only replaces a model folder\)"):
+        check_out_folder(story, "model", overwrite=True)
+    with pytest.raises(UserError, match="--resume: .* holds a story checkpoint .*, not a LoRA adapter run"):
+        check_out_folder(story, "adapter", resume=True)
+
+
+def test_its_own_kind_needs_overwrite_or_resume(tmp_path):
+    adapter = make(tmp_path / "a", {"adapter_config.json": "{}", "metrics.jsonl": ""})
+    with pytest.raises(UserError, match="already holds a LoRA adapter run .*; give --resume to continue it, another "
+                                        "--out, or --overwrite to replace it"):
+        check_out_folder(adapter, "adapter")
+    assert check_out_folder(adapter, "adapter", overwrite=True) == "adapter"
+    assert check_out_folder(adapter, "adapter", resume=True) == "adapter"
+    stopped = make(tmp_path / "b", {"metrics.jsonl": ""})  # a QLoRA run stopped before it finished
+    (stopped / "checkpoint-30").mkdir()
+    assert output_kind(stopped) == "adapter" and saved_step(stopped) == 30
+    with pytest.raises(UserError, match="--resume: no checkpoint in"):
+        check_out_folder(tmp_path / "none", "adapter", resume=True)
+    failed = make(tmp_path / "f", {"metrics.jsonl": "", "summary.json": "{}"})  # a run that saved no model
+    with pytest.raises(UserError, match="holds the log of a run that saved no model"):
+        check_out_folder(failed, "story")
+    assert check_out_folder(failed, "story", overwrite=True) == "run"
+
+
+def test_a_file_is_refused_as_a_folder_and_a_folder_as_a_file(tmp_path):
+    file = make(tmp_path / "d", {"notes.txt": "x"}) / "notes.txt"
+    with pytest.raises(UserError, match="--out .*notes.txt is a file; give a folder"):
+        check_out_folder(file, "adapter")
+    with pytest.raises(UserError, match="already exists; give another --out, or --overwrite"):
+        check_out_file(file)
+    assert check_out_file(file, overwrite=True) == file
+    with pytest.raises(UserError, match="is a folder; give a file name"):
+        check_out_file(tmp_path / "d", overwrite=True)
+    assert check_out_file(tmp_path / "d" / "new.gguf") == tmp_path / "d" / "new.gguf"
+
+
+def test_saved_step_reads_the_folder(tmp_path):
+    story = make(tmp_path / "s", {"config.json": json.dumps({"llmb": "story", "step": 30}), "model.safetensors": ""})
+    assert saved_step(story) == 30 and saved_step(tmp_path) is None

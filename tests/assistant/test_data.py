@@ -216,3 +216,28 @@ def test_invalid_json_row_names_the_column_not_the_newline(tmp_path):
         load_chat_data(path, eval_split=0)
     assert f"{path}:2: invalid JSON at column 10: Unterminated string" in str(e.value)
     assert "control character" not in str(e.value)
+
+
+def test_a_line_nested_too_deep_is_a_bad_row_not_a_recursion_error(tmp_path):
+    good = json.dumps({"text": "### Human: hi### Assistant: hello"})
+    path = tmp_path / "deep.jsonl"
+    path.write_text(good + "\n" + "[" * 200_000 + "\n" + good + "\n", encoding="utf-8")
+    with pytest.raises(UserError, match=re.escape(f"1 bad row: {path}:2: not valid JSON for a chat row: nested too "
+                                                  "deep (fix them, or skip them with --skip-bad-rows)")):
+        load_chat_data(path)
+    assert len(load_chat_data(path, eval_split=0, skip_bad_rows=True)[0]) == 2
+    whole = tmp_path / "deep.json"
+    whole.write_text("[" * 200_000, encoding="utf-8")
+    with pytest.raises(UserError, match="deep.json: not valid JSON for a chat row: nested too deep"):
+        load_chat_data(whole)
+
+
+def test_bad_rows_are_named_on_one_line(tmp_path):
+    path = tmp_path / "many.jsonl"
+    good = json.dumps({"text": "### Human: hi### Assistant: hello"})
+    path.write_text("\n".join(["{not json"] * 8 + [good]) + "\n", encoding="utf-8")
+    with pytest.raises(UserError) as e:
+        load_chat_data(path)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"8 bad rows: {path}:1: invalid JSON")
+    assert f"{path}:5: invalid JSON" in msg and f"{path}:6:" not in msg and "; and 3 more" in msg

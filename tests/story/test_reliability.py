@@ -7,6 +7,7 @@ last good checkpoint still loads. test_counts prints how many of each the module
 """
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -72,7 +73,52 @@ BAD_INPUTS = [  # (what, command line from the probe's paths, what the error lin
     ("eval of a folder that is no checkpoint", lambda d: ["eval", "--ckpt", d.tmp, "--data", d.corpus],
      "not a story checkpoint"),
     ("sample of a missing checkpoint", lambda d: ["sample", "--ckpt", d.tmp / "none"], "does not exist"),
+    # a user's own files are never written over, --overwrite or not
+    ("train --out a folder of the user's files", lambda d: ["train", "--data", d.corpus, "--out", d.mine,
+                                                            "--max-iters", "5"], "holds files that are not a model"),
+    ("train --overwrite a folder of the user's files", lambda d: ["train", "--data", d.corpus, "--out", d.mine,
+                                                                  "--max-iters", "5", "--overwrite"],
+     "--overwrite only replaces a story checkpoint"),
+    ("lr-find --out a story checkpoint", lambda d: ["lr-find", "--data", d.corpus, "--out", d.run, "--num-iters", "20"],
+     "already holds a story checkpoint"),
+    # damaged checkpoint files: one line naming the file
+    ("--resume with train_state.pt cut short", lambda d: ["train", "--data", d.corpus, "--max-iters", "30", *RESUME,
+                                                         "--out", damaged(d, "train_state.pt", cut=1000)],
+     "train_state.pt is damaged and cannot be read"),
+    ("--resume with an empty train_state.pt", lambda d: ["train", "--data", d.corpus, "--max-iters", "30", *RESUME,
+                                                        "--out", damaged(d, "train_state.pt", b"")],
+     "train_state.pt is damaged and cannot be read"),
+    ("--resume with a wrong char_vocab.json", lambda d: ["train", "--data", d.corpus, "--max-iters", "30", *RESUME,
+                                                        "--out", damaged(d, "char_vocab.json", b'{"chars": "abc"}')],
+     "char_vocab.json is not a valid character vocabulary"),
+    ("sample with a wrong char_vocab.json", lambda d: ["sample", "--ckpt", damaged(d, "char_vocab.json", b"[1, 2]")],
+     "char_vocab.json is not a valid character vocabulary"),
+    ("sample with n_embd -32 in config.json", lambda d: ["sample", "--ckpt", damaged(d, "config.json", n_embd=-32)],
+     "config.json is not a valid story config (model n_embd must be between 2 and 4096 (got -32))"),
+    # numbers beyond a float's range or a generator's
+    ("sample --temperature 1e-300", lambda d: ["sample", "--ckpt", d.run, "--temperature", "1e-300"],
+     "temperature must be 0 (greedy) or at least 0.01"),
+    ("sample --max-new-tokens 10**400", lambda d: ["sample", "--ckpt", d.run, "--max-new-tokens", str(10**400)],
+     "max new tokens must be between 1 and 1e+06 (got a number of 401 digits)"),
+    ("sample --seed 2**70", lambda d: ["sample", "--ckpt", d.run, "--seed", "1180591620717411303424"],
+     "seed must be between 0 and 18446744073709551615"),
+    ("--n-layer 10**400", lambda d: ["train", "--data", d.corpus, "--out", d.tmp / "o", "--max-iters", "5",
+                                     "--n-layer", str(10**400)], "--n-layer: must be between 1 and 64"),
 ]
+
+
+def damaged(d, name, content=None, cut=None, **model):
+    """A copy of the trained run with one file damaged: replaced by `content`, cut to `cut` bytes, or (config.json)
+    with `model` values changed."""
+    copy = shutil.copytree(d.run, d.tmp / f"damaged-{name}")
+    file = copy / name
+    if cut is not None:
+        content = file.read_bytes()[:cut]
+    if model:
+        config = json.loads(file.read_text())
+        content = json.dumps({**config, "model": {**config["model"], **model}}).encode()
+    file.write_bytes(content)
+    return copy
 
 
 def snapshot(folder):
@@ -87,7 +133,10 @@ def probe(corpus, run_copy, tmp_path):
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
     (adapter / "config.json").write_text('{"model_type": "phi"}')
-    return SimpleNamespace(corpus=corpus, run=run_copy, tmp=tmp_path, other=other, adapter=adapter)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("years of work")
+    return SimpleNamespace(corpus=corpus, run=run_copy, tmp=tmp_path, other=other, adapter=adapter, mine=mine)
 
 
 @pytest.mark.parametrize("what, argv, message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
@@ -100,6 +149,7 @@ def test_bad_input_is_one_error_line_and_changes_nothing(probe, capsys, what, ar
     assert "error: " in last and message in last, err
     assert snapshot(probe.run) == before
     assert sorted(f.name for f in probe.adapter.iterdir()) == ["adapter_config.json", "config.json"]
+    assert [f.name for f in probe.mine.iterdir()] == ["thesis.txt"]
     assert not (probe.tmp / "o").exists() and not (probe.tmp / "none").exists()
 
 
@@ -145,6 +195,32 @@ def disk_full_while_saving(d, monkeypatch):
                               eval_iters=2, **TINY), log=lambda *a: None)
         (disk / "run" / "ballast").unlink()
         assert load_checkpoint(disk / "run")[2]["step"] == 10  # the last good checkpoint
+
+
+def torch_save_finds_the_disk_full(d, monkeypatch):
+    """torch.save reports a full disk as a RuntimeError, not an OSError: still one error line and exit 2, the
+    staging folder removed, the last good checkpoint kept, and summary.json saying so."""
+    import llmb.story.checkpoint as checkpoint
+
+    real, saves = checkpoint.torch.save, {"n": 0}
+
+    def full_disk(obj, f, *args, **kwargs):
+        saves["n"] += 1
+        if saves["n"] == 2:
+            raise RuntimeError("PytorchStreamWriter failed writing file data/3: file write failed\ndetail")
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    code, _, err = cli(["train", "--data", d.corpus, "--out", d.out, "--max-iters", "30", "--eval-interval", "10",
+                        "--eval-iters", "2", *TINY_FLAGS], d.capsys)
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"error: could not save the checkpoint in {d.out}: PytorchStreamWriter "
+                                            "failed writing file data/3: file write failed; the last checkpoint "
+                                            "there is kept")
+    assert not (d.out / ".saving").exists()
+    summary = json.loads((d.out / "summary.json").read_text())
+    assert summary["stopped_by"] == "error" and summary["steps"] == 20 and summary["saved_step"] == 10
+    assert load_checkpoint(d.out)[2]["step"] == 10
 
 
 def read_only_fresh(d, monkeypatch):
@@ -213,6 +289,7 @@ def stop_signal(d, monkeypatch, sig=signal.SIGINT):
     assert proc.returncode == 0, err
     summary = json.loads((d.out / "summary.json").read_text())
     assert summary["stopped_by"] == "signal" and load_checkpoint(d.out)[2]["step"] == summary["steps"]
+    assert summary["saved_step"] == summary["steps"]  # what is on disk, for whoever reads the summary
 
 
 def sigterm(d, monkeypatch):
@@ -222,6 +299,7 @@ def sigterm(d, monkeypatch):
 FAULTS = [  # (what, check, needs a subprocess)
     ("exception after the first checkpoint", crash_after_first_checkpoint, False),
     ("disk full while saving", disk_full_while_saving, False),
+    ("disk full in torch.save (a RuntimeError)", torch_save_finds_the_disk_full, False),
     ("read-only file system: new run", read_only_fresh, False),
     ("read-only file system: --resume", read_only_resume, False),
     ("read-only file system: lr-find", read_only_lr_find, False),
@@ -234,10 +312,10 @@ FAULTS = [  # (what, check, needs a subprocess)
 
 @pytest.mark.parametrize("what, fault", [pytest.param(w, f, marks=[pytest.mark.slow] if slow else [], id=w)
                                          for w, f, slow in FAULTS])
-def test_fault_keeps_the_last_good_checkpoint(probe, tmp_path, monkeypatch, what, fault):
-    fault(SimpleNamespace(**vars(probe), out=tmp_path / "faulted"), monkeypatch)
+def test_fault_keeps_the_last_good_checkpoint(probe, tmp_path, monkeypatch, capsys, what, fault):
+    fault(SimpleNamespace(**vars(probe), out=tmp_path / "faulted", capsys=capsys), monkeypatch)
 
 
 def test_counts():
     print(f"story reliability: {len(BAD_INPUTS)} bad inputs, {len(FAULTS)} faults")
-    assert len(BAD_INPUTS) >= 20 and len(FAULTS) >= 9
+    assert len(BAD_INPUTS) >= 37 and len(FAULTS) >= 10
