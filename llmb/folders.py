@@ -74,6 +74,7 @@ def require(path, kind, hint=""):
 # ------------------------------------------------------------------------------ output folders
 
 STORY_STATE = "train_state.pt"
+JOB_LOG = "train.log"  # the app opens its job's log in the folder before the trainer starts: not a run's content
 ADAPTER_CHECKPOINT = re.compile(r"checkpoint-\d+$")  # a QLoRA run's resumable checkpoints
 OUTPUTS = {"story": "a story checkpoint", "adapter": "a LoRA adapter run", "model": "a model folder",
            "lr-find": "an LR-finder result", "run": "the log of a run that saved no model",
@@ -87,7 +88,7 @@ def output_kind(path):
     state, a QLoRA run with only its checkpoint-N folders.
     """
     path = Path(path)
-    if not path.is_dir() or not any(path.iterdir()):
+    if not path.is_dir() or not [p for p in path.iterdir() if p.name != JOB_LOG]:
         return None
     config = _config(path)
     if is_adapter(path) or any(ADAPTER_CHECKPOINT.match(p.name) for p in path.iterdir() if p.is_dir()):

@@ -48,6 +48,8 @@ def test_new_and_empty_folders_are_accepted(tmp_path, kind):
     assert check_out_folder(tmp_path / "new" / "deeper", kind) is None
     (tmp_path / "empty").mkdir()
     assert check_out_folder(tmp_path / "empty", kind) is None
+    (tmp_path / "empty" / "train.log").write_text("")  # the app's log of this job, opened before it starts
+    assert check_out_folder(tmp_path / "empty", kind) is None
 
 
 @pytest.mark.parametrize("kind", ["story", "adapter", "model", "lr-find"])
