@@ -159,7 +159,8 @@ def cmd_chat_eval(args):
 def cmd_import_gguf(args):
     from llmb.assistant.gguf import import_gguf
 
-    print(f"imported {args.file} into {import_gguf(args.file, args.out, overwrite=args.overwrite)}; use it with --base {args.out}")
+    out = import_gguf(args.file, args.out, overwrite=args.overwrite)
+    print(f"imported {args.file} into {out}; use it with --base {args.out}")
 
 
 def cmd_get_small_assistant(args):
