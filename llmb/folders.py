@@ -126,8 +126,8 @@ def check_out_folder(path, kind, overwrite=False, resume=False, flag="--out"):
     """May a command that writes `kind` (a key of OUTPUTS) write its folder at `path`? The one rule:
 
     a new or empty folder; with `resume`, a folder holding a run of `kind`; with `overwrite`, a folder
-    holding `kind` (or a run that saved no model), which the command replaces only once its new
-    content is complete. Anything else is a UserError naming what is there. Returns
+    holding `kind` (or the log of a run that saved no model, or an LR-finder result), which the command
+    replaces only once its new content is complete. Anything else is a UserError naming what is there. Returns
     output_kind(path): what the command will replace or resume (None for a fresh folder).
     """
     path = check_writable(path, flag)
@@ -139,9 +139,10 @@ def check_out_folder(path, kind, overwrite=False, resume=False, flag="--out"):
             raise UserError(f"--resume: no checkpoint in {path} to resume from; start a run without --resume")
         raise UserError(f"--resume: {path} holds {OUTPUTS[found]} ({_listing(path)}), not {OUTPUTS[kind]} "
                         f"to continue; give the {flag} of a run of this kind")
-    if found is None or (overwrite and found in (kind, "run")):
+    replaceable = (kind, "run", "lr-find")  # what the command writes, or records of a run that saved no model
+    if found is None or (overwrite and found in replaceable):
         return found
-    if found in (kind, "run"):
+    if found in replaceable:
         again = " --resume to continue it," if kind in ("story", "adapter") and found == kind else ""
         raise UserError(f"{path} already holds {OUTPUTS[found]} ({_listing(path)}); give{again} another {flag}, "
                         "or --overwrite to replace it")
