@@ -127,8 +127,8 @@ def check_out_folder(path, kind, overwrite=False, resume=False, flag="--out"):
 
     a new or empty folder; with `resume`, a folder holding a run of `kind`; with `overwrite`, a folder
     holding `kind` (or the log of a run that saved no model, or an LR-finder result), which the command
-    replaces only once its new content is complete. Anything else is a UserError naming what is there. Returns
-    output_kind(path): what the command will replace or resume (None for a fresh folder).
+    replaces only once its new content is complete. Anything else is a UserError naming what is there.
+    Returns output_kind(path): what the command will replace or resume (None for a fresh folder).
     """
     path = check_writable(path, flag)
     found = output_kind(path)

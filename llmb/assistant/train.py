@@ -31,7 +31,7 @@ from llmb.assistant.loading import compute_dtype, load_base_model, load_tokenize
 from llmb.device import resolve_device
 from llmb.errors import UserError
 from llmb.fileio import save_dir_atomically, sync_folder, write_error, write_json
-from llmb.folders import check_out_folder
+from llmb.folders import JOB_LOG, check_out_folder
 from llmb.runlog import MetricsLog, StopSignal, make_summary, trim_metrics, write_summary
 
 
@@ -428,7 +428,7 @@ def train(cfg: TrainConfig):
     set_seed(cfg.seed)
     out = Path(cfg.out)
     found = check_out_folder(out, "adapter", cfg.overwrite, cfg.resume)
-    old_files = sorted(p.name for p in out.iterdir()) if found and not cfg.resume else []
+    old_files = sorted(p.name for p in out.iterdir() if p.name != JOB_LOG) if found and not cfg.resume else []
     run = build(cfg, accelerator, out)
     out.mkdir(parents=True, exist_ok=True)
     run.replace, run.saved_step = old_files, run.start_step or None
