@@ -71,12 +71,18 @@ def job_markdown(job):
     return "\n\n".join(lines)
 
 
+SPLITS = ("train", "val")  # the loss plot's lines
+
+
 def loss_frame(job):
     import pandas as pd
 
     rows = progress(job).losses if job and job["kind"] != "lr-find" else []
+    # The page fixes the plot's colours from the splits in the first frame it draws: an empty first frame
+    # would leave the lines of a later run without a colour (invisible). A point-less row per split keeps both.
+    rows = [{"step": None, "loss": None, "split": split} for split in SPLITS] + list(rows)
     frame = pd.DataFrame(rows, columns=["step", "loss", "split"])
-    return frame.astype({"step": "int64", "loss": "float64", "split": "str"})  # numbers, so the axes are numeric
+    return frame.astype({"step": "float64", "loss": "float64", "split": "str"})  # numbers, so the axes are numeric
 
 
 def qlora_quant(device):

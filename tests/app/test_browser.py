@@ -107,6 +107,24 @@ def test_chat_answers_and_the_history_survives_a_reload(page):
     wait_for_text(page, "#chatbot", "Hello there, assistant!")
 
 
+def assert_loss_lines_drawn(page):
+    """Both loss lines are drawn with a colour and a legend, and the plot no longer warns of empty data.
+
+    The page was opened before the run had any data: a plot whose first frame was empty kept its lines
+    without a colour (axes, but no lines), so a first-ever run looked broken."""
+    warnings = []
+    page.on("console", lambda m: warnings.append(m.text) if "Infinite extent" in m.text else None)
+    page.wait_for_function("[...document.querySelectorAll('#train-plot g.mark-line path')]"
+                           ".filter(p => (p.getAttribute('d') || '').length > 20).length >= 2", timeout=60_000)
+    lines = page.evaluate("[...document.querySelectorAll('#train-plot g.mark-line path')]"
+                          ".map(p => p.getAttribute('stroke'))")
+    assert len(lines) == 2 and all(lines) and lines[0] != lines[1], f"two coloured lines, got strokes {lines}"
+    legend = page.evaluate("[...document.querySelectorAll('#train-plot g.role-legend text')].map(t => t.textContent)")
+    assert {"train", "val"} <= set(legend), legend
+    page.wait_for_timeout(4_000)  # two more refreshes of the plot
+    assert not warnings, f"the plot warned of empty data while it had points: {warnings[:2]}"
+
+
 def test_train_live_progress_reattach_after_reload_stop_and_pick(page, app):
     open_tab(page, "Train")
     for name, value in TINY_MODEL.items():  # the form's ids come from the config's field names
@@ -120,6 +138,7 @@ def test_train_live_progress_reattach_after_reload_stop_and_pick(page, app):
     page.wait_for_function("document.querySelectorAll('#train-plot svg path, #train-plot canvas').length > 0")
     before = plot.inner_html()
     page.wait_for_function("(old) => document.querySelector('#train-plot').innerHTML !== old", arg=before)
+    assert_loss_lines_drawn(page)
     assert page.locator("#train-sample textarea").input_value(), "the latest sample is shown"
     shot(page, "train-running")
 
