@@ -60,9 +60,10 @@ def job_markdown(job):
         total = f"/{p.total}" if p.total else ""
         speed = f", {p.tokens_per_sec:,.0f} tokens/s" if p.tokens_per_sec else ""
         eta = f", ETA {p.eta_s / 60:.1f} min" if p.eta_s is not None and job["status"] == "running" else ""
-        lines.append(f"step {p.step}{total}{speed}{eta}")
+        loss = f", loss {p.loss:.4f}" if p.loss is not None else ""
+        lines.append(f"step {p.step}{total}{speed}{eta}{loss}")
     elif job["status"] == "running":
-        lines.append("preparing data and model…")
+        lines.append(f"{p.phase}…" if p and p.phase else "preparing data and model…")
     if job.get("error"):
         lines.append(f"error: {job['error']}")
     if job["status"] in ("finished", "stopped") and job.get("summary") and job["kind"] != "lr-find":
