@@ -99,7 +99,7 @@ def output_kind(path):
         return "model"
     if (path / "lr_find.json").is_file():
         return "lr-find"
-    if (path / "metrics.jsonl").is_file() or (path / "summary.json").is_file():
+    if any((path / name).is_file() for name in ("metrics.jsonl", "summary.json", "progress.json")):
         return "run"
     return "other"
 

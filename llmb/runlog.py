@@ -1,11 +1,14 @@
 """Run bookkeeping shared by both trainers: the one metrics log and the graceful stop.
 
 The metrics log is JSON lines, one object per log step: the CLI prints it, the app plots it
-and the benchmarks read it.
+and the benchmarks read it. A run whose steps are slow (the assistant on a CPU) also keeps
+progress.json: what it is doing right now, rewritten at every step, so the app can show
+"step 1/N" from the first step and which phase the run is in before that.
 """
 
 import json
 import signal
+import time
 from pathlib import Path
 
 from llmb.fileio import atomic_path, write_json
@@ -43,6 +46,24 @@ def read_metrics(path):
         except json.JSONDecodeError:
             continue
     return records
+
+
+PROGRESS = "progress.json"
+
+
+def write_progress(out, phase=None, **figures):
+    """progress.json in `out`: a phase before the first step ("loading the base model"), then the last
+    step's figures (step, total, loss, tokens_per_sec, eta_s). Written atomically, read by the app."""
+    write_json(Path(out) / PROGRESS, {"phase": phase, **figures, "time": time.time()})
+
+
+def read_progress(out, since=0.0):
+    """What progress.json says, if it was written after `since` (a Unix time); else {}."""
+    try:
+        progress = json.loads((Path(out) / PROGRESS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return progress if isinstance(progress, dict) and progress.get("time", 0) >= since else {}
 
 
 def write_summary(out, *, data, steps, total_steps, train_loss, val_loss, elapsed_s, stopped_by, **extra):

@@ -89,6 +89,8 @@ def test_its_own_kind_needs_overwrite_or_resume(tmp_path):
     with pytest.raises(UserError, match="holds the log of a run that saved no model"):
         check_out_folder(failed, "story")
     assert check_out_folder(failed, "story", overwrite=True) == "run"
+    loading = make(tmp_path / "p", {"progress.json": "{}"})  # a QLoRA run that failed while it loaded the base
+    assert output_kind(loading) == "run" and check_out_folder(loading, "adapter", overwrite=True) == "run"
     swept = make(tmp_path / "lr", {"lr_find.json": "{}", "lr_find.png": ""})  # lr-find --out, then train there
     with pytest.raises(UserError, match="holds an LR-finder result .*; give another --out, or --overwrite"):
         check_out_folder(swept, "story")

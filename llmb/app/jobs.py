@@ -29,7 +29,7 @@ from pathlib import Path
 from llmb.assistant.config import TrainConfig as QLoRAConfig
 from llmb.errors import UserError
 from llmb.fileio import read_json, write_json
-from llmb.runlog import read_metrics
+from llmb.runlog import read_metrics, read_progress
 from llmb.settings import check_number, from_values, to_argv
 from llmb.story.config import LR_FIND_SETTINGS
 from llmb.story.config import TrainConfig as StoryConfig
@@ -305,13 +305,16 @@ class Progress:
     elapsed_s: float | None = None
     losses: list = field(default_factory=list)  # {"step", "loss", "split": "train" | "val"}
     sample: str = ""
+    loss: float | None = None  # the last step's train loss
+    phase: str = ""  # what the run does before its first step
 
 
 def progress(job):
-    """What the run's metrics.jsonl says so far."""
+    """What the run's metrics.jsonl says so far, and its progress.json where that is newer (every step)."""
     records = read_metrics(Path(job["out"]) / "metrics.jsonl")
+    now = read_progress(job["out"], since=job.get("started_at", 0))
     if not records:
-        return Progress()
+        return step_progress(Progress(), now)
     last, config = records[-1], job.get("config", {})
     total = last.get("total_steps") or config.get("max_steps") or config.get("max_iters")
     step, elapsed = last.get("step", 0), last.get("elapsed_s")
@@ -324,4 +327,14 @@ def progress(job):
     losses += [{"step": r["step"], "loss": r["val_loss"], "split": "val"}
                for r in records if r.get("val_loss") is not None]
     sample = next((r["sample"] for r in reversed(records) if r.get("sample")), "")
-    return Progress(step, total, last.get("tokens_per_sec"), eta, elapsed, losses, sample)
+    return step_progress(Progress(step, total, last.get("tokens_per_sec"), eta, elapsed, losses, sample), now)
+
+
+def step_progress(p, now):
+    """`p` brought up to date by progress.json's figures `now`, if they are of a later step (or a phase)."""
+    if now.get("step", 0) > p.step:
+        p.step, p.total, p.loss = now["step"], now.get("total") or p.total, now.get("loss")
+        p.tokens_per_sec, p.eta_s, p.elapsed_s = now.get("tokens_per_sec"), now.get("eta_s"), now.get("elapsed_s")
+    elif not p.step and now.get("phase"):
+        p.phase = now["phase"]
+    return p

@@ -60,9 +60,10 @@ def job_markdown(job):
         total = f"/{p.total}" if p.total else ""
         speed = f", {p.tokens_per_sec:,.0f} tokens/s" if p.tokens_per_sec else ""
         eta = f", ETA {p.eta_s / 60:.1f} min" if p.eta_s is not None and job["status"] == "running" else ""
-        lines.append(f"step {p.step}{total}{speed}{eta}")
+        loss = f", loss {p.loss:.4f}" if p.loss is not None else ""
+        lines.append(f"step {p.step}{total}{speed}{eta}{loss}")
     elif job["status"] == "running":
-        lines.append("preparing data and model…")
+        lines.append(f"{p.phase}…" if p and p.phase else "preparing data and model…")
     if job.get("error"):
         lines.append(f"error: {job['error']}")
     if job["status"] in ("finished", "stopped") and job.get("summary") and job["kind"] != "lr-find":
@@ -71,12 +72,18 @@ def job_markdown(job):
     return "\n\n".join(lines)
 
 
+SPLITS = ("train", "val")  # the loss plot's lines
+
+
 def loss_frame(job):
     import pandas as pd
 
     rows = progress(job).losses if job and job["kind"] != "lr-find" else []
+    # The page fixes the plot's colours from the splits in the first frame it draws: an empty first frame
+    # would leave the lines of a later run without a colour (invisible). A point-less row per split keeps both.
+    rows = [{"step": None, "loss": None, "split": split} for split in SPLITS] + list(rows)
     frame = pd.DataFrame(rows, columns=["step", "loss", "split"])
-    return frame.astype({"step": "int64", "loss": "float64", "split": "str"})  # numbers, so the axes are numeric
+    return frame.astype({"step": "float64", "loss": "float64", "split": "str"})  # numbers, so the axes are numeric
 
 
 def qlora_quant(device):

@@ -164,9 +164,21 @@ def cmd_import_gguf(args):
 
 
 def cmd_get_small_assistant(args):
-    from llmb.assistant.gguf import get_small_assistant
+    """The folder on stdout (for scripts); what happened and what to do next on stderr."""
+    import time
+    from pathlib import Path
 
-    print(get_small_assistant(args.checkpoints, overwrite=args.overwrite))
+    from llmb.assistant.gguf import SMALL_HUB_ID, SMALL_NAME, get_small_assistant
+    from llmb.folders import is_base_model
+
+    had = is_base_model(Path(args.checkpoints) / SMALL_NAME) and not args.overwrite
+    t0 = time.time()
+    out = get_small_assistant(args.checkpoints, overwrite=args.overwrite)
+    how = "already installed in" if had else f"imported in {time.time() - t0:.0f} s into"
+    print(f"{SMALL_HUB_ID} {how} {out}\n"
+          f"next: pick `{SMALL_NAME}` in the Assistant tab's Base (python app.py), or chat here:\n"
+          f"  python -m llmb chat --base {out}", file=sys.stderr)
+    print(out)
 
 
 def cmd_merge(args):

@@ -23,6 +23,7 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 from llmb.assistant.config import TrainConfig
@@ -32,7 +33,7 @@ from llmb.device import resolve_device
 from llmb.errors import UserError
 from llmb.fileio import save_dir_atomically, sync_folder, write_error, write_json
 from llmb.folders import JOB_LOG, check_out_folder
-from llmb.runlog import MetricsLog, StopSignal, make_summary, trim_metrics, write_summary
+from llmb.runlog import MetricsLog, StopSignal, make_summary, trim_metrics, write_progress, write_summary
 
 
 def add_lora(model, cfg):
@@ -329,8 +330,12 @@ def build(cfg, accelerator, out):
     found = checkpoints(out)
     if cfg.resume and not found:
         raise UserError(f"--resume: no checkpoint in {out} to resume from; leave out --resume to start a new run")
+    say = partial(write_progress, out) if accelerator.is_main_process else (lambda phase: None)
+    say(f"loading the tokenizer of {cfg.base}")
     tokenizer = load_tokenizer(cfg.base)
+    say("reading and tokenizing the data")
     train_set, eval_set = prepare_data(cfg, tokenizer)
+    say(f"loading the base model {cfg.base} ({len(train_set)} train conversations ready)")
     model = add_lora(load_base_model(cfg.base, cfg.quant, accelerator.device), cfg)
     optimizer = make_optimizer(model, cfg.lr, accelerator.device)
     scheduler = get_constant_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * cfg.max_steps))
@@ -343,7 +348,9 @@ def build(cfg, accelerator, out):
 
 
 def optimizer_step(run, batches):
-    """One optimizer step over cfg.grad_accum micro-batches; the loss is the mean over all their answer tokens."""
+    """One optimizer step over cfg.grad_accum micro-batches; the loss is the mean over all their answer tokens.
+
+    Returns (the step's mean loss over all processes' answer tokens, the tokens seen)."""
     from contextlib import nullcontext
 
     import torch
@@ -352,18 +359,23 @@ def optimizer_step(run, batches):
     micro = [{k: v.to(acc.device) for k, v in next(batches).items()} for _ in range(cfg.grad_accum)]
     # every answer token of the step weighs the same, whichever micro-batch (or process) it is in
     total = acc.reduce(torch.tensor(sum(answer_tokens(b) for b in micro), device=acc.device), "sum").item()
+    loss_step, tokens_step = 0.0, 0  # the step's loss summed over this process's answer tokens; tokens seen
     for i, batch in enumerate(micro):
         sync = i == len(micro) - 1  # all-reduce gradients only on the last micro-batch
         with nullcontext() if sync else acc.no_sync(model):
             loss = loss_sum(model, batch)
             acc.backward(loss * acc.num_processes / max(total, 1))  # DDP averages over processes
+        tokens = int(batch["attention_mask"].sum()) * acc.num_processes
+        loss_step, tokens_step = loss_step + loss.item(), tokens_step + tokens
         run.window["loss"] += loss.item()
         run.window["answer_tokens"] += answer_tokens(batch)
-        run.window["tokens"] += int(batch["attention_mask"].sum()) * acc.num_processes
+        run.window["tokens"] += tokens
     acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
+    loss_step = acc.reduce(torch.tensor(loss_step, device=acc.device), "sum").item()
+    return loss_step / max(total, 1), tokens_step
 
 
 def log_record(run, step, t0, val_loss=None):
@@ -387,6 +399,8 @@ def loop(run, log, stop, evals, out):
     main = acc.is_main_process
     step, t0, train_loss, val_loss = run.start_step, time.time(), None, None
     if step == 0 and evals is not None:  # the base model's loss: where the run starts from
+        if main:
+            write_progress(out, f"evaluating the base model on {len(run.eval_set)} conversations (step 0)")
         val_loss = evaluate(run.model, evals, acc)
         if main:
             log.log(**log_record(run, 0, t0, val_loss))
@@ -394,10 +408,16 @@ def loop(run, log, stop, evals, out):
                             skip=step * cfg.grad_accum)
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not main, desc="train")
     run.model.train()
+    first, t_first = step, time.time()
     while step < cfg.max_steps and not stop.name:
-        optimizer_step(run, batches)
+        t_step = time.time()
+        loss, tokens = optimizer_step(run, batches)
         step += 1
         bar.update(1)
+        if main:  # the figures of every step, for the app's status line
+            now = time.time()
+            write_progress(out, step=step, total=cfg.max_steps, loss=loss, tokens_per_sec=tokens / (now - t_step),
+                           elapsed_s=now - t0, eta_s=(cfg.max_steps - step) * (now - t_first) / (step - first))
         last = step == cfg.max_steps or stop.name
         evaluated = evals is not None and (step % cfg.eval_steps == 0 or last)
         if evaluated:

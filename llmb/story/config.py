@@ -42,8 +42,8 @@ class TrainConfig:
     n_head: int = setting(4, "attention heads per block", low=1, high=64, label="Heads", form=True)
     n_embd: int = setting(128, "embedding width (a multiple of 2 x heads)", low=2, high=4096,
                           label="Embedding width", form=True)
-    block_size: int = setting(64, "context length in tokens", low=2, high=8192, label="Context (characters)",
-                              form=True)
+    block_size: int = setting(64, "context length in tokens (characters with the char tokenizer)", low=2,
+                              high=8192, label="Context (tokens)", form=True)
     dropout: float = setting(0.0, "dropout probability", low=0.0, high=0.9, label="Dropout", form=True)
     bias: bool = setting(False, "bias in linear layers and layer norms")
     # optimisation

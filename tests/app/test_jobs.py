@@ -163,6 +163,25 @@ def test_progress_reads_the_metrics_log(tmp_path):
                         {"step": 20, "loss": 2.6, "split": "val"}]
 
 
+def test_progress_shows_the_phase_then_every_step_from_progress_json(tmp_path):
+    from llmb.app.train_tab import job_markdown
+    from llmb.runlog import write_progress
+
+    out = tmp_path / "run"
+    out.mkdir()
+    job = {"out": str(out), "kind": "qlora", "config": {"max_steps": 40}, "name": "run", "status": "running",
+           "started_at": time.time()}
+    assert "preparing data and model" in job_markdown(job)  # nothing written yet
+    write_progress(out, "loading the base model x")
+    assert "loading the base model x…" in job_markdown(job)
+    write_progress(out, step=1, total=40, loss=2.25, tokens_per_sec=300.0, elapsed_s=9.0, eta_s=390.0)
+    assert "step 1/40, 300 tokens/s, ETA 6.5 min, loss 2.2500" in job_markdown(job)
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 0, "val_loss": 2.5, "elapsed_s": 3.0}) + "\n")
+    assert progress(job).step == 1 and progress(job).loss == 2.25  # the step-0 record is older
+    job["started_at"] = time.time() + 60  # a progress.json left by an earlier run in the same folder
+    assert progress(job).step == 0 and "preparing data and model" in job_markdown(job)
+
+
 # ------------------------------------------------------------------------------- folders
 
 def test_paths_outside_the_allowed_folders_are_refused(tmp_path):

@@ -41,5 +41,9 @@ def test_get_small_assistant_reuses_the_imported_folder(small_assistant):
     proc = subprocess.run([sys.executable, "-m", "llmb", "get-small-assistant", "--checkpoints",
                            str(small_assistant.parent)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == str(small_assistant)
+    told = proc.stderr.strip().splitlines()  # what was installed, and what to do next
+    assert told[0] == f"HuggingFaceTB/SmolLM2-135M-Instruct already installed in {small_assistant}", told
+    assert "pick `smollm2-135m-instruct` in the Assistant tab's Base" in told[1]
+    assert told[-1].strip() == f"python -m llmb chat --base {small_assistant}"
     for name in ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja", "source.json"):
         assert (small_assistant / name).is_file(), name

@@ -54,7 +54,31 @@ def check_run(out, steps):
         assert (out / name).is_file(), name
     assert (out / f"checkpoint-{steps}" / "training_state.pt").is_file()
     assert not list(out.glob(".tmp-*"))
+    now = read_json(out / "progress.json")  # the app's status line: the last step's own figures
+    assert now["step"] == steps and now["total"] == steps and now["phase"] is None
+    assert math.isfinite(now["loss"]) and now["tokens_per_sec"] > 0 and now["eta_s"] == 0
     return summary
+
+
+def test_progress_names_each_phase_then_every_step(tiny_phi, small_data, tmp_path, monkeypatch):
+    """Before its first step a run on a CPU can take minutes: progress.json says which phase it is in,
+    then carries step i/N, the step's loss, tokens/s and the ETA from the first step on (not every log_steps)."""
+    import llmb.assistant.train as trainer
+
+    seen = []
+    real = trainer.write_progress
+    monkeypatch.setattr(trainer, "write_progress", lambda out, phase=None, **f: (seen.append((phase, f)),
+                                                                                 real(out, phase, **f)))
+    train(TrainConfig(base=str(tiny_phi), data=[str(small_data)], out=str(tmp_path / "run"), quant="none",
+                      max_steps=4, max_seq_len=64, batch_size=2, grad_accum=1, lr=1e-2, eval_steps=10,
+                      save_steps=10, log_steps=10, eval_split=0.25, device="cpu"))
+    phases = [phase for phase, _ in seen if phase]
+    assert [p.split()[0] for p in phases] == ["loading", "reading", "loading", "evaluating"], phases
+    assert "base model" in phases[2] and "(step 0)" in phases[3]
+    steps = [f for phase, f in seen if not phase]
+    assert [f["step"] for f in steps] == [1, 2, 3, 4] and all(f["total"] == 4 for f in steps)
+    assert all(math.isfinite(f["loss"]) and f["tokens_per_sec"] > 0 for f in steps)
+    assert steps[0]["eta_s"] > 0 and steps[-1]["eta_s"] == 0
 
 
 def test_lora_fp32_loss_falls(tiny_phi_adapter):
