@@ -6,7 +6,7 @@ The two are started alternately (app, bare, app, bare, ...), each as a fresh pro
 from the start of the process to the first HTTP 200 on "/". The bare page is the peer: the
 least any Gradio page with three tabs takes on this machine at this moment. The app loads no
 model before the first request that needs one, so the ratio is the cost of its own page.
-Target (issue #10): app / bare <= 1.3.
+Goal: app / bare <= 1.3.
 """
 
 import argparse

@@ -5,7 +5,7 @@ run in turn in the same run, each as a user starts it, on checkpoints both train
 
 Two figures per contender: the whole command (start-up and loading included: what a user
 waits for) and the generation alone (from the moment the command has loaded its model, read
-off its unbuffered output: our prompt echo, nanoGPT's "Loading meta" line). Target (issue #10):
+off its unbuffered output: our prompt echo, nanoGPT's "Loading meta" line). Goal:
 default settings >= 20x nanoGPT's generate; int8 measurably faster than fp32.
 
 nanoGPT's sample.py imports tiktoken (`pip install tiktoken`), though a character model never uses it.

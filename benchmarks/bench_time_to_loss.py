@@ -7,7 +7,7 @@ its default settings and a --max-time of 0.45x the wall time nanoGPT took in thi
 
 Both final models are scored the same way on the same validation text (the last 10%), with
 non-overlapping windows of 64 characters; nanoGPT's own estimate (20 random batches) is printed
-beside it. Target (issue #10): ours reaches nanoGPT's final val loss.
+beside it. Goal: ours reaches nanoGPT's final val loss.
 
     python benchmarks/bench_time_to_loss.py [--share 0.45] [--rounds 1] [--threads N] [--nanogpt DIR]
 """

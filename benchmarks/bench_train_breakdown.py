@@ -2,7 +2,7 @@
 4 heads, 128 wide, block 64, batch 12, dropout 0): both models in one process, the same random
 batches, steps alternating in blocks (A B A B), each op's own time from torch.profiler, grouped.
 
-It answers what issue #10's throughput target (ours >= 1.2x nanoGPT's tokens/s) would take: the
+It answers what a throughput of 1.2x nanoGPT's tokens/s would take: the
 matrix products are the same FLOPs in both, so the ratio is bounded by how small the rest of
 our step can get. It prints the bound: ours with the rest taking no time at all.
 

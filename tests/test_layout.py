@@ -1,4 +1,4 @@
-"""The architecture rules of issue #7, checked by walking the imports of every module.
+"""The architecture rules, checked by walking the imports of every module.
 
 - llmb.story and llmb.assistant never import each other or llmb.app;
 - inference (sampling, loading, chatting) never imports training;

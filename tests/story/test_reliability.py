@@ -1,4 +1,4 @@
-"""The story CLI and trainer probed as a hostile or unlucky user would (issue #9, items 8 and 15-22).
+"""The story CLI and trainer probed as a hostile or unlucky user would.
 
 BAD_INPUTS: command lines that must end in one `error:` line, exit code 2, no traceback, and
 leave any checkpoint they point at byte for byte as it was. FAULTS: real failures during a run
