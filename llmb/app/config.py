@@ -179,6 +179,15 @@ def _subdirs(folders):
             yield from (d for d in sorted(Path(folder).iterdir()) if d.is_dir() and not d.name.startswith("."))
 
 
+def by_name(paths, name=lambda p: Path(p).name):
+    """{name: path} for a picker: the page shows and the API takes names (a folder's name, a hub id), never
+    server paths; of two folders with one name, the first is offered."""
+    named = {}
+    for path in paths:
+        named.setdefault(name(path), str(path))
+    return named
+
+
 def newest_first(paths):
     return sorted(set(paths), key=lambda p: p.stat().st_mtime, reverse=True)
 
@@ -251,6 +260,21 @@ def resolve_data(config, labels, uploads_key=None):
     if missing:
         raise UserError(f"{missing[0]!r} is not one of the data sources in the allowed data folders")
     return [str(inside(known[x], [root for _, root in config.data_roots(uploads_key)])) for x in labels]
+
+
+def public_text(config, text):
+    """`text` (a command line, a log line, an error) as the page may show it: no server path, no uploads key.
+
+    A browser's uploads folder becomes `uploads` (its key is what guards it), a data folder its name
+    (as in the Data picker), the checkpoints folders `checkpoints`, the repository's own paths relative,
+    and any other absolute path `.../` and its last part.
+    """
+    key = rf"[^\s'\"=]*{re.escape(config.uploads.name)}/[A-Za-z0-9_-]{{16,64}}(?![A-Za-z0-9_-])"
+    text = re.sub(key, "uploads", str(text))
+    folders = [(d, d.name) for d in config.data_dirs] + [(d, "checkpoints") for d in config.scan_dirs()]
+    for folder, name in sorted(folders + [(REPO, ".")], key=lambda f: len(str(f[0])), reverse=True):
+        text = text.replace(f"{folder}/", "" if name == "." else f"{name}/").replace(str(folder), name)
+    return re.sub(r"(?<![\w.~-])(?:/[^/\s'\"]+)+/([^/\s'\"]+)", r".../\1", text)
 
 
 def is_model_folder(path):

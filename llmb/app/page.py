@@ -182,13 +182,17 @@ def call_key(request, kind):
     return f"{session_of(request)}/{kind}"
 
 
-def known_path(path, choices, what):
-    """`path` if it is one of the picker's choices (fresh scan): the API cannot load arbitrary folders."""
-    if path is not None and not isinstance(path, str):
-        raise UserError(f"the {what} must be given as text (got {type(path).__name__})")
-    if path and path not in [value for _, value in choices]:
-        raise UserError(f"{path} is not one of the {what} found under the checkpoints folder")
-    return path
+def known_path(name, known, what):
+    """The server path of the picker value `name` in `known` ({name: path}, a fresh scan); UserError if it
+    is not there: the API takes the names the pickers offer and cannot load arbitrary folders."""
+    if name is not None and not isinstance(name, str):
+        raise UserError(f"the {what} must be given as text (got {type(name).__name__})")
+    if not name:
+        return name
+    if name not in known:
+        offered = ", ".join(n for n in known if n)[:300] or "none"
+        raise UserError(f"{name[:100]} is not one of the {what} found (the names offered: {offered})")
+    return known[name]
 
 
 def browser_secret(config):

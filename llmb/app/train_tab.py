@@ -71,6 +71,18 @@ def job_markdown(job):
     return "\n\n".join(lines)
 
 
+def public_job(config, job):
+    """The job as the page shows it: its command line and error without server paths or uploads keys."""
+    if job is None:
+        return None
+    return job | {k: app_config.public_text(config, job[k]) for k in ("command", "error") if job.get(k)}
+
+
+def refused(config, error):
+    """A UserError as the page shows it (a trainer's message may name a server path)."""
+    return warn(app_config.public_text(config, error))
+
+
 def loss_frame(job):
     import pandas as pd
 
@@ -105,9 +117,9 @@ def spec_from_form(ctx, values):
     settings = settings_of(values, kind) | {"data": picked_data(config, values), "out": str(config.checkpoints / name),
                                             "device": config.device}
     if kind == "qlora":
-        from llmb.app.chat_tab import base_choices
+        from llmb.app.chat_tab import base_name, bases
 
-        settings["base"] = known_path(settings.get("base") or str(config.base), base_choices(config), "base models")
+        settings["base"] = known_path(settings.get("base") or base_name(config.base), bases(config), "base models")
         settings["quant"] = qlora_quant(config.device)
     return job_spec(kind, settings)
 
@@ -199,9 +211,9 @@ def components(ctx):
             c["lr_result"] = gr.Markdown(elem_id="train-lr-result")
         c["lr_plot"] = gr.Image(label="LR finder", type="filepath", visible=False, height=300)
     with gr.Group(visible=False) as c["qlora_group"]:
-        from llmb.app.chat_tab import base_choices
+        from llmb.app.chat_tab import base_choices, base_name
 
-        c["qlora_base"] = gr.Dropdown(base_choices(config), value=str(config.base), label="Base model",
+        c["qlora_base"] = gr.Dropdown(base_choices(config), value=base_name(config.base), label="Base model",
                                       allow_custom_value=True,  # checked by the handler against a fresh scan
                                       elem_id="train-qlora-base", info="the same bases as the Assistant tab; "
                                       "on a CPU Phi-2 is slow (a GPU is recommended), the small local model is quick")
@@ -233,15 +245,15 @@ def build(ctx, uploads_key):
     def start_job(uploads_key=None, **values):
         try:
             check_allowed(ctx.config)
-            job = ctx.jobs.start(spec_from_form(ctx, values | {"uploads_key": uploads_key}))
+            job = public_job(ctx.config, ctx.jobs.start(spec_from_form(ctx, values | {"uploads_key": uploads_key})))
             return f"started `{job['name']}`", gr.update(value=job["command"], visible=True), job_markdown(job)
         except UserError as e:
-            return warn(e), gr.skip(), gr.skip()
+            return refused(ctx.config, e), gr.skip(), gr.skip()
         except Exception as e:
             return unexpected(e), gr.skip(), gr.skip()
 
     def stop_job():
-        job = ctx.jobs.stop()
+        job = public_job(ctx.config, ctx.jobs.stop())
         if job is None:
             return warn("no training job is running"), gr.skip()
         if job["signals"][-1] == "SIGKILL":
@@ -256,7 +268,7 @@ def build(ctx, uploads_key):
             return f"suggested learning rate: **{suggested:.2e}** (filled in above)", f"{suggested:.2e}", \
                 gr.update(value=str(plot), visible=True)
         except UserError as e:
-            return warn(e), gr.skip(), gr.skip()
+            return refused(ctx.config, e), gr.skip(), gr.skip()
         except Exception as e:
             return unexpected(e), gr.skip(), gr.skip()
 
@@ -264,7 +276,7 @@ def build(ctx, uploads_key):
         try:
             return add_uploads(ctx, files, selected, uploads_key)
         except UserError as e:
-            return warn(e), gr.skip(), None, gr.skip()
+            return refused(ctx.config, e), gr.skip(), None, gr.skip()
 
     data = {"data": c["data"], "uploads_key": uploads_key}
     story_form = {k: w for k, w in form_values.items() if k.startswith("story_")}
@@ -291,13 +303,13 @@ def watch(ctx, demo, train, story_picker, chat):
     pickers = gr.State({"story": None, "adapters": None})
 
     def refresh(known, base, adapter):
-        job = ctx.jobs.current()
+        job = public_job(ctx.config, ctx.jobs.current())
         stories, adapters = story_tab.choices(ctx.config), chat_tab.adapter_choices(ctx.config)
         story_update = gr.update(choices=stories) if known["story"] != stories else gr.skip()
         adapter_update = gr.update(choices=adapters) if known["adapters"] != adapters else gr.skip()
         command = gr.update(value=job["command"], visible=True) if job else gr.update(visible=False)
         return (job_markdown(job), command, loss_frame(job), progress(job).sample if job else "",
-                log_tail(job) if job else "", story_update, adapter_update, {"story": stories, "adapters": adapters},
+                app_config.public_text(ctx.config, log_tail(job)) if job else "", story_update, adapter_update, {"story": stories, "adapters": adapters},
                 chat_tab.model_status(ctx, base, adapter))
 
     outputs = [train["status"], train["command"], train["plot"], train["sample"], train["log"], story_picker,

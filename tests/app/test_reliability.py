@@ -354,8 +354,8 @@ def test_tokenizer_files_are_not_offered_as_books_and_any_case_of_txt_is(tmp_pat
 @pytest.mark.parametrize("call, message", [
     (lambda c: app_config.resolve_data(c, [5]), "data must be a list of the Data picker's names"),
     (lambda c: app_config.resolve_data(c, {"a": 1}), "data must be a list"),
-    (lambda c: known_path(5, [], "story checkpoints"), "must be given as text"),
-    (lambda c: known_path("../../etc", [], "story checkpoints"), "not one of the story checkpoints"),
+    (lambda c: known_path(5, {}, "story checkpoints"), "must be given as text"),
+    (lambda c: known_path("../../etc", {}, "story checkpoints"), "not one of the story checkpoints"),
     (lambda c: save_upload(5, c.uploads), "an upload must be a file"),
     (lambda c: app_config.check_name("../x"), "run name"),
 ])
@@ -416,10 +416,10 @@ def story_call(client, **values):
 def test_one_client_cannot_fill_the_queue_for_everyone(app):
     """20 unread story calls from one session: each extra one ends at once; another session is served."""
     greedy = Client(app.url, verbose=False)
-    calls = [story_call(greedy, ckpt=app.ckpts / "tiny-story", max_new=2000) for _ in range(20)]
+    calls = [story_call(greedy, ckpt="tiny-story", max_new=2000) for _ in range(20)]
     other = Client(app.url, verbose=False)
     t0 = time.time()
-    text, note, _ = story_call(other, ckpt=app.ckpts / "tiny-story", max_new=20).result(timeout=60)
+    text, note, _ = story_call(other, ckpt="tiny-story", max_new=20).result(timeout=60)
     assert note.startswith("done") and time.time() - t0 < 30
     greedy.predict(api_name="/story_stop")
     notes = [c.result(timeout=60)[1] for c in calls]
@@ -462,7 +462,7 @@ def test_many_session_ids_cannot_fill_the_queue_and_unread_calls_stop(app):
     """70 story calls from 70 session ids that never read: the story lane is busy, the rest of the app is not."""
     join_unread(app, "story", sessions=70, **{"Max new characters": 2000})
     other = Client(app.url, verbose=False)
-    note = story_call(other, ckpt=app.ckpts / "tiny-story", max_new=20).result(timeout=30)[1]
+    note = story_call(other, ckpt="tiny-story", max_new=20).result(timeout=30)[1]
     assert "busy: all 12 places for a story are taken; try again in a moment" in note, note
     status = other.predict(message="Hello", system="", api_name="/chat")[3]
     assert "cannot be reached" in status, "the assistant is served while stories are flooded"
@@ -470,7 +470,7 @@ def test_many_session_ids_cannot_fill_the_queue_and_unread_calls_stop(app):
         .startswith("⚠️"), "and so is the Train tab"
     wait_for_log(app, "llmb: stopped a story that nobody reads", count=4)  # not 2000 characters each
     deadline = time.time() + 90
-    while not story_call(other, ckpt=app.ckpts / "tiny-story", max_new=20).result(timeout=60)[1].startswith("done"):
+    while not story_call(other, ckpt="tiny-story", max_new=20).result(timeout=60)[1].startswith("done"):
         assert time.time() < deadline, "the lane never freed up"
         time.sleep(0.5)
     assert "Queue is full" not in app.log_text()
@@ -548,7 +548,7 @@ def test_the_upload_route_keeps_only_books_and_chats(app, tmp_path):
 ])
 def test_a_bad_slider_value_through_the_api_is_named_not_a_traceback(app, values, message):
     """Gradio's own slider check answered these with an unnamed error and logged a traceback."""
-    _, note, _ = story_call(Client(app.url, verbose=False), ckpt=app.ckpts / "tiny-story", **values).result(timeout=60)
+    _, note, _ = story_call(Client(app.url, verbose=False), ckpt="tiny-story", **values).result(timeout=60)
     assert message in note, note
     assert "Traceback" not in app.log_text()
     TRIED["bad inputs"] += 1
@@ -622,7 +622,7 @@ def test_eight_sessions_write_stories_at_once_and_none_is_lost(app):
 
     def user(i):
         try:
-            results[i] = story_call(Client(app.url, verbose=False), ckpt=app.ckpts / "tiny-story", max_new=30,
+            results[i] = story_call(Client(app.url, verbose=False), ckpt="tiny-story", max_new=30,
                                     seed=str(i)).result(timeout=120)
         except Exception as e:  # collected and reported below
             errors.append(e)
@@ -657,3 +657,63 @@ def test_an_unreachable_hub_points_to_the_small_assistant(tmp_path, monkeypatch)
     (local / "model.safetensors").write_bytes(b"")
     assert "pick the local model `small` in Base" in chat_tab.hub_problem(config, "nobody/not-downloaded")
     assert chat_tab.hub_problem(config, str(local)) is None, "a local folder needs no hub"
+
+
+# ------------------------------------------------------------------ 15. no server path, no uploads key shown
+
+def test_the_page_shows_names_never_server_paths_or_uploads_keys(tmp_path):
+    from llmb.app.jobs import REPO
+
+    data = tmp_path / "data"
+    config = app_config.parse_args(["--data-dir", str(data), "--work-dir", str(tmp_path / "work"),
+                                    "--checkpoints", str(tmp_path / "ckpts")], {})
+    key = upload_key(None)
+    diary = config.uploads / key / "private_diary.txt"
+    command = (f"python training/train_char.py --data {diary} {data}/books/oz --out {tmp_path}/ckpts/run1 "
+               f"--base {REPO}/checkpoints/small")
+    log = f'corpus: runs/app/uploads/{key}/private_diary.txt\n  File "/usr/lib/python3/site-packages/torch/nn.py"'
+    shown = app_config.public_text(config, command) + app_config.public_text(config, log)
+    assert "--data uploads/private_diary.txt data/books/oz --out checkpoints/run1 --base checkpoints/small" in shown
+    assert 'corpus: uploads/private_diary.txt' in shown and 'File ".../nn.py"' in shown
+    assert key not in shown and str(tmp_path) not in shown and "/usr" not in shown and str(REPO) not in shown
+    TRIED["bad inputs"] += 1
+
+
+@pytest.mark.slow
+def test_another_browser_sees_no_uploads_key_and_no_server_path(app, tmp_path):
+    """Browser B uploads a diary and trains on it; browser A reads everything the page and the API show."""
+    from gradio_client import handle_file
+
+    from tests.app.app_server import REPO, TINY_TRAIN
+
+    diary = tmp_path / "private_diary.txt"
+    diary.write_text("Dear diary, today I went to Oz. " * 200)
+    a, b = Client(app.url, verbose=False), Client(app.url, verbose=False)
+    key = b.predict(files=[handle_file(str(diary))], selected=[], api_name="/train_upload")[3]
+    started = b.predict(kind="story", name="diary-run", data=["uploads/private_diary.txt"], uploads_key=key,
+                        api_name="/train_start", **TINY_TRAIN)
+    assert started[0] == "started `diary-run`", started
+    try:
+        deadline, shown = time.time() + 60, ""
+        while "step" not in shown.split("**running**")[-1] and time.time() < deadline:
+            progress = a.predict(api_name="/train_progress")
+            shown = progress[0]
+            time.sleep(0.5)
+        progress = a.predict(api_name="/train_progress")
+        command, log = progress[1]["value"] if isinstance(progress[1], dict) else progress[1], progress[4]
+        assert "--data uploads/private_diary.txt" in command and "--out checkpoints/diary-run" in command, command
+        assert log.strip(), "the log tail is shown (scrubbed, not hidden)"
+        with urllib.request.urlopen(f"{app.url}config", timeout=10) as r:
+            page_config = r.read().decode()
+        for what, text in (("/train_progress", json.dumps(progress)), ("/config", page_config)):
+            for secret in (key, str(app.work), str(app.ckpts), str(REPO), str(app.data)):
+                assert secret not in text, f"{what} shows {secret}"
+        TRIED["bad inputs"] += 2
+        note = a.predict(checkpoint="tiny-story", prompt="Dorothy", max_new=5, api_name="/story")[1]
+        assert note.startswith("done"), "the API takes the picker's names"
+        note = a.predict(checkpoint=str(app.ckpts / "tiny-story"), prompt="Dorothy", max_new=5, api_name="/story")[1]
+        assert "is not one of the story checkpoints found (the names offered: tiny-story" in note, note
+        TRIED["bad inputs"] += 1
+    finally:
+        b.predict(api_name="/train_stop")
+        JobManager(app.work / "job.json").wait(60)
