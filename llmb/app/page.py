@@ -21,6 +21,7 @@ import gradio as gr
 from starlette.middleware import Middleware
 
 from llmb.app import config as app_config
+from llmb.app.guard import CallCheck
 from llmb.app.jobs import JobManager
 from llmb.app.models import Assistant, StopFlags, StoryModels
 from llmb.app.uploads import MAX_UPLOAD, UploadTypes
@@ -260,4 +261,5 @@ def main(argv=None):
     config.plots.mkdir(parents=True, exist_ok=True)
     demo.launch(server_name=config.host, server_port=config.port, share=config.share, show_error=False,
                 allowed_paths=[str(config.plots)], max_file_size=upload_limit(config),
-                app_kwargs={"middleware": [Middleware(UploadTypes)]})  # its upload route takes any type
+                app_kwargs={"middleware": [Middleware(CallCheck, demo=demo, max_turns=config.max_turns),
+                                           Middleware(UploadTypes)]})  # its upload route takes any type

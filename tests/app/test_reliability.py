@@ -717,3 +717,61 @@ def test_another_browser_sees_no_uploads_key_and_no_server_path(app, tmp_path):
     finally:
         b.predict(api_name="/train_stop")
         JobManager(app.work / "job.json").wait(60)
+
+
+# ------------------------------------------------------------------ 16. malformed API calls: a message, one log line
+
+MALFORMED = [
+    ("/chat", {"message": "hi", "history": [{"role": "user", "content": "a string, not parts"}]}, "history: must hold"),
+    ("/chat", {"message": "hi", "history": "hello"}, "history: must be a list of messages (got str)"),
+    ("/chat", {"message": "hi", "history": ["a", "b"]}, "history: must hold"),
+    ("/chat", {"message": "hi", "history": [{"role": "user", "content": None}]}, "history: must hold"),
+    ("/chat", {"message": "hi", "base_history": [{"role": "user", "content": 7}]}, "base_history: must hold"),
+    ("/chat", {"message": "hi", "history": [{"role": "user", "content": [{"type": "text", "text": ""}]}] * 20_000},
+     "history: has 20,000 messages; the limit is 200"),
+    ("/chat_regenerate", {"history": "hello"}, "history: must be a list"),
+    ("/train_start", {"kind": "lr-find", "data": [WIZARD]}, "kind: must be one of story, qlora (got 'lr-find')"),
+    ("/train_start", {"kind": 3, "data": [WIZARD]}, "kind: must be one of story, qlora (got '3')"),
+    ("/train_start", {"kind": "story", "story_n_layer": 10**400}, "story_n_layer: must be a number of at most 308"),
+    ("/lr_find", {"lr_steps": "nan", "data": [WIZARD]}, "lr_steps: must be a number (got 'nan')"),
+    ("/story", {"checkpoint": "tiny-story", "max_new": 10**400}, "max_new: must be a number of at most 308 digits"),
+]
+
+
+def lines_since(app, start):
+    """The app's log lines since `start`, but Gradio's own start-up notes."""
+    return [line for line in app.log_text()[start:].strip().splitlines() if not line.startswith("* ")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("api_name, values, message", MALFORMED)
+def test_a_malformed_call_gets_a_message_and_one_log_line(app, api_name, values, message):
+    """Gradio's own checks answered these with an unnamed error and a traceback, before any handler ran."""
+    from gradio_client.exceptions import ValidationError
+
+    start = len(app.log_text())
+    values = {"/chat": {"system": ""}, "/chat_regenerate": {"system": ""}, "/train_start": {"name": "x"}}.get(
+        api_name, {}) | values
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        Client(app.url, verbose=False).predict(**values, api_name=api_name)
+    assert len(lines_since(app, start)) <= 1 and "Traceback" not in app.log_text()[start:], lines_since(app, start)
+    TRIED["bad inputs"] += 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("route, body, message", [
+    ("call/story", {"data": []}, "data: takes 7 values (checkpoint, prompt, max_new"),
+    ("call/story", {"data": "x"}, "data: must be a list of values (got str)"),
+    ("run/story", {"data": [None] * 3}, "data: takes 7 values"),
+    ("call/v2/chat", {"message": "hi", "history": "hello"}, "history: must be a list of messages"),
+    ("call/v2/chat", {"message": "hi", "histori": []}, "histori: is not a parameter of this endpoint"),
+    ("queue/join", {"data": [], "fn_index": 0, "session_hash": "abc"}, "takes"),
+])
+def test_a_raw_http_call_of_the_wrong_shape_gets_a_message(app, route, body, message):
+    import httpx
+
+    start = len(app.log_text())
+    reply = httpx.post(f"{app.url}gradio_api/{route}", json=body, timeout=30)
+    assert reply.status_code == 422 and message in reply.json()["error"], reply.text
+    assert len(lines_since(app, start)) <= 1 and "Traceback" not in app.log_text()[start:]
+    TRIED["bad inputs"] += 1
