@@ -24,7 +24,7 @@ from llmb.app import config as app_config
 from llmb.app.guard import CallCheck
 from llmb.app.jobs import JobManager
 from llmb.app.models import Assistant, StopFlags, StoryModels
-from llmb.app.uploads import MAX_UPLOAD, UploadTypes
+from llmb.app.uploads import UploadTypes
 from llmb.errors import UserError
 from llmb.fileio import atomic_path
 
@@ -248,9 +248,9 @@ def build(config):
 
 
 def upload_limit(config):
-    """Gradio's size limit for every upload: 50 MB for training data; with training off nothing needs
-    uploads, so its upload route refuses everything (it would otherwise store any file of any size)."""
-    return MAX_UPLOAD if config.allow_training else 1
+    """Gradio's size limit for every upload: what one browser may keep (50 MB by default); with training
+    off nothing needs uploads, so its upload route refuses everything (it would otherwise store any file)."""
+    return f"{config.uploads_mb}mb" if config.allow_training else 1
 
 
 def main(argv=None):
@@ -262,4 +262,5 @@ def main(argv=None):
     demo.launch(server_name=config.host, server_port=config.port, share=config.share, show_error=False,
                 allowed_paths=[str(config.plots)], max_file_size=upload_limit(config),
                 app_kwargs={"middleware": [Middleware(CallCheck, demo=demo, max_turns=config.max_turns),
-                                           Middleware(UploadTypes)]})  # its upload route takes any type
+                                           Middleware(UploadTypes, max_files=config.uploads_files,  # its upload
+                                                      max_mb=config.uploads_mb)]})  # route takes any type and size

@@ -161,7 +161,7 @@ def add_uploads(ctx, files, selected, key):
     saved, problems = [], []
     for f in files or []:
         try:
-            saved.append(save_upload(f, ctx.config.uploads / key))
+            saved.append(save_upload(f, ctx.config.uploads / key, (ctx.config.uploads_files, ctx.config.uploads_mb)))
         except UserError as e:
             problems.append(str(e))
         finally:

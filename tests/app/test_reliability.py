@@ -775,3 +775,37 @@ def test_a_raw_http_call_of_the_wrong_shape_gets_a_message(app, route, body, mes
     assert reply.status_code == 422 and message in reply.json()["error"], reply.text
     assert len(lines_since(app, start)) <= 1 and "Traceback" not in app.log_text()[start:]
     TRIED["bad inputs"] += 1
+
+
+# ------------------------------------------------------------------ 17. total limits on uploads
+
+def test_a_browser_keeps_at_most_its_quota_of_uploads(tmp_path):
+    folder, src = tmp_path / "uploads" / upload_key(None), tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"book{i}.txt").write_text("Once upon a time.\n" * 1000)  # 18 kB each
+    save_upload(src / "book0.txt", folder, quota=(2, 1))
+    save_upload(src / "book1.txt", folder, quota=(2, 1))
+    with pytest.raises(UserError, match=r"book2.txt: not kept; each browser may keep 2 files and 1 MB of uploads "
+                                        r"\(yours would hold 3 files"):
+        save_upload(src / "book2.txt", folder, quota=(2, 1))
+    assert save_upload(src / "book1.txt", folder, quota=(2, 1)).name == "book1.txt", "the same name replaces"
+    (src / "big.txt").write_text("A long book. " * 100_000)  # 1.3 MB
+    with pytest.raises(UserError, match="big.txt: not kept; each browser may keep 3 files and 1 MB"):
+        save_upload(src / "big.txt", folder, quota=(3, 1))
+    assert sorted(p.name for p in folder.iterdir()) == ["book0.txt", "book1.txt"]
+    TRIED["bad inputs"] += 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("count, size", [(20, 5 * 2**20), (21, 100)])
+def test_one_upload_request_carries_at_most_the_quota(app, count, size):
+    """20 x 5 MB (each under Gradio's per-file limit) or 21 files in one request: refused, nothing cached."""
+    import httpx
+
+    before = cached_files(app)
+    files = [("files", (f"book{i}.txt", b"A" * size)) for i in range(count)]
+    reply = httpx.post(f"{app.url}gradio_api/upload", files=files, timeout=60)
+    assert reply.status_code == 413 and reply.text.startswith("too much in one upload: at most 20 files and 50 MB")
+    assert cached_files(app) == before
+    TRIED["bad inputs"] += 1
