@@ -14,6 +14,7 @@ lets a page reload, a second browser or a restarted app re-attach to a job that 
 The LR finder is a job too, so it cannot run beside a training run and Stop stops it.
 """
 
+import itertools
 import json
 import os
 import re
@@ -276,9 +277,10 @@ def exit_reason(log, returncode):
         lines = Path(log).read_text(encoding="utf-8", errors="replace").strip().splitlines()
     except OSError:
         lines = []
-    errors = [line.removeprefix("error:").strip() for line in lines if line.startswith("error:")]
-    if errors:
-        return errors[-1]
+    errors = [i for i, line in enumerate(lines) if line.startswith("error:")]
+    if errors:  # the last error, with the indented lines that go on with it (the bad row it names)
+        more = itertools.takewhile(lambda line: line.startswith((" ", "\t")), lines[errors[-1] + 1:errors[-1] + 4])
+        return " ".join([lines[errors[-1]].removeprefix("error:").strip(), *(line.strip()[:300] for line in more)])
     exception = [line for line in lines if re.match(r"^[A-Za-z_.]*(Error|Exception|Interrupt)\b", line)]
     if exception:
         return f"the trainer crashed: {exception[-1][:300]} (the log has the details)"

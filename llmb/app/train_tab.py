@@ -24,9 +24,12 @@ LR_FIND_TIMEOUT = 900
 
 
 def form_field(spec, prefix):
-    """The widget for one setting: a number box for a number, a text box where words or "empty" are allowed."""
+    """The widget for one setting: a tick box for yes/no, a number box for a number, a text box where words
+    or "empty" are allowed."""
     info = f"{spec.help}: {spec.allowed()}" + ("; empty = none" if spec.optional else "")
     common = dict(label=spec.label or spec.name, info=info, elem_id=f"train-{prefix}-{spec.name.replace('_', '-')}")
+    if spec.kind is bool:
+        return gr.Checkbox(spec.default, **common)
     if spec.kind in (int, float) and not spec.optional and not spec.words:
         return gr.Number(spec.default, precision=0 if spec.kind is int else None, **common)
     return gr.Textbox("" if spec.default is None else f"{spec.default:g}" if isinstance(spec.default, float)

@@ -227,6 +227,8 @@ def test_a_full_disk_during_an_upload_leaves_no_truncated_file(tmp_path, monkeyp
     ("print('error: the data is too short', file=sys.stderr)\nsys.exit(2)\n", "the data is too short"),
     ("raise ValueError('boom')\n", "the trainer crashed: ValueError: boom (the log has the details)"),
     ("print('corpus line', flush=True)\nimport os\nos.kill(os.getpid(), 9)\n", "killed by signal 9 (SIGKILL)"),
+    ("print('error: 1 bad rows (fix them or pass --skip-bad-rows):\\n  row 7: no assistant turn')\nsys.exit(2)\n",
+     "1 bad rows (fix them or pass --skip-bad-rows): row 7: no assistant turn"),
 ])
 def test_a_failed_run_says_why_in_one_line(tmp_path, monkeypatch, body, expected):
     from llmb.app.train_tab import job_markdown
@@ -378,6 +380,18 @@ def test_an_upload_message_names_the_users_file_not_the_server_path(tmp_path):
     book.write_text("Once upon a time.\n")
     assert save_upload(book, tmp_path / "uploads").name == "book.txt"
     TRIED["bad inputs"] += 1
+
+
+def test_a_yes_no_setting_is_a_tick_box_in_the_form():
+    import gradio as gr
+
+    from llmb.app.train_tab import form_field
+    from llmb.assistant.config import TrainConfig
+    from llmb.settings import specs
+
+    skip = next(s for s in specs(TrainConfig) if s.name == "skip_bad_rows")
+    box = form_field(skip, "qlora")
+    assert isinstance(box, gr.Checkbox) and box.value is False and box.label
 
 
 def test_first_look_of_the_page(tmp_path):
