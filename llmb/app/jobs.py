@@ -30,6 +30,7 @@ from pathlib import Path
 from llmb.assistant.config import TrainConfig as QLoRAConfig
 from llmb.errors import UserError
 from llmb.fileio import read_json, write_json
+from llmb.folders import is_story_checkpoint
 from llmb.runlog import read_metrics
 from llmb.settings import check_number, from_values, to_argv
 from llmb.story.config import LR_FIND_SETTINGS
@@ -187,7 +188,7 @@ class JobManager:
             return ended | {"status": "stopped" if stopped else "finished", "summary": summary}
         why = exit_reason(job["log"], code)
         if job["status"] == "stopping":
-            return ended | {"status": "stopped", "error": f"stopped before anything was saved ({why})"}
+            return ended | {"status": "stopped", "error": stopped_unsaved(job, why)}
         return ended | {"status": "failed", "error": why}
 
     def _escalate(self, job):
@@ -264,6 +265,29 @@ class JobManager:
                 return job
             time.sleep(0.2)
         raise TimeoutError(f"the job is still running after {timeout} s")
+
+
+def saved_step(out, kind):
+    """The step of the checkpoint a run keeps in `out` (what --resume continues from), or None."""
+    out = Path(out)
+    if kind == "story" and is_story_checkpoint(out):
+        try:
+            return read_json(out / "config.json").get("step")
+        except (OSError, ValueError, AttributeError):
+            return None
+    steps = [int(d.name.removeprefix("checkpoint-")) for d in out.glob("checkpoint-*")
+             if d.is_dir() and d.name.removeprefix("checkpoint-").isdigit()] if kind == "qlora" else []
+    return max(steps, default=None)
+
+
+def stopped_unsaved(job, why):
+    """What a run stopped before its final save left on disk: its last checkpoint (resumable), or nothing."""
+    records = read_metrics(Path(job["out"]) / "metrics.jsonl")
+    reached = f"stopped at step {records[-1].get('step', 0)}" if records else "stopped"
+    saved = saved_step(job["out"], job["kind"])
+    if saved is None:
+        return f"{reached} before anything was saved ({why})"
+    return f"{reached} ({why}); the checkpoint of step {saved} is kept: run the command above with --resume to go on"
 
 
 def exit_reason(log, returncode):

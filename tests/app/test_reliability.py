@@ -88,6 +88,36 @@ def test_stop_escalates_by_itself_after_the_grace_period(tmp_path, monkeypatch):
     TRIED["faults injected"] += 1
 
 
+SAVES_THEN_HANGS = """
+import json, pathlib
+out = pathlib.Path(sys.argv[sys.argv.index('--out') + 1])
+(out / 'config.json').write_text(json.dumps({'llmb': 'story', 'step': 30}))
+(out / 'model.safetensors').write_bytes(b'')
+(out / 'metrics.jsonl').write_text(''.join(json.dumps({'step': s, 'train_loss': 2.0}) + chr(10) for s in (10, 20, 30, 37)))
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print('training', flush=True)
+time.sleep(120)
+"""
+
+
+def test_stop_three_times_says_which_checkpoint_is_kept(tmp_path, monkeypatch):
+    """Killed before its final save, a run that saved at step 30 keeps that checkpoint: the page says so."""
+    fake_trainer(tmp_path, monkeypatch, SAVES_THEN_HANGS)
+    manager = JobManager(tmp_path / "job.json")
+    manager.start(spec(tmp_path))
+    deadline = time.time() + 10
+    while "training" not in jobs.log_tail(manager.current()) and time.time() < deadline:
+        time.sleep(0.1)
+    for _ in range(3):
+        manager.stop()
+    job = manager.wait(10)
+    assert job["status"] == "stopped" and job["error"] == (
+        "stopped at step 37 (killed by signal 9 (SIGKILL)); the checkpoint of step 30 is kept: run the command above "
+        "with --resume to go on")
+    TRIED["faults injected"] += 1
+
+
 # ------------------------------------------------------------------ 2. a lane per kind of call
 
 def test_a_lane_runs_a_few_lets_a_few_wait_and_ends_the_rest_at_once():
