@@ -203,8 +203,9 @@ class JobManager:
 
     # --- starting and stopping
 
-    def start(self, spec):
-        """Start a job; UserError if one is running or the output folder is taken.
+    def start(self, spec, owner=None):
+        """Start a job; UserError if one is running or the output folder is taken. `owner`: who started it
+        (kept in the state file, never shown).
 
         The state file is written first: if that fails (a full disk), nothing is started.
         """
@@ -219,7 +220,7 @@ class JobManager:
                 raise UserError(f"{out.name} already exists; pick another run name")
             job = {"name": out.name, "kind": spec.kind, "out": str(out), "log": str(out / "train.log"), "pid": None,
                    "command": command_line(spec), "config": asdict(spec.config), "started_at": time.time(),
-                   "status": "starting"}
+                   "status": "starting", "owner": owner}
             try:
                 out.mkdir(parents=True, exist_ok=True)
                 write_json(self.state_file, job)

@@ -7,6 +7,7 @@ command line. API: `/train_start` (kind, name, data, story_<setting>, qlora_<set
 name), `/train_stop`, `/train_progress`, `/lr_find`, `/train_upload`.
 """
 
+import hashlib
 import shutil
 import time
 
@@ -127,6 +128,30 @@ def spec_from_form(ctx, values):
     return job_spec(kind, settings)
 
 
+def owner(uploads_key, request):
+    """Who starts or stops a job: the browser (its uploads key, kept in it), else the API client's session."""
+    key = uploads_key if isinstance(uploads_key, str) and app_config.UPLOAD_KEY.match(uploads_key) else None
+    who = f"browser {key}" if key else f"session {getattr(request, 'session_hash', None)}"
+    return hashlib.sha256(who.encode()).hexdigest()[:16]
+
+
+def stop_for(ctx, caller):
+    """Stop the running job for `caller` (`owner`): (message, the job or None). On a Space with training on,
+    only the browser that started a job may stop it; on your own machine, any."""
+    job = ctx.jobs.current()
+    others = ctx.config.on_space and job and job.get("owner") not in (None, caller)
+    if others and job["status"] in ("starting", "running", "stopping"):
+        return warn("this run was started in another browser; only that browser can stop it"), None
+    job = public_job(ctx.config, ctx.jobs.stop())
+    if job is None:
+        return warn("no training job is running"), None
+    if job["signals"][-1] == "SIGKILL":
+        return "sent SIGKILL: the run ends now, without saving", job
+    if job["signals"][-1] == "SIGTERM":
+        return "sent SIGTERM; press Stop once more to end it at once (SIGKILL, unsaved)", job
+    return "stop requested: the run finishes its step, saves and exits", job
+
+
 def check_allowed(config):
     if not config.allow_training:
         raise UserError("training is off on this public Space (set LLMB_ALLOW_TRAINING=1 to allow it)")
@@ -245,25 +270,20 @@ def build(ctx, uploads_key):
     form_values = {k: w for k, w in c.items() if k.startswith(("story_", "qlora_")) and not k.endswith("_group")}
 
     # uploads_key=None: optional through the API too (a client without one trains on the data folders)
-    def start_job(uploads_key=None, **values):
+    def start_job(request: gr.Request, uploads_key=None, **values):
         try:
             check_allowed(ctx.config)
-            job = public_job(ctx.config, ctx.jobs.start(spec_from_form(ctx, values | {"uploads_key": uploads_key})))
+            spec = spec_from_form(ctx, values | {"uploads_key": uploads_key})
+            job = public_job(ctx.config, ctx.jobs.start(spec, owner(uploads_key, request)))
             return f"started `{job['name']}`", gr.update(value=job["command"], visible=True), job_markdown(job)
         except UserError as e:
             return refused(ctx.config, e), gr.skip(), gr.skip()
         except Exception as e:
             return unexpected(e), gr.skip(), gr.skip()
 
-    def stop_job():
-        job = public_job(ctx.config, ctx.jobs.stop())
-        if job is None:
-            return warn("no training job is running"), gr.skip()
-        if job["signals"][-1] == "SIGKILL":
-            return "sent SIGKILL: the run ends now, without saving", job_markdown(job)
-        if job["signals"][-1] == "SIGTERM":
-            return "sent SIGTERM; press Stop once more to end it at once (SIGKILL, unsaved)", job_markdown(job)
-        return "stop requested: the run finishes its step, saves and exits", job_markdown(job)
+    def stop_job(request: gr.Request, uploads_key=None):
+        message, job = stop_for(ctx, owner(uploads_key, request))
+        return message, job_markdown(job) if job else gr.skip()
 
     def find_lr(uploads_key=None, **values):
         try:
@@ -286,7 +306,8 @@ def build(ctx, uploads_key):
     c["start"].click(start_job, inputs_kwargs={"kind": c["kind"], "name": c["name"]} | data | form_values,
                      outputs=[c["message"], c["command"], c["status"]], api_name="train_start", concurrency_limit=1,
                      concurrency_id="train")
-    c["stop"].click(stop_job, None, [c["message"], c["status"]], api_name="train_stop", concurrency_limit=None)
+    c["stop"].click(stop_job, inputs_kwargs={"uploads_key": uploads_key}, outputs=[c["message"], c["status"]],
+                    api_name="train_stop", concurrency_limit=None)
     c["lr_button"].click(find_lr, inputs_kwargs=data | {"lr_steps": c["lr_steps"]} | story_form,
                          outputs=[c["lr_result"], c["story_lr"], c["lr_plot"]], api_name="lr_find",
                          concurrency_limit=1, concurrency_id="train")

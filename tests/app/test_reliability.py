@@ -853,3 +853,22 @@ def test_one_upload_request_carries_at_most_the_quota(app, count, size):
     assert reply.status_code == 413 and reply.text.startswith("too much in one upload: at most 20 files and 50 MB")
     assert cached_files(app) == before
     TRIED["bad inputs"] += 1
+
+
+def test_on_a_space_only_the_browser_that_started_a_run_may_stop_it(tmp_path, monkeypatch):
+    from llmb.app.train_tab import owner, stop_for
+
+    fake_trainer(tmp_path, monkeypatch, "time.sleep(120)\n")
+    mine, theirs = upload_key(None), upload_key(None)
+    for env in ({"SPACE_ID": "me/llmb", "LLMB_ALLOW_TRAINING": "1"}, {}):
+        config = app_config.parse_args(["--work-dir", str(tmp_path / "work")], env)
+        ctx = SimpleNamespace(config=config, jobs=JobManager(tmp_path / "job.json"))
+        ctx.jobs.start(spec(tmp_path, name=f"run{len(env)}"), owner(mine, None))
+        message, job = stop_for(ctx, owner(theirs, None))
+        if env:  # a Space with training on: another browser (or API session) cannot stop it
+            assert message.endswith("this run was started in another browser; only that browser can stop it")
+            assert job is None and ctx.jobs.current()["status"] == "running"
+            message, job = stop_for(ctx, owner(mine, SimpleNamespace(session_hash="s")))
+        assert message.startswith("stop requested") and job["status"] == "stopping"
+        ctx.jobs.wait(10)
+        TRIED["concurrent sessions"] += 1
