@@ -60,8 +60,8 @@ def save_upload(path, uploads_dir, quota=(20, 50)):
         raise UserError(f"an upload must be a file (got {type(path).__name__})")
     src = Path(path)
     shown = src.name
-    check_quota(uploads_dir, src, shown, *quota)
     check_upload(src, shown)
+    check_quota(uploads_dir, src, shown, *quota)
     dest = Path(uploads_dir) / clean_name(shown)
     try:
         with atomic_path(dest) as tmp:
