@@ -177,7 +177,8 @@ def conversation(ctx, values, flag):
                 base_history = item
                 yield history, base_history, "", "base model answering…", gr.skip(), gr.skip()
     done = summary(stats, flag.is_set(), values["compare"] and not engine.has_adapter)
-    yield history, base_history, "", done, model_status(ctx, base, adapter), {"chat": history, "base": base_history}
+    status = model_status(ctx, values["base"], values["adapter"])  # by the names the picker shows
+    yield history, base_history, "", done, status, {"chat": history, "base": base_history}
 
 
 def build(ctx, saved):
