@@ -109,7 +109,8 @@ def components(ctx):
         c["base"] = gr.Dropdown(base_choices(config), value=base_name(config.base), label="Base", elem_id="chat-base",
                                 allow_custom_value=True,
                                 info="a hub model, or a local model folder under the checkpoints folder")
-        c["adapter"] = gr.Dropdown(choices, value=Path(ctx.assistant.adapter or "").name, label="Adapter", allow_custom_value=True,
+        c["adapter"] = gr.Dropdown(choices, value=Path(ctx.assistant.adapter or "").name, label="Adapter",
+                                   allow_custom_value=True,
                                    elem_id="chat-adapter", info="switching loads the model on the next message")
         c["compare"] = gr.Checkbox(False, label="Compare with the base model alone", elem_id="chat-compare")
     with gr.Accordion("Sampling settings", open=False):

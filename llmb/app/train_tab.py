@@ -332,8 +332,9 @@ def watch(ctx, demo, train, story_picker, chat):
         story_update = gr.update(choices=stories) if known["story"] != stories else gr.skip()
         adapter_update = gr.update(choices=adapters) if known["adapters"] != adapters else gr.skip()
         command = gr.update(value=job["command"], visible=True) if job else gr.update(visible=False)
-        return (job_markdown(job), command, loss_frame(job), progress(job).sample if job else "",
-                app_config.public_text(ctx.config, log_tail(job)) if job else "", story_update, adapter_update, {"story": stories, "adapters": adapters},
+        log = app_config.public_text(ctx.config, log_tail(job)) if job else ""
+        return (job_markdown(job), command, loss_frame(job), progress(job).sample if job else "", log, story_update,
+                adapter_update, {"story": stories, "adapters": adapters},
                 chat_tab.model_status(ctx, base, adapter))
 
     outputs = [train["status"], train["command"], train["plot"], train["sample"], train["log"], story_picker,

@@ -139,7 +139,8 @@ class UploadTypes:
         for path in paths:
             Path(path).unlink(missing_ok=True)
         if wrong:
-            return await refuse(send, 415, f"{Path(wrong[0]).name}: upload .txt books or .jsonl chats; nothing was kept")
+            name = Path(wrong[0]).name
+            return await refuse(send, 415, f"{name}: upload .txt books or .jsonl chats; nothing was kept")
         await refuse(send, 413, self.too_much())
 
     def too_much(self):

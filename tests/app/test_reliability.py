@@ -93,7 +93,8 @@ import json, pathlib
 out = pathlib.Path(sys.argv[sys.argv.index('--out') + 1])
 (out / 'config.json').write_text(json.dumps({'llmb': 'story', 'step': 30}))
 (out / 'model.safetensors').write_bytes(b'')
-(out / 'metrics.jsonl').write_text(''.join(json.dumps({'step': s, 'train_loss': 2.0}) + chr(10) for s in (10, 20, 30, 37)))
+records = [json.dumps({'step': s, 'train_loss': 2.0}) for s in (10, 20, 30, 37)]
+(out / 'metrics.jsonl').write_text(chr(10).join(records) + chr(10))
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
 print('training', flush=True)
