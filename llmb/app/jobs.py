@@ -14,6 +14,7 @@ lets a page reload, a second browser or a restarted app re-attach to a job that 
 The LR finder is a job too, so it cannot run beside a training run and Stop stops it.
 """
 
+import itertools
 import json
 import os
 import re
@@ -29,6 +30,7 @@ from pathlib import Path
 from llmb.assistant.config import TrainConfig as QLoRAConfig
 from llmb.errors import UserError
 from llmb.fileio import read_json, write_json
+from llmb.folders import is_story_checkpoint
 from llmb.runlog import read_metrics, read_progress
 from llmb.settings import check_number, from_values, to_argv
 from llmb.story.config import LR_FIND_SETTINGS
@@ -186,7 +188,7 @@ class JobManager:
             return ended | {"status": "stopped" if stopped else "finished", "summary": summary}
         why = exit_reason(job["log"], code)
         if job["status"] == "stopping":
-            return ended | {"status": "stopped", "error": f"stopped before anything was saved ({why})"}
+            return ended | {"status": "stopped", "error": stopped_unsaved(job, why)}
         return ended | {"status": "failed", "error": why}
 
     def _escalate(self, job):
@@ -201,8 +203,9 @@ class JobManager:
 
     # --- starting and stopping
 
-    def start(self, spec):
-        """Start a job; UserError if one is running or the output folder is taken.
+    def start(self, spec, owner=None):
+        """Start a job; UserError if one is running or the output folder is taken. `owner`: who started it
+        (kept in the state file, never shown).
 
         The state file is written first: if that fails (a full disk), nothing is started.
         """
@@ -217,7 +220,7 @@ class JobManager:
                 raise UserError(f"{out.name} already exists; pick another run name")
             job = {"name": out.name, "kind": spec.kind, "out": str(out), "log": str(out / "train.log"), "pid": None,
                    "command": command_line(spec), "config": asdict(spec.config), "started_at": time.time(),
-                   "status": "starting"}
+                   "status": "starting", "owner": owner}
             try:
                 out.mkdir(parents=True, exist_ok=True)
                 write_json(self.state_file, job)
@@ -265,6 +268,29 @@ class JobManager:
         raise TimeoutError(f"the job is still running after {timeout} s")
 
 
+def saved_step(out, kind):
+    """The step of the checkpoint a run keeps in `out` (what --resume continues from), or None."""
+    out = Path(out)
+    if kind == "story" and is_story_checkpoint(out):
+        try:
+            return read_json(out / "config.json").get("step")
+        except (OSError, ValueError, AttributeError):
+            return None
+    steps = [int(d.name.removeprefix("checkpoint-")) for d in out.glob("checkpoint-*")
+             if d.is_dir() and d.name.removeprefix("checkpoint-").isdigit()] if kind == "qlora" else []
+    return max(steps, default=None)
+
+
+def stopped_unsaved(job, why):
+    """What a run stopped before its final save left on disk: its last checkpoint (resumable), or nothing."""
+    records = read_metrics(Path(job["out"]) / "metrics.jsonl")
+    reached = f"stopped at step {records[-1].get('step', 0)}" if records else "stopped"
+    saved = saved_step(job["out"], job["kind"])
+    if saved is None:
+        return f"{reached} before anything was saved ({why})"
+    return f"{reached} ({why}); the checkpoint of step {saved} is kept: run the command above with --resume to go on"
+
+
 def exit_reason(log, returncode):
     """Why a job ended without its result: the trainer's own error line, the signal, or the exception.
 
@@ -276,9 +302,10 @@ def exit_reason(log, returncode):
         lines = Path(log).read_text(encoding="utf-8", errors="replace").strip().splitlines()
     except OSError:
         lines = []
-    errors = [line.removeprefix("error:").strip() for line in lines if line.startswith("error:")]
-    if errors:
-        return errors[-1]
+    errors = [i for i, line in enumerate(lines) if line.startswith("error:")]
+    if errors:  # the last error, with the indented lines that go on with it (the bad row it names)
+        more = itertools.takewhile(lambda line: line.startswith((" ", "\t")), lines[errors[-1] + 1:errors[-1] + 4])
+        return " ".join([lines[errors[-1]].removeprefix("error:").strip(), *(line.strip()[:300] for line in more)])
     exception = [line for line in lines if re.match(r"^[A-Za-z_.]*(Error|Exception|Interrupt)\b", line)]
     if exception:
         return f"the trainer crashed: {exception[-1][:300]} (the log has the details)"

@@ -21,9 +21,10 @@ import gradio as gr
 from starlette.middleware import Middleware
 
 from llmb.app import config as app_config
+from llmb.app.guard import CallCheck
 from llmb.app.jobs import JobManager
 from llmb.app.models import Assistant, StopFlags, StoryModels
-from llmb.app.uploads import MAX_UPLOAD, UploadTypes
+from llmb.app.uploads import UploadTypes
 from llmb.errors import UserError
 from llmb.fileio import atomic_path
 
@@ -182,13 +183,17 @@ def call_key(request, kind):
     return f"{session_of(request)}/{kind}"
 
 
-def known_path(path, choices, what):
-    """`path` if it is one of the picker's choices (fresh scan): the API cannot load arbitrary folders."""
-    if path is not None and not isinstance(path, str):
-        raise UserError(f"the {what} must be given as text (got {type(path).__name__})")
-    if path and path not in [value for _, value in choices]:
-        raise UserError(f"{path} is not one of the {what} found under the checkpoints folder")
-    return path
+def known_path(name, known, what):
+    """The server path of the picker value `name` in `known` ({name: path}, a fresh scan); UserError if it
+    is not there: the API takes the names the pickers offer and cannot load arbitrary folders."""
+    if name is not None and not isinstance(name, str):
+        raise UserError(f"the {what} must be given as text (got {type(name).__name__})")
+    if not name:
+        return name
+    if name not in known:
+        offered = ", ".join(n for n in known if n)[:300] or "none"
+        raise UserError(f"{name[:100]} is not one of the {what} found (the names offered: {offered})")
+    return known[name]
 
 
 def browser_secret(config):
@@ -243,9 +248,9 @@ def build(config):
 
 
 def upload_limit(config):
-    """Gradio's size limit for every upload: 50 MB for training data; with training off nothing needs
-    uploads, so its upload route refuses everything (it would otherwise store any file of any size)."""
-    return MAX_UPLOAD if config.allow_training else 1
+    """Gradio's size limit for every upload: what one browser may keep (50 MB by default); with training
+    off nothing needs uploads, so its upload route refuses everything (it would otherwise store any file)."""
+    return f"{config.uploads_mb}mb" if config.allow_training else 1
 
 
 def main(argv=None):
@@ -256,4 +261,6 @@ def main(argv=None):
     config.plots.mkdir(parents=True, exist_ok=True)
     demo.launch(server_name=config.host, server_port=config.port, share=config.share, show_error=False,
                 allowed_paths=[str(config.plots)], max_file_size=upload_limit(config),
-                app_kwargs={"middleware": [Middleware(UploadTypes)]})  # its upload route takes any type
+                app_kwargs={"middleware": [Middleware(CallCheck, demo=demo, max_turns=config.max_turns),
+                                           Middleware(UploadTypes, max_files=config.uploads_files,  # its upload
+                                                      max_mb=config.uploads_mb)]})  # route takes any type and size

@@ -7,27 +7,32 @@ those a call ends at once with "busy"); Stop stops only the caller's own generat
 
 import gradio as gr
 
-from llmb.app.config import find_story_checkpoints
+from llmb.app.config import by_name, find_story_checkpoints
 from llmb.app.models import STORY_SAMPLING, check_prompt, check_story_settings, continue_story
 from llmb.app.page import call_key, in_lane, known_path, slider, unexpected, warn
 from llmb.errors import UserError
 
 
+def checkpoints(config):
+    """{name: folder} of the story checkpoints; the picker offers the names."""
+    return by_name(find_story_checkpoints(config))
+
+
 def choices(config):
-    return [(p.name, str(p)) for p in find_story_checkpoints(config)]
+    return list(checkpoints(config))
 
 
 def model_status(ctx, path):
     """The picker's status line; a typed path that is not a checkpoint says so (not "not loaded yet")."""
     try:
-        return ctx.stories.status(known_path(path, choices(ctx.config), "story checkpoints"))
+        return ctx.stories.status(known_path(path, checkpoints(ctx.config), "story checkpoints"))
     except UserError as e:
         return f"**Story model:** {e}"
 
 
 def stream(ctx, checkpoint, prompt, settings, flag):
     """Yield (story so far, note, model status) as the model writes."""
-    path = known_path(checkpoint, choices(ctx.config), "story checkpoints")
+    path = known_path(checkpoint, checkpoints(ctx.config), "story checkpoints")
     settings = check_story_settings(**settings)
     check_prompt(prompt)
     yield gr.skip(), "loading the model…", ctx.stories.status(path)
@@ -40,12 +45,12 @@ def stream(ctx, checkpoint, prompt, settings, flag):
 
 def build(ctx):
     """The tab's components and events; returns the checkpoint picker (the Train tab refreshes it)."""
-    found = choices(ctx.config)
-    first = found[0][1] if found else None
+    found = checkpoints(ctx.config)
+    first = next(iter(found), None)
     with gr.Tab("Continue the story", id="story"):
         gr.Markdown("A small character-level GPT trained from scratch on the Oz books continues your text, "
                     "one character at a time.")
-        status = gr.Markdown(ctx.stories.status(first), elem_id="story-model-status")
+        status = gr.Markdown(ctx.stories.status(found.get(first)), elem_id="story-model-status")
         with gr.Row():
             with gr.Column(scale=3):
                 prompt = gr.Textbox(label="Prompt", value="Dorothy looked at the Scarecrow and said", lines=3)
@@ -55,7 +60,7 @@ def build(ctx):
                     generate = gr.Button("Generate", variant="primary", elem_id="story-generate")
                     stop = gr.Button("Stop", elem_id="story-stop")
             with gr.Column(scale=1):
-                ckpt = gr.Dropdown(found, value=first, label="Checkpoint", allow_custom_value=True,
+                ckpt = gr.Dropdown(list(found), value=first, label="Checkpoint", allow_custom_value=True,
                                    info="story checkpoints under checkpoints/", elem_id="story-ckpt")
                 max_new = slider(STORY_SAMPLING, "max_new", 400)
                 temperature = slider(STORY_SAMPLING, "temperature", 0.8, info="0 = always the likeliest")

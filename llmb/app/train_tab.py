@@ -7,6 +7,7 @@ command line. API: `/train_start` (kind, name, data, story_<setting>, qlora_<set
 name), `/train_stop`, `/train_progress`, `/lr_find`, `/train_upload`.
 """
 
+import hashlib
 import shutil
 import time
 
@@ -24,9 +25,12 @@ LR_FIND_TIMEOUT = 900
 
 
 def form_field(spec, prefix):
-    """The widget for one setting: a number box for a number, a text box where words or "empty" are allowed."""
+    """The widget for one setting: a tick box for yes/no, a number box for a number, a text box where words
+    or "empty" are allowed."""
     info = f"{spec.help}: {spec.allowed()}" + ("; empty = none" if spec.optional else "")
     common = dict(label=spec.label or spec.name, info=info, elem_id=f"train-{prefix}-{spec.name.replace('_', '-')}")
+    if spec.kind is bool:
+        return gr.Checkbox(spec.default, **common)
     if spec.kind in (int, float) and not spec.optional and not spec.words:
         return gr.Number(spec.default, precision=0 if spec.kind is int else None, **common)
     return gr.Textbox("" if spec.default is None else f"{spec.default:g}" if isinstance(spec.default, float)
@@ -72,6 +76,18 @@ def job_markdown(job):
     return "\n\n".join(lines)
 
 
+def public_job(config, job):
+    """The job as the page shows it: its command line and error without server paths or uploads keys."""
+    if job is None:
+        return None
+    return job | {k: app_config.public_text(config, job[k]) for k in ("command", "error") if job.get(k)}
+
+
+def refused(config, error):
+    """A UserError as the page shows it (a trainer's message may name a server path)."""
+    return warn(app_config.public_text(config, error))
+
+
 SPLITS = ("train", "val")  # the loss plot's lines
 
 
@@ -112,11 +128,35 @@ def spec_from_form(ctx, values):
     settings = settings_of(values, kind) | {"data": picked_data(config, values), "out": str(config.checkpoints / name),
                                             "device": config.device}
     if kind == "qlora":
-        from llmb.app.chat_tab import base_choices
+        from llmb.app.chat_tab import base_name, bases
 
-        settings["base"] = known_path(settings.get("base") or str(config.base), base_choices(config), "base models")
+        settings["base"] = known_path(settings.get("base") or base_name(config.base), bases(config), "base models")
         settings["quant"] = qlora_quant(config.device)
     return job_spec(kind, settings)
+
+
+def owner(uploads_key, request):
+    """Who starts or stops a job: the browser (its uploads key, kept in it), else the API client's session."""
+    key = uploads_key if isinstance(uploads_key, str) and app_config.UPLOAD_KEY.match(uploads_key) else None
+    who = f"browser {key}" if key else f"session {getattr(request, 'session_hash', None)}"
+    return hashlib.sha256(who.encode()).hexdigest()[:16]
+
+
+def stop_for(ctx, caller):
+    """Stop the running job for `caller` (`owner`): (message, the job or None). On a Space with training on,
+    only the browser that started a job may stop it; on your own machine, any."""
+    job = ctx.jobs.current()
+    others = ctx.config.on_space and job and job.get("owner") not in (None, caller)
+    if others and job["status"] in ("starting", "running", "stopping"):
+        return warn("this run was started in another browser; only that browser can stop it"), None
+    job = public_job(ctx.config, ctx.jobs.stop())
+    if job is None:
+        return warn("no training job is running"), None
+    if job["signals"][-1] == "SIGKILL":
+        return "sent SIGKILL: the run ends now, without saving", job
+    if job["signals"][-1] == "SIGTERM":
+        return "sent SIGTERM; press Stop once more to end it at once (SIGKILL, unsaved)", job
+    return "stop requested: the run finishes its step, saves and exits", job
 
 
 def check_allowed(config):
@@ -156,7 +196,7 @@ def add_uploads(ctx, files, selected, key):
     saved, problems = [], []
     for f in files or []:
         try:
-            saved.append(save_upload(f, ctx.config.uploads / key))
+            saved.append(save_upload(f, ctx.config.uploads / key, (ctx.config.uploads_files, ctx.config.uploads_mb)))
         except UserError as e:
             problems.append(str(e))
         finally:
@@ -206,9 +246,9 @@ def components(ctx):
             c["lr_result"] = gr.Markdown(elem_id="train-lr-result")
         c["lr_plot"] = gr.Image(label="LR finder", type="filepath", visible=False, height=300)
     with gr.Group(visible=False) as c["qlora_group"]:
-        from llmb.app.chat_tab import base_choices
+        from llmb.app.chat_tab import base_choices, base_name
 
-        c["qlora_base"] = gr.Dropdown(base_choices(config), value=str(config.base), label="Base model",
+        c["qlora_base"] = gr.Dropdown(base_choices(config), value=base_name(config.base), label="Base model",
                                       allow_custom_value=True,  # checked by the handler against a fresh scan
                                       elem_id="train-qlora-base", info="the same bases as the Assistant tab; "
                                       "on a CPU Phi-2 is slow (a GPU is recommended), the small local model is quick")
@@ -237,25 +277,20 @@ def build(ctx, uploads_key):
     form_values = {k: w for k, w in c.items() if k.startswith(("story_", "qlora_")) and not k.endswith("_group")}
 
     # uploads_key=None: optional through the API too (a client without one trains on the data folders)
-    def start_job(uploads_key=None, **values):
+    def start_job(request: gr.Request, uploads_key=None, **values):
         try:
             check_allowed(ctx.config)
-            job = ctx.jobs.start(spec_from_form(ctx, values | {"uploads_key": uploads_key}))
+            spec = spec_from_form(ctx, values | {"uploads_key": uploads_key})
+            job = public_job(ctx.config, ctx.jobs.start(spec, owner(uploads_key, request)))
             return f"started `{job['name']}`", gr.update(value=job["command"], visible=True), job_markdown(job)
         except UserError as e:
-            return warn(e), gr.skip(), gr.skip()
+            return refused(ctx.config, e), gr.skip(), gr.skip()
         except Exception as e:
             return unexpected(e), gr.skip(), gr.skip()
 
-    def stop_job():
-        job = ctx.jobs.stop()
-        if job is None:
-            return warn("no training job is running"), gr.skip()
-        if job["signals"][-1] == "SIGKILL":
-            return "sent SIGKILL: the run ends now, without saving", job_markdown(job)
-        if job["signals"][-1] == "SIGTERM":
-            return "sent SIGTERM; press Stop once more to end it at once (SIGKILL, unsaved)", job_markdown(job)
-        return "stop requested: the run finishes its step, saves and exits", job_markdown(job)
+    def stop_job(request: gr.Request, uploads_key=None):
+        message, job = stop_for(ctx, owner(uploads_key, request))
+        return message, job_markdown(job) if job else gr.skip()
 
     def find_lr(uploads_key=None, **values):
         try:
@@ -263,7 +298,7 @@ def build(ctx, uploads_key):
             return f"suggested learning rate: **{suggested:.2e}** (filled in above)", f"{suggested:.2e}", \
                 gr.update(value=str(plot), visible=True)
         except UserError as e:
-            return warn(e), gr.skip(), gr.skip()
+            return refused(ctx.config, e), gr.skip(), gr.skip()
         except Exception as e:
             return unexpected(e), gr.skip(), gr.skip()
 
@@ -271,14 +306,15 @@ def build(ctx, uploads_key):
         try:
             return add_uploads(ctx, files, selected, uploads_key)
         except UserError as e:
-            return warn(e), gr.skip(), None, gr.skip()
+            return refused(ctx.config, e), gr.skip(), None, gr.skip()
 
     data = {"data": c["data"], "uploads_key": uploads_key}
     story_form = {k: w for k, w in form_values.items() if k.startswith("story_")}
     c["start"].click(start_job, inputs_kwargs={"kind": c["kind"], "name": c["name"]} | data | form_values,
                      outputs=[c["message"], c["command"], c["status"]], api_name="train_start", concurrency_limit=1,
                      concurrency_id="train")
-    c["stop"].click(stop_job, None, [c["message"], c["status"]], api_name="train_stop", concurrency_limit=None)
+    c["stop"].click(stop_job, inputs_kwargs={"uploads_key": uploads_key}, outputs=[c["message"], c["status"]],
+                    api_name="train_stop", concurrency_limit=None)
     c["lr_button"].click(find_lr, inputs_kwargs=data | {"lr_steps": c["lr_steps"]} | story_form,
                          outputs=[c["lr_result"], c["story_lr"], c["lr_plot"]], api_name="lr_find",
                          concurrency_limit=1, concurrency_id="train")
@@ -298,13 +334,14 @@ def watch(ctx, demo, train, story_picker, chat):
     pickers = gr.State({"story": None, "adapters": None})
 
     def refresh(known, base, adapter):
-        job = ctx.jobs.current()
+        job = public_job(ctx.config, ctx.jobs.current())
         stories, adapters = story_tab.choices(ctx.config), chat_tab.adapter_choices(ctx.config)
         story_update = gr.update(choices=stories) if known["story"] != stories else gr.skip()
         adapter_update = gr.update(choices=adapters) if known["adapters"] != adapters else gr.skip()
         command = gr.update(value=job["command"], visible=True) if job else gr.update(visible=False)
-        return (job_markdown(job), command, loss_frame(job), progress(job).sample if job else "",
-                log_tail(job) if job else "", story_update, adapter_update, {"story": stories, "adapters": adapters},
+        log = app_config.public_text(ctx.config, log_tail(job)) if job else ""
+        return (job_markdown(job), command, loss_frame(job), progress(job).sample if job else "", log, story_update,
+                adapter_update, {"story": stories, "adapters": adapters},
                 chat_tab.model_status(ctx, base, adapter))
 
     outputs = [train["status"], train["command"], train["plot"], train["sample"], train["log"], story_picker,

@@ -23,7 +23,6 @@ from llmb.errors import UserError
 from llmb.fileio import atomic_path
 
 SUFFIXES = (".txt", ".jsonl")
-MAX_UPLOAD = "50mb"  # Gradio's own limit on every upload (launch(max_file_size=...))
 
 
 def clean_name(name):
@@ -54,13 +53,15 @@ def check_upload(src, shown):
         raise UserError(f"{shown}: {len(bad)} bad rows, e.g. {bad[0].split(':', 1)[-1].strip()}")
 
 
-def save_upload(path, uploads_dir):
-    """Check the uploaded file, then copy it into `uploads_dir` atomically; returns the saved path."""
+def save_upload(path, uploads_dir, quota=(20, 50)):
+    """Check the uploaded file, then copy it into `uploads_dir` atomically; returns the saved path.
+    `quota`: (files, MB) the folder may hold."""
     if not isinstance(path, (str, Path)):
         raise UserError(f"an upload must be a file (got {type(path).__name__})")
     src = Path(path)
     shown = src.name
     check_upload(src, shown)
+    check_quota(uploads_dir, src, shown, *quota)
     dest = Path(uploads_dir) / clean_name(shown)
     try:
         with atomic_path(dest) as tmp:
@@ -68,6 +69,17 @@ def save_upload(path, uploads_dir):
     except OSError as e:
         raise UserError(f"{shown} could not be saved ({e.strerror or e}); nothing was kept") from None
     return dest
+
+
+def check_quota(folder, adding, shown, max_files, max_mb):
+    """UserError if keeping `adding` (a file) as `shown` in the browser's `folder` goes over its quota
+    (a file of the same name is replaced, so it does not count twice)."""
+    kept = {p.name: p.stat().st_size for p in Path(folder).glob("*") if p.is_file()} if Path(folder).is_dir() else {}
+    kept[clean_name(shown)] = Path(adding).stat().st_size
+    if len(kept) > max_files or sum(kept.values()) > max_mb * 2**20:
+        raise UserError(f"{shown}: not kept; each browser may keep {max_files} files and {max_mb} MB of uploads "
+                        f"(yours would hold {len(kept)} files, {sum(kept.values()) / 2**20:.1f} MB). "
+                        "Uploading a file of the same name replaces it")
 
 
 def upload_key(value):
@@ -90,42 +102,61 @@ def forget_upload(path):
 
 
 class UploadTypes:
-    """ASGI middleware: Gradio's upload route keeps only .txt books and .jsonl chats (any case).
+    """ASGI middleware: Gradio's upload route keeps only .txt books and .jsonl chats (any case), at most
+    `max_files` files and `max_mb` MB in one request (what one browser may keep in all).
 
     Gradio 6 checks gr.File(file_types=...) only when an event takes the file, not on its upload route
-    (`POST /gradio_api/upload`), which stores any file in its cache. This lets the route finish (Gradio
-    moves the files into place after its answer), then, if any file has another type, deletes every file
-    of the request and answers 415 with a message instead of their paths.
+    (`POST /gradio_api/upload`), which stores any file in its cache, and limits each file's size, not a
+    request's. A request that says it is too large is refused before it is read; otherwise the route
+    finishes (Gradio moves the files into place after its answer), then, if any file has another type or
+    there are too many or too large in all, every file of the request is deleted and the answer is 415 or
+    413 with a message instead of their paths.
     """
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, app, max_files=20, max_mb=50):
+        self.app, self.max_files, self.max_bytes = app, max_files, max_mb * 2**20
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith("/gradio_api/upload"):
             return await self.app(scope, receive, send)
+        length = dict(scope.get("headers", [])).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes + 2**20:  # + room for the form's own lines
+            return await refuse(send, 413, self.too_much())
         held = []
 
         async def hold(message):
             held.append(message)
 
         await self.app(scope, receive, hold)
-        refused = refused_files(held)
-        if not refused:
+        paths = uploaded_files(held)
+        wrong = [p for p in paths if Path(p).suffix.lower() not in SUFFIXES]
+        too_much = len(paths) > self.max_files or sum(Path(p).stat().st_size for p in paths if Path(p).is_file()) \
+            > self.max_bytes
+        if not wrong and not too_much:
             for message in held:
                 await send(message)
             return
-        for path in refused:
+        for path in paths:
             Path(path).unlink(missing_ok=True)
-        wrong = next(Path(p).name for p in refused if Path(p).suffix.lower() not in SUFFIXES)
-        text = f"{wrong}: upload .txt books or .jsonl chats; nothing was kept".encode()
-        await send({"type": "http.response.start", "status": 415,
-                    "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"%d" % len(text))]})
-        await send({"type": "http.response.body", "body": text})
+        if wrong:
+            name = Path(wrong[0]).name
+            return await refuse(send, 415, f"{name}: upload .txt books or .jsonl chats; nothing was kept")
+        await refuse(send, 413, self.too_much())
+
+    def too_much(self):
+        return (f"too much in one upload: at most {self.max_files} files and {self.max_bytes // 2**20} MB in all "
+                "(what one browser may keep); nothing was kept")
 
 
-def refused_files(messages):
-    """The files of an upload answer (ASGI messages) if any of them is not a .txt or .jsonl file, else []."""
+async def refuse(send, status, text):
+    text = text.encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"%d" % len(text))]})
+    await send({"type": "http.response.body", "body": text})
+
+
+def uploaded_files(messages):
+    """The files of a successful upload answer (ASGI messages), else []."""
     start = next((m for m in messages if m["type"] == "http.response.start"), {})
     if start.get("status") != 200:
         return []
@@ -133,6 +164,4 @@ def refused_files(messages):
         paths = json.loads(b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body"))
     except ValueError:
         return []
-    if not isinstance(paths, list) or all(Path(str(p)).suffix.lower() in SUFFIXES for p in paths):
-        return []
-    return [str(p) for p in paths]
+    return [str(p) for p in paths] if isinstance(paths, list) else []

@@ -166,3 +166,32 @@ def test_train_live_progress_reattach_after_reload_stop_and_pick(page, app):
     page.locator("#story-generate").click()
     wait_for_text(page, "#story-note", "done")
     wait_for_text(page, "#story-model-status", "Story model browser-run")
+
+
+def test_another_browsers_run_shows_no_uploads_key_and_no_server_path(page, app, tmp_path):
+    """Browser B (an API client) uploads a diary and trains on it; this page's Train tab, log included,
+    names it as B's Data picker does and shows neither B's uploads key nor a server path."""
+    from gradio_client import Client, handle_file
+
+    from tests.app.app_server import TINY_TRAIN
+
+    diary = tmp_path / "private_diary.txt"
+    diary.write_text("Dear diary, today I went to Oz. " * 200)
+    other = Client(app.url, verbose=False)
+    key = other.predict(files=[handle_file(str(diary))], selected=[], api_name="/train_upload")[3]
+    started = other.predict(kind="story", name="diary-run", data=["uploads/private_diary.txt"], uploads_key=key,
+                            api_name="/train_start", **TINY_TRAIN)[0]
+    assert started == "started `diary-run`", started
+    try:
+        open_tab(page, "Train")
+        page.get_by_text("Log").click()
+        wait_for_text(page, "#train-command", "--data uploads/private_diary.txt")
+        wait_for_text(page, "#train-status", "tokens/s")
+        shown = page.locator("body").inner_text() + page.locator("#train-log textarea").input_value()
+        assert "--out checkpoints/diary-run" in shown
+        for secret in (key, str(app.work), str(app.ckpts), str(REPO)):
+            assert secret not in shown and secret not in page.content(), secret
+        shot(page, "train-another-browser")
+    finally:
+        other.predict(api_name="/train_stop")
+        stop_training(app.work)

@@ -88,6 +88,37 @@ def test_stop_escalates_by_itself_after_the_grace_period(tmp_path, monkeypatch):
     TRIED["faults injected"] += 1
 
 
+SAVES_THEN_HANGS = """
+import json, pathlib
+out = pathlib.Path(sys.argv[sys.argv.index('--out') + 1])
+(out / 'config.json').write_text(json.dumps({'llmb': 'story', 'step': 30}))
+(out / 'model.safetensors').write_bytes(b'')
+records = [json.dumps({'step': s, 'train_loss': 2.0}) for s in (10, 20, 30, 37)]
+(out / 'metrics.jsonl').write_text(chr(10).join(records) + chr(10))
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print('training', flush=True)
+time.sleep(120)
+"""
+
+
+def test_stop_three_times_says_which_checkpoint_is_kept(tmp_path, monkeypatch):
+    """Killed before its final save, a run that saved at step 30 keeps that checkpoint: the page says so."""
+    fake_trainer(tmp_path, monkeypatch, SAVES_THEN_HANGS)
+    manager = JobManager(tmp_path / "job.json")
+    manager.start(spec(tmp_path))
+    deadline = time.time() + 10
+    while "training" not in jobs.log_tail(manager.current()) and time.time() < deadline:
+        time.sleep(0.1)
+    for _ in range(3):
+        manager.stop()
+    job = manager.wait(10)
+    assert job["status"] == "stopped" and job["error"] == (
+        "stopped at step 37 (killed by signal 9 (SIGKILL)); the checkpoint of step 30 is kept: run the command above "
+        "with --resume to go on")
+    TRIED["faults injected"] += 1
+
+
 # ------------------------------------------------------------------ 2. a lane per kind of call
 
 def test_a_lane_runs_a_few_lets_a_few_wait_and_ends_the_rest_at_once():
@@ -227,6 +258,8 @@ def test_a_full_disk_during_an_upload_leaves_no_truncated_file(tmp_path, monkeyp
     ("print('error: the data is too short', file=sys.stderr)\nsys.exit(2)\n", "the data is too short"),
     ("raise ValueError('boom')\n", "the trainer crashed: ValueError: boom (the log has the details)"),
     ("print('corpus line', flush=True)\nimport os\nos.kill(os.getpid(), 9)\n", "killed by signal 9 (SIGKILL)"),
+    ("print('error: 1 bad rows (fix them or pass --skip-bad-rows):\\n  row 7: no assistant turn')\nsys.exit(2)\n",
+     "1 bad rows (fix them or pass --skip-bad-rows): row 7: no assistant turn"),
 ])
 def test_a_failed_run_says_why_in_one_line(tmp_path, monkeypatch, body, expected):
     from llmb.app.train_tab import job_markdown
@@ -354,8 +387,8 @@ def test_tokenizer_files_are_not_offered_as_books_and_any_case_of_txt_is(tmp_pat
 @pytest.mark.parametrize("call, message", [
     (lambda c: app_config.resolve_data(c, [5]), "data must be a list of the Data picker's names"),
     (lambda c: app_config.resolve_data(c, {"a": 1}), "data must be a list"),
-    (lambda c: known_path(5, [], "story checkpoints"), "must be given as text"),
-    (lambda c: known_path("../../etc", [], "story checkpoints"), "not one of the story checkpoints"),
+    (lambda c: known_path(5, {}, "story checkpoints"), "must be given as text"),
+    (lambda c: known_path("../../etc", {}, "story checkpoints"), "not one of the story checkpoints"),
     (lambda c: save_upload(5, c.uploads), "an upload must be a file"),
     (lambda c: app_config.check_name("../x"), "run name"),
 ])
@@ -378,6 +411,18 @@ def test_an_upload_message_names_the_users_file_not_the_server_path(tmp_path):
     book.write_text("Once upon a time.\n")
     assert save_upload(book, tmp_path / "uploads").name == "book.txt"
     TRIED["bad inputs"] += 1
+
+
+def test_a_yes_no_setting_is_a_tick_box_in_the_form():
+    import gradio as gr
+
+    from llmb.app.train_tab import form_field
+    from llmb.assistant.config import TrainConfig
+    from llmb.settings import specs
+
+    skip = next(s for s in specs(TrainConfig) if s.name == "skip_bad_rows")
+    box = form_field(skip, "qlora")
+    assert isinstance(box, gr.Checkbox) and box.value is False and box.label
 
 
 def test_first_look_of_the_page(tmp_path):
@@ -416,10 +461,10 @@ def story_call(client, **values):
 def test_one_client_cannot_fill_the_queue_for_everyone(app):
     """20 unread story calls from one session: each extra one ends at once; another session is served."""
     greedy = Client(app.url, verbose=False)
-    calls = [story_call(greedy, ckpt=app.ckpts / "tiny-story", max_new=2000) for _ in range(20)]
+    calls = [story_call(greedy, ckpt="tiny-story", max_new=2000) for _ in range(20)]
     other = Client(app.url, verbose=False)
     t0 = time.time()
-    text, note, _ = story_call(other, ckpt=app.ckpts / "tiny-story", max_new=20).result(timeout=60)
+    text, note, _ = story_call(other, ckpt="tiny-story", max_new=20).result(timeout=60)
     assert note.startswith("done") and time.time() - t0 < 30
     greedy.predict(api_name="/story_stop")
     notes = [c.result(timeout=60)[1] for c in calls]
@@ -462,7 +507,7 @@ def test_many_session_ids_cannot_fill_the_queue_and_unread_calls_stop(app):
     """70 story calls from 70 session ids that never read: the story lane is busy, the rest of the app is not."""
     join_unread(app, "story", sessions=70, **{"Max new characters": 2000})
     other = Client(app.url, verbose=False)
-    note = story_call(other, ckpt=app.ckpts / "tiny-story", max_new=20).result(timeout=30)[1]
+    note = story_call(other, ckpt="tiny-story", max_new=20).result(timeout=30)[1]
     assert "busy: all 12 places for a story are taken; try again in a moment" in note, note
     status = other.predict(message="Hello", system="", api_name="/chat")[3]
     assert "cannot be reached" in status, "the assistant is served while stories are flooded"
@@ -470,7 +515,7 @@ def test_many_session_ids_cannot_fill_the_queue_and_unread_calls_stop(app):
         .startswith("⚠️"), "and so is the Train tab"
     wait_for_log(app, "llmb: stopped a story that nobody reads", count=4)  # not 2000 characters each
     deadline = time.time() + 90
-    while not story_call(other, ckpt=app.ckpts / "tiny-story", max_new=20).result(timeout=60)[1].startswith("done"):
+    while not story_call(other, ckpt="tiny-story", max_new=20).result(timeout=60)[1].startswith("done"):
         assert time.time() < deadline, "the lane never freed up"
         time.sleep(0.5)
     assert "Queue is full" not in app.log_text()
@@ -548,7 +593,7 @@ def test_the_upload_route_keeps_only_books_and_chats(app, tmp_path):
 ])
 def test_a_bad_slider_value_through_the_api_is_named_not_a_traceback(app, values, message):
     """Gradio's own slider check answered these with an unnamed error and logged a traceback."""
-    _, note, _ = story_call(Client(app.url, verbose=False), ckpt=app.ckpts / "tiny-story", **values).result(timeout=60)
+    _, note, _ = story_call(Client(app.url, verbose=False), ckpt="tiny-story", **values).result(timeout=60)
     assert message in note, note
     assert "Traceback" not in app.log_text()
     TRIED["bad inputs"] += 1
@@ -622,7 +667,7 @@ def test_eight_sessions_write_stories_at_once_and_none_is_lost(app):
 
     def user(i):
         try:
-            results[i] = story_call(Client(app.url, verbose=False), ckpt=app.ckpts / "tiny-story", max_new=30,
+            results[i] = story_call(Client(app.url, verbose=False), ckpt="tiny-story", max_new=30,
                                     seed=str(i)).result(timeout=120)
         except Exception as e:  # collected and reported below
             errors.append(e)
@@ -657,3 +702,174 @@ def test_an_unreachable_hub_points_to_the_small_assistant(tmp_path, monkeypatch)
     (local / "model.safetensors").write_bytes(b"")
     assert "pick the local model `small` in Base" in chat_tab.hub_problem(config, "nobody/not-downloaded")
     assert chat_tab.hub_problem(config, str(local)) is None, "a local folder needs no hub"
+
+
+# ------------------------------------------------------------------ 15. no server path, no uploads key shown
+
+def test_the_page_shows_names_never_server_paths_or_uploads_keys(tmp_path):
+    from llmb.app.jobs import REPO
+
+    data = tmp_path / "data"
+    config = app_config.parse_args(["--data-dir", str(data), "--work-dir", str(tmp_path / "work"),
+                                    "--checkpoints", str(tmp_path / "ckpts")], {})
+    key = upload_key(None)
+    diary = config.uploads / key / "private_diary.txt"
+    command = (f"python training/train_char.py --data {diary} {data}/books/oz --out {tmp_path}/ckpts/run1 "
+               f"--base {REPO}/checkpoints/small")
+    log = f'corpus: runs/app/uploads/{key}/private_diary.txt\n  File "/usr/lib/python3/site-packages/torch/nn.py"'
+    shown = app_config.public_text(config, command) + app_config.public_text(config, log)
+    assert "--data uploads/private_diary.txt data/books/oz --out checkpoints/run1 --base checkpoints/small" in shown
+    assert 'corpus: uploads/private_diary.txt' in shown and 'File ".../nn.py"' in shown
+    assert key not in shown and str(tmp_path) not in shown and "/usr" not in shown and str(REPO) not in shown
+    TRIED["bad inputs"] += 1
+
+
+@pytest.mark.slow
+def test_another_browser_sees_no_uploads_key_and_no_server_path(app, tmp_path):
+    """Browser B uploads a diary and trains on it; browser A reads everything the page and the API show."""
+    from gradio_client import handle_file
+
+    from tests.app.app_server import REPO, TINY_TRAIN
+
+    diary = tmp_path / "private_diary.txt"
+    diary.write_text("Dear diary, today I went to Oz. " * 200)
+    a, b = Client(app.url, verbose=False), Client(app.url, verbose=False)
+    key = b.predict(files=[handle_file(str(diary))], selected=[], api_name="/train_upload")[3]
+    started = b.predict(kind="story", name="diary-run", data=["uploads/private_diary.txt"], uploads_key=key,
+                        api_name="/train_start", **TINY_TRAIN)
+    assert started[0] == "started `diary-run`", started
+    try:
+        deadline, shown = time.time() + 60, ""
+        while "step" not in shown.split("**running**")[-1] and time.time() < deadline:
+            progress = a.predict(api_name="/train_progress")
+            shown = progress[0]
+            time.sleep(0.5)
+        progress = a.predict(api_name="/train_progress")
+        command, log = progress[1]["value"] if isinstance(progress[1], dict) else progress[1], progress[4]
+        assert "--data uploads/private_diary.txt" in command and "--out checkpoints/diary-run" in command, command
+        assert log.strip(), "the log tail is shown (scrubbed, not hidden)"
+        with urllib.request.urlopen(f"{app.url}config", timeout=10) as r:
+            page_config = r.read().decode()
+        for what, text in (("/train_progress", json.dumps(progress)), ("/config", page_config)):
+            for secret in (key, str(app.work), str(app.ckpts), str(REPO), str(app.data)):
+                assert secret not in text, f"{what} shows {secret}"
+        TRIED["bad inputs"] += 2
+        note = a.predict(checkpoint="tiny-story", prompt="Dorothy", max_new=5, api_name="/story")[1]
+        assert note.startswith("done"), "the API takes the picker's names"
+        note = a.predict(checkpoint=str(app.ckpts / "tiny-story"), prompt="Dorothy", max_new=5, api_name="/story")[1]
+        assert "is not one of the story checkpoints found (the names offered: tiny-story" in note, note
+        TRIED["bad inputs"] += 1
+    finally:
+        b.predict(api_name="/train_stop")
+        JobManager(app.work / "job.json").wait(60)
+
+
+# ------------------------------------------------------------------ 16. malformed API calls: a message, one log line
+
+MALFORMED = [
+    ("/chat", {"message": "hi", "history": [{"role": "user", "content": "a string, not parts"}]}, "history: must hold"),
+    ("/chat", {"message": "hi", "history": "hello"}, "history: must be a list of messages (got str)"),
+    ("/chat", {"message": "hi", "history": ["a", "b"]}, "history: must hold"),
+    ("/chat", {"message": "hi", "history": [{"role": "user", "content": None}]}, "history: must hold"),
+    ("/chat", {"message": "hi", "base_history": [{"role": "user", "content": 7}]}, "base_history: must hold"),
+    ("/chat", {"message": "hi", "history": [{"role": "user", "content": [{"type": "text", "text": ""}]}] * 20_000},
+     "history: has 20,000 messages; the limit is 200"),
+    ("/chat_regenerate", {"history": "hello"}, "history: must be a list"),
+    ("/train_start", {"kind": "lr-find", "data": [WIZARD]}, "kind: must be one of story, qlora (got 'lr-find')"),
+    ("/train_start", {"kind": 3, "data": [WIZARD]}, "kind: must be one of story, qlora (got '3')"),
+    ("/train_start", {"kind": "story", "story_n_layer": 10**400}, "story_n_layer: must be a number of at most 308"),
+    ("/lr_find", {"lr_steps": "nan", "data": [WIZARD]}, "lr_steps: must be a number (got 'nan')"),
+    ("/story", {"checkpoint": "tiny-story", "max_new": 10**400}, "max_new: must be a number of at most 308 digits"),
+]
+
+
+def lines_since(app, start):
+    """The app's log lines since `start`, but Gradio's own start-up notes."""
+    return [line for line in app.log_text()[start:].strip().splitlines() if not line.startswith("* ")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("api_name, values, message", MALFORMED)
+def test_a_malformed_call_gets_a_message_and_one_log_line(app, api_name, values, message):
+    """Gradio's own checks answered these with an unnamed error and a traceback, before any handler ran."""
+    from gradio_client.exceptions import ValidationError
+
+    start = len(app.log_text())
+    values = {"/chat": {"system": ""}, "/chat_regenerate": {"system": ""}, "/train_start": {"name": "x"}}.get(
+        api_name, {}) | values
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        Client(app.url, verbose=False).predict(**values, api_name=api_name)
+    assert len(lines_since(app, start)) <= 1 and "Traceback" not in app.log_text()[start:], lines_since(app, start)
+    TRIED["bad inputs"] += 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("route, body, message", [
+    ("call/story", {"data": []}, "data: takes 7 values (checkpoint, prompt, max_new"),
+    ("call/story", {"data": "x"}, "data: must be a list of values (got str)"),
+    ("run/story", {"data": [None] * 3}, "data: takes 7 values"),
+    ("call/v2/chat", {"message": "hi", "history": "hello"}, "history: must be a list of messages"),
+    ("call/v2/chat", {"message": "hi", "histori": []}, "histori: is not a parameter of this endpoint"),
+    ("queue/join", {"data": [], "fn_index": 0, "session_hash": "abc"}, "takes"),
+])
+def test_a_raw_http_call_of_the_wrong_shape_gets_a_message(app, route, body, message):
+    import httpx
+
+    start = len(app.log_text())
+    reply = httpx.post(f"{app.url}gradio_api/{route}", json=body, timeout=30)
+    assert reply.status_code == 422 and message in reply.json()["error"], reply.text
+    assert len(lines_since(app, start)) <= 1 and "Traceback" not in app.log_text()[start:]
+    TRIED["bad inputs"] += 1
+
+
+# ------------------------------------------------------------------ 17. total limits on uploads
+
+def test_a_browser_keeps_at_most_its_quota_of_uploads(tmp_path):
+    folder, src = tmp_path / "uploads" / upload_key(None), tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"book{i}.txt").write_text("Once upon a time.\n" * 1000)  # 18 kB each
+    save_upload(src / "book0.txt", folder, quota=(2, 1))
+    save_upload(src / "book1.txt", folder, quota=(2, 1))
+    with pytest.raises(UserError, match=r"book2.txt: not kept; each browser may keep 2 files and 1 MB of uploads "
+                                        r"\(yours would hold 3 files"):
+        save_upload(src / "book2.txt", folder, quota=(2, 1))
+    assert save_upload(src / "book1.txt", folder, quota=(2, 1)).name == "book1.txt", "the same name replaces"
+    (src / "big.txt").write_text("A long book. " * 100_000)  # 1.3 MB
+    with pytest.raises(UserError, match="big.txt: not kept; each browser may keep 3 files and 1 MB"):
+        save_upload(src / "big.txt", folder, quota=(3, 1))
+    assert sorted(p.name for p in folder.iterdir()) == ["book0.txt", "book1.txt"]
+    TRIED["bad inputs"] += 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("count, size", [(20, 5 * 2**20), (21, 100)])
+def test_one_upload_request_carries_at_most_the_quota(app, count, size):
+    """20 x 5 MB (each under Gradio's per-file limit) or 21 files in one request: refused, nothing cached."""
+    import httpx
+
+    before = cached_files(app)
+    files = [("files", (f"book{i}.txt", b"A" * size)) for i in range(count)]
+    reply = httpx.post(f"{app.url}gradio_api/upload", files=files, timeout=60)
+    assert reply.status_code == 413 and reply.text.startswith("too much in one upload: at most 20 files and 50 MB")
+    assert cached_files(app) == before
+    TRIED["bad inputs"] += 1
+
+
+def test_on_a_space_only_the_browser_that_started_a_run_may_stop_it(tmp_path, monkeypatch):
+    from llmb.app.train_tab import owner, stop_for
+
+    fake_trainer(tmp_path, monkeypatch, "time.sleep(120)\n")
+    mine, theirs = upload_key(None), upload_key(None)
+    for env in ({"SPACE_ID": "me/llmb", "LLMB_ALLOW_TRAINING": "1"}, {}):
+        config = app_config.parse_args(["--work-dir", str(tmp_path / "work")], env)
+        ctx = SimpleNamespace(config=config, jobs=JobManager(tmp_path / "job.json"))
+        ctx.jobs.start(spec(tmp_path, name=f"run{len(env)}"), owner(mine, None))
+        message, job = stop_for(ctx, owner(theirs, None))
+        if env:  # a Space with training on: another browser (or API session) cannot stop it
+            assert message.endswith("this run was started in another browser; only that browser can stop it")
+            assert job is None and ctx.jobs.current()["status"] == "running"
+            message, job = stop_for(ctx, owner(mine, SimpleNamespace(session_hash="s")))
+        assert message.startswith("stop requested") and job["status"] == "stopping"
+        ctx.jobs.wait(10)
+        TRIED["concurrent sessions"] += 1
