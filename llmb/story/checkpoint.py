@@ -138,7 +138,7 @@ def load_for_sampling(path, device="auto", precision="auto"):
     says which weights it got, fp32 or int8.
 
     precision auto: int8 linear layers on a CPU, fp32 on a GPU. Generating reads every weight once
-    per token, so on a CPU int8 weights (a quarter of fp32's bytes) sample 1.5-2x faster; the Oz
+    per token, so on a CPU int8 weights (a quarter of fp32's bytes) sample faster (docs/results.md); the Oz
     model's val loss moves by 0.001 nats/char. Training and `eval` always use fp32.
     """
     from llmb.device import resolve_device

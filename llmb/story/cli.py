@@ -92,8 +92,8 @@ def register(sub):
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="weights while sampling; auto: int8 linear layers on a CPU (1.5-2x faster than fp32 "
-                        "on a 2-core x86 CPU, val loss +0.001 nats/char on the Oz model), fp32 on a GPU")
+                   help="weights while sampling; auto: int8 linear layers on a CPU (faster than fp32, "
+                        "val loss +0.001 nats/char on the Oz model; figures in docs/results.md), fp32 on a GPU")
     p.add_argument("--cpu-int8", dest="precision", action="store_const", const="int8",
                    help="same as --precision int8 (sampling on the CPU)")
     p.set_defaults(func=cmd_sample)

@@ -317,8 +317,8 @@ class Decoder(nn.Module):
 
     Decoding a token runs a few hundred tiny tensor operations. Called from Python, each costs
     microseconds of interpreter and dispatch overhead, which is most of a story token's time on a
-    CPU; compiled by TorchScript, the same operations are called from C++ (2-3x faster per token
-    here). Tests check it gives the same logits as GPT.forward.
+    CPU; compiled by TorchScript, the same operations are called from C++ (faster per token: see
+    docs/results.md). Tests check it gives the same logits as GPT.forward.
     """
 
     def __init__(self, model):
