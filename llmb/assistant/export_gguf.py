@@ -140,7 +140,6 @@ def hyperparameters(writer, config, arch):
     else:  # phi2: LayerNorm, and the rotary embedding turns only part of each head
         writer.add_layer_norm_eps(config.layer_norm_eps)
         writer.add_rope_dimension_count(int(rope.get("partial_rotary_factor", 1.0) * head_dim))
-        writer.add_add_bos_token(False)
 
 
 def gguf_tensors(model, arch):
@@ -219,13 +218,19 @@ def tokenizer_metadata(writer, tokenizer, vocab_size, arch):
         raise UserError(f"export-gguf writes byte-level BPE tokenizers (SmolLM2, Llama 3, Phi-2), not this base's "
                         f"{kind} tokenizer")
     tokens, types = vocabulary(tokenizer, vocab_size)
+    pre_name, prefix_space = pre_tokenizer(spec["pre_tokenizer"])
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre_tokenizer_name(spec["pre_tokenizer"]))
+    writer.add_tokenizer_pre(pre_name)
+    writer.add_add_space_prefix(prefix_space)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     with tempfile.TemporaryDirectory() as folder:  # gguf reads merges and special tokens from the saved files
         tokenizer.save_pretrained(folder)
         special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens))
+    ids = tokenizer("a")["input_ids"]  # does the tokenizer put BOS (and EOS) around a text by itself?
+    special.add_special_token = {"bos": ids[0] == tokenizer.bos_token_id}
+    if ids[-1] == tokenizer.eos_token_id:  # rare; llama.cpp's default is no EOS
+        special.add_special_token["eos"] = True
     special.chat_template = tokenizer.chat_template
     special.add_to_gguf(writer, quiet=True)
 
@@ -251,15 +256,16 @@ def vocabulary(tokenizer, vocab_size):
     return tokens, types
 
 
-def pre_tokenizer_name(spec):
-    """llama.cpp's name (tokenizer.ggml.pre) for the way this tokenizer splits text before BPE."""
+def pre_tokenizer(spec):
+    """(llama.cpp's name for the way this tokenizer splits text before BPE, whether it adds a space in front)."""
     steps = (spec or {}).get("pretokenizers") or [spec or {}]
     kinds = [step.get("type") for step in steps]
+    prefix_space = bool(steps[-1].get("add_prefix_space"))
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt-2"
+        return "gpt-2", prefix_space
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
-        return "smollm"
+        return "smollm", prefix_space
     if kinds == ["Split", "ByteLevel"] and steps[0].get("pattern", {}).get("Regex") == LLAMA3_SPLIT:
-        return "llama-bpe"
+        return "llama-bpe", prefix_space
     raise UserError(f"export-gguf does not know llama.cpp's name for this tokenizer's pre-tokenizer ({kinds}); "
                     "it knows those of GPT-2/Phi-2, SmolLM2 and Llama 3")

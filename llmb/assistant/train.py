@@ -383,7 +383,7 @@ def train(cfg: TrainConfig):
     out.mkdir(parents=True, exist_ok=True)
     run = build(cfg, accelerator, out)
     if main:
-        run.model.print_trainable_parameters()
+        accelerator.unwrap_model(run.model).print_trainable_parameters()  # DDP wraps it on several processes
         print(f"{len(run.train_set)} train / {len(run.eval_set)} eval conversations, "
               f"device {accelerator.device}, quant {cfg.quant}")
         write_json(out / "training_args.json", asdict(cfg))
