@@ -180,3 +180,70 @@ def test_an_existing_file_is_kept_unless_overwrite(tiny_llama, tmp_path):
     export_gguf(str(tiny_llama), out, overwrite=True)
     assert out.read_bytes()[:4] == b"GGUF"
     assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"]  # no temporary file left beside it
+
+
+# ---------------------------------------------------------------------------
+# The real small assistant (SmolLM2-135M-Instruct) with a really trained adapter
+
+# Metadata the shipped file has and an export legitimately lacks: llama.cpp's converter takes them from
+# the hub's model card, which an imported folder does not have.
+MODEL_CARD_KEYS = {"general.organization", "general.finetune", "general.basename", "general.size_label",
+                   "general.license", "general.languages"}
+# Keys both files have whose values legitimately differ: the name, the storage type (the shipped file
+# is Q4_1), and the pre-tokenizer: import-gguf's tokenizer splits digits as GPT-2 does, so the export
+# names the split the adapter was trained with ("gpt-2", not "smollm"). All other values are equal,
+# the chat template too: the adapter was trained in SmolLM2's own format.
+DIFFERENT_VALUES = {"general.name", "general.file_type", "tokenizer.ggml.pre"}
+# Logits of the exported file read back, against base + adapter in llmb (|logit| up to ~40 here).
+# Measured on the chat prompt below: f32 9.5e-5 (the fp32 merge's rounding, as `merge`), f16 0.038,
+# q8_0 1.39 (a random adapter: 1.0e-4, 0.039, 1.22).
+TOLERANCE = {"f32": 5e-4, "f16": 0.2, "q8_0": 3.0}
+
+
+@pytest.fixture(scope="module")
+def exported(small_assistant, small_adapter, tmp_path_factory):
+    """{type: (file, imported folder)} for the small assistant + its trained adapter."""
+    from llmb.assistant.gguf import import_gguf
+
+    adapter, _ = small_adapter
+    work = tmp_path_factory.mktemp("exported")
+    files = {}
+    for out_type in TOLERANCE:
+        file = export_gguf(str(small_assistant), work / f"{out_type}.gguf", adapter=str(adapter), out_type=out_type)
+        files[out_type] = file, import_gguf(file, work / f"imported-{out_type}")
+    return files
+
+
+@pytest.mark.slow
+def test_exported_file_has_the_keys_and_tensors_of_the_shipped_gguf(exported):
+    from llmb.assistant.gguf import small_gguf_path
+
+    ours, our_tensors = gguf_file(exported["f16"][0])
+    shipped, shipped_tensors = gguf_file(small_gguf_path(install=False))
+    assert set(ours) == set(shipped) - MODEL_CARD_KEYS
+    assert {key for key in ours if ours[key] != shipped[key]} == DIFFERENT_VALUES
+    assert sorted((name, shape) for name, shape, _ in our_tensors) == \
+        sorted((name, shape) for name, shape, _ in shipped_tensors)
+    assert ours["tokenizer.ggml.pre"] == "gpt-2" and shipped["tokenizer.ggml.pre"] == "smollm"
+
+
+@pytest.mark.slow
+def test_exported_and_reimported_answers_as_base_plus_adapter(small_assistant, small_adapter, exported):
+    from transformers import AutoModelForCausalLM
+
+    from llmb.assistant.engine import ChatEngine
+
+    adapter, _ = small_adapter
+    question = "What is the capital of France?"
+    engine = ChatEngine(str(small_assistant), adapter=str(adapter), device="cpu")
+    expected = engine.reply([], question, temperature=0, max_new_tokens=40)
+    assert ChatEngine(str(exported["f32"][1]), device="cpu").reply([], question, temperature=0,
+                                                                  max_new_tokens=40) == expected
+
+    ids = torch.tensor([engine.prompt_ids([], question)[0]])
+    adapted = logits(engine.model, ids)
+    for out_type, bound in TOLERANCE.items():
+        imported = AutoModelForCausalLM.from_pretrained(exported[out_type][1], dtype=torch.float32).eval()
+        diff = (logits(imported, ids) - adapted).abs().max().item()
+        print(f"{out_type}: max |logit difference| {diff:.3g} (bound {bound})")
+        assert diff < bound, out_type
