@@ -100,7 +100,7 @@ def write_gguf(path, model, tokenizer, arch, out_type, name):
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
     hyperparameters(writer, model.config, arch)
-    writer.add_file_type(FILE_TYPES()[out_type])
+    writer.add_file_type(file_type(out_type))
     tokenizer_metadata(writer, tokenizer, model.config.vocab_size, arch)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -116,10 +116,11 @@ def write_gguf(path, model, tokenizer, arch, out_type, name):
     writer.close()
 
 
-def FILE_TYPES():  # noqa: N802 (a table, built when gguf is imported)
+def file_type(out_type):
+    """general.file_type: how most of the weights are stored."""
     from gguf import LlamaFileType
 
-    return {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0}
+    return {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0}[out_type]
 
 
 def hyperparameters(writer, config, arch):
