@@ -1,4 +1,4 @@
-"""Assistant commands: chat, chat-eval, merge, push, import-gguf, get-small-assistant, and the QLoRA
+"""Assistant commands: chat, chat-eval, merge, push, import-gguf, export-gguf, get-small-assistant, and the QLoRA
 trainer's command line. Heavy imports live inside the functions so --help is fast."""
 
 import argparse
@@ -36,6 +36,16 @@ def register(sub):
     p.add_argument("--overwrite", action="store_true", help="replace the model folder in --out (once the new "
                    "one is written)")
     p.set_defaults(func=cmd_import_gguf)
+
+    p = sub.add_parser("export-gguf", help="write a base (+ LoRA adapter, merged in) as one GGUF file for llama.cpp, "
+                       "Ollama, LM Studio")
+    p.add_argument("--base", default=DEFAULT_BASE, help="hub id or local folder of the base model")
+    p.add_argument("--adapter", help="LoRA adapter dir; its prompt format becomes the file's chat template")
+    p.add_argument("--out", required=True, help="the .gguf file to write")
+    p.add_argument("--type", default="f16", choices=["f32", "f16", "q8_0"], help="how weights are stored "
+                   "(q8_0: 8-bit, about half the size of f16)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_export_gguf)
 
     p = sub.add_parser("get-small-assistant", help="install and import SmolLM2-135M-Instruct, a small real "
                        "assistant that works offline; prints its folder")
@@ -161,6 +171,13 @@ def cmd_import_gguf(args):
 
     out = import_gguf(args.file, args.out, overwrite=args.overwrite)
     print(f"imported {args.file} into {out}; use it with --base {args.out}")
+
+
+def cmd_export_gguf(args):
+    from llmb.assistant.export_gguf import export_gguf
+
+    out = export_gguf(args.base, args.out, adapter=args.adapter, out_type=args.type, overwrite=args.overwrite)
+    print(f"wrote {out}; run it with: llama-cli -m {out} --jinja, or in Ollama with FROM {out} in a Modelfile")
 
 
 def cmd_get_small_assistant(args):
