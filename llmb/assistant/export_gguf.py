@@ -20,6 +20,7 @@ from pathlib import Path
 
 from llmb.errors import UserError
 from llmb.fileio import atomic_path
+from llmb.folders import check_out_file
 
 # transformers' model_type -> llama.cpp's architecture
 ARCHITECTURES = {"llama": "llama", "phi": "phi2"}
@@ -28,15 +29,6 @@ TYPES = ("f32", "f16", "q8_0")
 # How text is split into words before BPE (tokenizers' pre_tokenizer) -> llama.cpp's name for it
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
-def check_out_file(path, overwrite):
-    """A file we may write: not a folder, and not an existing file unless `overwrite`."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{path} is a folder; give --out a file name such as model.gguf")
-    if path.exists() and not overwrite:
-        raise UserError(f"{path} exists; pass --overwrite to replace it, or choose another --out")
 
 
 def export_gguf(base, out, adapter=None, out_type="f16", overwrite=False):
