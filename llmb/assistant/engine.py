@@ -160,6 +160,8 @@ class ChatEngine:
         if len(exchanges[-1][0]) > budget:
             raise UserError(f"the message is {len(exchanges[-1][0])} tokens but only {budget} fit "
                             f"({self.context_len} context - {max_new_tokens} new tokens); shorten it or lower max new tokens")
+        if len(system_ids) + len(exchanges[-1][0]) > budget:
+            system_ids = []  # the message is never cut: a system text that does not fit beside it goes
         kept_system, kept = fit_exchanges(system_ids, exchanges, budget)
         ids = kept_system + [t for prompt, answer in kept for t in prompt + answer]
         return ids, len(exchanges) - len(kept)
