@@ -128,14 +128,14 @@ def cmd_chat(args):
             continue
         print("assistant> ", end="", flush=True)
         try:
-            history.append((message, print_answer(engine, history, message, sampling)))
+            history.append((message, print_answer(engine, history, message, sampling)[0]))
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
 
 
 def print_answer(engine, history, message, sampling, out=None):
-    """Stream the answer to `out` (stdout) as it comes, then its figures on stderr; returns its text.
-    Ctrl-C stops the answer ([stopped]) and keeps what was written."""
+    """Stream the answer to `out` (stdout) as it comes, then its figures on stderr; returns (its text, its
+    stats). Ctrl-C stops the answer ([stopped]) and keeps what was written."""
     out = out or sys.stdout
     answer, text = engine.stream(history, message, **sampling), ""
     try:
@@ -151,7 +151,7 @@ def print_answer(engine, history, message, sampling, out=None):
         out.flush()
     if answer.stats.get("new_tokens") is not None:
         print(answer_figures(answer.stats), file=sys.stderr)
-    return text
+    return text, answer.stats
 
 
 def answer_figures(stats):

@@ -270,9 +270,9 @@ def test_print_answer_streams_then_prints_the_figures_on_stderr(tiny_phi, tmp_pa
 
     engine = ChatEngine(str(scripted_phi(tmp_path, tiny_phi, " Hello there, friend.### Human:")), device="cpu")
     capsys.readouterr()  # the loading's progress bars
-    text = print_answer(engine, [], "Hi", dict(temperature=0, max_new_tokens=50))
+    text, stats = print_answer(engine, [], "Hi", dict(temperature=0, max_new_tokens=50))
     out, err = capsys.readouterr()
-    assert text == "Hello there, friend." and out == "Hello there, friend.\n"
+    assert text == "Hello there, friend." and out == "Hello there, friend.\n" and stats["new_tokens"] == 8
     assert re.fullmatch(r"8 tokens, \d+\.\d tokens/s, first token \d+\.\d\d s\n", err), err
 
 
