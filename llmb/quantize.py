@@ -17,7 +17,8 @@ def int8_supported():
     """Whether this PyTorch has the x86 int8 kernels (fbgemm) that make int8 decoding fast."""
     import torch
 
-    return direct_int8_linear() is not None and any(engine in torch.backends.quantized.supported_engines for engine in ("x86", "fbgemm"))
+    engines = torch.backends.quantized.supported_engines
+    return direct_int8_linear() is not None and any(engine in engines for engine in ("x86", "fbgemm"))
 
 
 def wants_int8(precision, device):
