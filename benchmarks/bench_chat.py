@@ -22,14 +22,9 @@ import io
 import json
 import os
 import re
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, SHARED_DATA, alternate, median  # noqa: E402
-
-sys.path.insert(0, str(REPO))
+from common import REPO, SHARED_DATA, alternate, median
 
 PROMPT = "Write a detailed essay about the history of the printing press."  # 128 tokens or more, in int8 and fp32
 QUESTIONS = ["What is the capital of France?", "What are three tips for staying focused while studying?"]
@@ -45,7 +40,7 @@ def parse_args():
     p.add_argument("--history-tokens", type=int, default=2000, help="history before the time-to-first-token message")
     p.add_argument("--quant-impl", nargs="*", default=[], choices=IMPLS,
                    help="also time generate on the model quantized by each of these (fp32: not quantized)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["answers", "history"], help="parts to leave out")
+    p.add_argument("--skip", nargs="*", default=[], choices=["decode", "answers", "history"], help="parts to leave out")
     return p.parse_args()
 
 
@@ -108,6 +103,25 @@ def guanaco_history(engine, tokens):
     return history
 
 
+def decode(contenders, n, rounds):
+    """The contenders in turn, `rounds` times; prints each one's tokens/s (wall and CPU) and its ratio to the peer."""
+    print(f"\ndecoding: {PROMPT!r}, greedy, {n} new tokens, {rounds} rounds, alternating")
+    results = alternate(contenders, rounds)
+    peer_runs = results["generate fp32"]
+    rates = {name: (median([t / wall for t, wall, _ in runs]), median([t / cpu for t, _, cpu in runs]))
+             for name, runs in results.items()}
+    for name, runs in results.items():
+        per_round = ", ".join(f"{t / wall / (pt / pwall):.2f}x"
+                              for (t, wall, _), (pt, pwall, _) in zip(runs, peer_runs))
+        print(f"{name:>16}: {rates[name][0]:6.2f} tokens/s (median; {'/'.join(sorted({str(r[0]) for r in runs}))} "
+              f"tokens), {rates[name][0] / rates['generate fp32'][0]:.2f}x transformers generate fp32 "
+              f"(rounds: {per_round}); per CPU second: {rates[name][1]:.2f} tokens, "
+              f"{rates[name][1] / rates['generate fp32'][1]:.2f}x")
+    cost = [1000 / rates["llmb chat"][i] - 1000 / rates["generate int8"][i] for i in (0, 1)]
+    print(f"llmb chat's cost over generate on the same int8 model: {cost[0]:+.1f} ms per token "
+          f"({cost[1]:+.1f} ms of CPU time)")
+
+
 def main():
     args = parse_args()
     import torch
@@ -146,20 +160,8 @@ def main():
         model, seconds = timed(lambda: load_peer(base, impl)[0])
         print(f"load + quantize ({impl}): {seconds:.2f} s")
         contenders.append((f"generate {impl}", bare(model)))
-    print(f"\ndecoding: {PROMPT!r}, greedy, {n} new tokens, {args.rounds} rounds, alternating")
-    results = alternate(contenders, args.rounds)
-    peer = results["generate fp32"]
-    rates = {name: (median([t / wall for t, wall, _ in runs]), median([t / cpu for t, _, cpu in runs]))
-             for name, runs in results.items()}
-    for name, runs in results.items():
-        per_round = ", ".join(f"{t / wall / (pt / pwall):.2f}x" for (t, wall, _), (pt, pwall, _) in zip(runs, peer))
-        print(f"{name:>16}: {rates[name][0]:6.2f} tokens/s (median; {'/'.join(sorted({str(r[0]) for r in runs}))} "
-              f"tokens), {rates[name][0] / rates['generate fp32'][0]:.2f}x transformers generate fp32 "
-              f"(rounds: {per_round}); per CPU second: {rates[name][1]:.2f} tokens, "
-              f"{rates[name][1] / rates['generate fp32'][1]:.2f}x")
-    cost = [1000 / rates["llmb chat"][i] - 1000 / rates["generate int8"][i] for i in (0, 1)]
-    print(f"llmb chat's cost over generate on the same int8 model: {cost[0]:+.1f} ms per token "
-          f"({cost[1]:+.1f} ms of CPU time)")
+    if "decode" not in args.skip:
+        decode(contenders, n, args.rounds)
 
     if "answers" not in args.skip:
         fp32 = ChatEngine(base, device="cpu", precision="fp32")
@@ -179,16 +181,16 @@ def main():
 
         def chat_first():
             answer = chat.stream(history, message, temperature=0, max_new_tokens=1, repetition_penalty=1.1)
-            "".join(answer)
-            return answer.stats["seconds"]
+            return clocked(lambda: len("".join(answer)))[1:]
 
         def peer_first():
-            return generate(peer, long_ids, sampling | dict(max_new_tokens=1))[1]
+            return clocked(lambda: generate(peer, long_ids, sampling | dict(max_new_tokens=1)))[1:]
 
         firsts = alternate([("llmb chat", chat_first), ("generate fp32", peer_first)], args.rounds)
-        ours, theirs = median(firsts["llmb chat"]), median(firsts["generate fp32"])
-        print(f"first token: llmb chat {ours:.2f} s, transformers generate fp32 {theirs:.2f} s "
-              f"({theirs / ours:.2f}x faster)")
+        (ours, ours_cpu), (theirs, theirs_cpu) = ([median(s) for s in zip(*firsts[k])] for k in firsts)
+        print(f"first token: llmb chat {ours:.2f} s ({ours_cpu:.2f} s of CPU), transformers generate fp32 "
+              f"{theirs:.2f} s ({theirs_cpu:.2f} s of CPU): llmb chat {theirs / ours:.2f}x as fast, "
+              f"{theirs_cpu / ours_cpu:.2f}x by CPU time")
 
 
 if __name__ == "__main__":

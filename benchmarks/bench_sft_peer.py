@@ -27,8 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, SHARED_DATA, median  # noqa: E402
+from common import REPO, SHARED_DATA, median
 
 STEPS, BATCH, SEQ, LR, RANK, ALPHA, DROPOUT, CLIP = 20, 4, 128, 5e-4, 16, 32, 0.05, 0.3
 # SmolLM2's template writes every turn the same way; the assistant's words and end get {% generation %} markers
@@ -52,7 +51,7 @@ def run_measured(cmd, env):
     return stdout, seconds, usage.ru_maxrss / 2**20
 
 
-def ours(base, work, env):
+def run_ours(base, work, env):
     out = work / f"ours-{time.time_ns()}"
     _, seconds, peak = run_measured(
         [sys.executable, "training/train_qlora.py", "--base", base, "--data", work / "train.jsonl", "--eval-data",
@@ -69,7 +68,7 @@ def ours(base, work, env):
     return dict(command_s=seconds, loop_s=loop_s, tokens_per_s=tokens / loop_s, peak_gib=peak, adapter=out)
 
 
-def trl(base, work, env):
+def run_trl(base, work, env):
     out = work / f"trl-{time.time_ns()}"
     child = [sys.executable, __file__, "--trl-child", base, work / "train.jsonl", out]
     stdout, seconds, peak = run_measured(child, env)
@@ -124,7 +123,6 @@ def main():
     p.add_argument("--trl-child", nargs=3, metavar=("BASE", "TRAIN", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.trl_child:
-        sys.path.insert(0, str(REPO))
         return trl_child(*args.trl_child)
     try:
         import trl
@@ -150,7 +148,7 @@ def main():
 
     runs = {"ours": [], "TRL": []}
     for r in range(args.rounds):
-        for name, fn in (("ours", ours), ("TRL", trl)):
+        for name, fn in (("ours", run_ours), ("TRL", run_trl)):
             run = fn(base, work, env)
             run["loss"] = chat_eval(base, work / "eval.jsonl", env, run.pop("adapter"))
             runs[name].append(run)
