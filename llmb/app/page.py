@@ -141,7 +141,8 @@ class Context:
         adapters = [str(a) for a in app_config.default_adapters(config)]
         self.config = config
         self.stories = StoryModels(config.device)
-        self.assistant = Assistant(config.base, adapters[0] if adapters else None, config.device, config.cpu_int8,
+        self.assistant = Assistant(config.base, adapters[0] if adapters else None, config.device,
+                                   "int8" if config.cpu_int8 else "auto",
                                    fallbacks=adapters if config.adapter == "auto" else ())
         self.jobs = JobManager(config.job_state)
         self.stop_flags = StopFlags()

@@ -142,13 +142,10 @@ def load_for_sampling(path, device="auto", precision="auto"):
     model's val loss moves by 0.001 nats/char. Training and `eval` always use fp32.
     """
     from llmb.device import resolve_device
-    from llmb.quantize import PRECISIONS, int8_supported
+    from llmb.quantize import is_int8, wants_int8
 
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
     device = "cpu" if precision == "int8" else resolve_device(device)
-    int8 = precision == "int8" or (precision == "auto" and device == "cpu" and int8_supported())
-    model, tokenizer, meta = load_checkpoint(path, device, cpu_int8=int8)
-    meta["precision"] = "int8" if int8 else "fp32"
+    model, tokenizer, meta = load_checkpoint(path, device, cpu_int8=wants_int8(precision, device))
+    meta["precision"] = "int8" if is_int8(model) else "fp32"
     model.decoder()  # compile the decoder that samples each new token (GPT.decoder) now, with the loading
     return model, tokenizer, meta

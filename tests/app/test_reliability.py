@@ -323,6 +323,9 @@ class FakeEngine:
         self.base, self.adapter = key
         self.device, self.model = "cpu", type("M", (), {"dtype": "torch.float32"})()
 
+    def describe(self):
+        return "cpu, fp32"
+
 
 def fake_build(self, key):
     self.errors[key] = None
