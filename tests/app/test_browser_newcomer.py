@@ -28,6 +28,7 @@ def pick(page, selector, option):
 def test_qlora_keeps_its_own_data_and_defaults_and_refuses_an_unreachable_base(page, app):  # noqa: F811
     open_tab(page, "Train")
     assert picked(page, "#train-data") == ["data/books/wizard.txt"]
+    shot(page, "train-first-look")
     page.get_by_label("QLoRA adapter for the assistant").check()
     page.wait_for_function("document.querySelector('#train-name textarea').placeholder.includes('qlora-')")
     assert picked(page, "#train-data") == ["data/chats.jsonl"], "a chat file, no .txt book"
@@ -46,6 +47,7 @@ def test_qlora_keeps_its_own_data_and_defaults_and_refuses_an_unreachable_base(p
 
 
 def test_labels_follow_the_picks_and_a_stale_warning_goes(page, app):  # noqa: F811
+    shot(page, "story-first-look")
     story_intro = page.locator("#story-intro").inner_text()
     assert "01_the_wonderful_wizard_of_oz.txt" in story_intro, story_intro  # from the checkpoint's summary.json
     assert "Oz books" not in story_intro and "/" not in story_intro, "the data by file name, no server path"
