@@ -4,7 +4,8 @@ The form is generated from the trainers' config dataclasses (llmb.story.config, 
 every field marked `form=True` becomes a widget with the field's label, default and help (its range
 in words); the values are checked by `settings.from_values` and the job runs `settings.to_argv`'s
 command line. API: `/train_start` (kind, name, data, story_<setting>, qlora_<setting>, qlora_base; by
-name), `/train_stop`, `/train_progress`, `/lr_find`, `/train_upload`.
+name), `/train_stop`, `/train_progress`, `/lr_find`, `/train_upload` (files, selected, uploads_key, kind).
+Each kind keeps its own Data selection and defaults while the other is shown (`switch_kind`).
 """
 
 import hashlib
