@@ -78,8 +78,13 @@ class AppConfig:
 
     @property
     def plots(self):
-        """LR-finder plots: the only folder the app serves files from."""
+        """LR-finder plots: served to the page, like the exports."""
         return self.work_dir / "plots"
+
+    @property
+    def exports(self):
+        """GGUF files written by Export to GGUF (the Train tab offers them for download)."""
+        return self.work_dir / "exports"
 
     @property
     def job_state(self):

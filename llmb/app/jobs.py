@@ -8,10 +8,10 @@
     manager.stop()         # SIGINT: the trainer finishes its step, saves and exits; again: SIGTERM, then SIGKILL
 
 A job runs the same command a user would type (`training/train_char.py`, `training/train_qlora.py`,
-`python -m llmb lr-find`), built from the trainer's config dataclass by `llmb.settings.to_argv`;
+`python -m llmb lr-find`, `python -m llmb export-gguf`), built from its config dataclass by `llmb.settings.to_argv`;
 `command_line(spec)` shows it. The state file is written before the trainer starts, and is what
 lets a page reload, a second browser or a restarted app re-attach to a job that is still running.
-The LR finder is a job too, so it cannot run beside a training run and Stop stops it.
+The LR finder and the GGUF export are jobs too, so they cannot run beside a training run and Stop stops them.
 """
 
 import itertools
@@ -27,6 +27,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from llmb.assistant.config import ExportConfig
 from llmb.assistant.config import TrainConfig as QLoRAConfig
 from llmb.errors import UserError
 from llmb.fileio import read_json, write_json
@@ -38,15 +39,15 @@ from llmb.story.config import TrainConfig as StoryConfig
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = {"story": [str(REPO / "training" / "train_char.py")], "qlora": [str(REPO / "training" / "train_qlora.py")],
-           "lr-find": ["-m", "llmb", "lr-find"]}
-CONFIGS = {"story": StoryConfig, "qlora": QLoRAConfig, "lr-find": StoryConfig}
+           "lr-find": ["-m", "llmb", "lr-find"], "export-gguf": ["-m", "llmb", "export-gguf"]}
+CONFIGS = {"story": StoryConfig, "qlora": QLoRAConfig, "lr-find": StoryConfig, "export-gguf": ExportConfig}
 RUNNING = ("starting", "running", "stopping")
 GRACE_S = 30.0  # after Stop: SIGINT, then SIGTERM after GRACE_S, then SIGKILL after 2 x GRACE_S
 
 
 @dataclass
 class JobSpec:
-    kind: str  # "story", "qlora" or "lr-find"
+    kind: str  # "story", "qlora", "lr-find" or "export-gguf"
     config: object  # the trainer's checked TrainConfig
     num_iters: int = 100  # lr-find only: batches in the sweep
 
@@ -59,11 +60,12 @@ def job_spec(kind, values, num_iters=100):
     """
     if kind not in CONFIGS:
         raise UserError(f"unknown job type {kind!r}; use story or qlora")
-    if not values.get("data"):
+    if kind != "export-gguf" and not values.get("data"):
         raise UserError("pick or upload training data first")
     if kind == "lr-find":
         values = {k: v for k, v in values.items() if k in LR_FIND_SETTINGS}
-    config = from_values(CONFIGS[kind], values | {"progress": False} if kind != "qlora" else values, labels=True)
+    config = from_values(CONFIGS[kind], values | {"progress": False} if kind in ("story", "lr-find") else values,
+                         labels=True)
     if kind == "story":
         config.check_length()
     num_iters = check_number("LR finder steps", num_iters, 10, 2000, int) if kind == "lr-find" else num_iters
@@ -180,8 +182,7 @@ class JobManager:
         """How a job that is no longer running ended: finished, stopped or failed (with why)."""
         ours = self.process is not None and self.process.pid == job["pid"]
         code = self.process.returncode if ours else None
-        summary_file = Path(job["out"]) / ("lr_find.json" if job["kind"] == "lr-find" else "summary.json")
-        summary = read_json(summary_file) if summary_file.is_file() else None
+        summary = result(job)
         ended = {"ended_at": time.time(), "returncode": code}
         if summary is not None and code in (0, None):
             stopped = summary.get("stopped_by") == "signal"
@@ -209,7 +210,7 @@ class JobManager:
 
         The state file is written first: if that fails (a full disk), nothing is started.
         """
-        cmd, out = command(spec), Path(spec.config.out)
+        cmd, out = command(spec), job_folder(spec)
         with self.lock:
             job = self._refresh()
             if job is not None and job["status"] in RUNNING:
@@ -266,6 +267,24 @@ class JobManager:
                 return job
             time.sleep(0.2)
         raise TimeoutError(f"the job is still running after {timeout} s")
+
+
+def job_folder(spec):
+    """The job's own folder (its log, and what it writes): a trainer's --out, an export's file's folder."""
+    out = Path(spec.config.out)
+    return out.parent if spec.kind == "export-gguf" else out
+
+
+def result(job):
+    """What a job that ended well left: its summary.json (lr_find.json), or the exported file's name and size."""
+    if job["kind"] == "export-gguf":
+        file = Path(job["config"]["out"])
+        return {"file": file.name, "bytes": file.stat().st_size} if file.is_file() else None
+    summary_file = Path(job["out"]) / ("lr_find.json" if job["kind"] == "lr-find" else "summary.json")
+    try:
+        return read_json(summary_file) if summary_file.is_file() else None
+    except (OSError, ValueError):
+        return None
 
 
 def stopped_unsaved(job, why):

@@ -277,10 +277,13 @@ def main(argv=None):
     config = app_config.parse_args(argv)
     demo = build(config)
     demo.queue(default_concurrency_limit=2, max_size=QUEUE_SIZE)
-    # only what a page must show is served: the LR-finder plots (never uploads or job state)
-    config.plots.mkdir(parents=True, exist_ok=True)
+    # only what a page must show is served: the LR-finder plots and the exported GGUF files (never uploads,
+    # job state or checkpoints)
+    served = [config.plots, config.exports]
+    for folder in served:
+        folder.mkdir(parents=True, exist_ok=True)
     demo.launch(server_name=config.host, server_port=config.port, share=config.share, show_error=False,
-                allowed_paths=[str(config.plots)], max_file_size=upload_limit(config),
+                allowed_paths=[str(f) for f in served], max_file_size=upload_limit(config),
                 app_kwargs={"middleware": [Middleware(CallCheck, demo=demo, max_turns=config.max_turns),
                                            Middleware(UploadTypes, max_files=config.uploads_files,  # its upload
                                                       max_mb=config.uploads_mb)]})  # route takes any type and size

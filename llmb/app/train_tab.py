@@ -9,6 +9,7 @@ Each kind keeps its own Data selection and defaults while the other is shown (`s
 """
 
 import hashlib
+import re
 import shutil
 import time
 from pathlib import Path
@@ -54,10 +55,10 @@ def job_markdown(job):
     """The job's status in a few lines: state, step/total, speed, ETA."""
     if job is None:
         return "No training job yet."
-    p = progress(job) if job["kind"] != "lr-find" else None
+    p = progress(job) if job["kind"] in KINDS else None
     state = {"starting": "starting", "running": "running", "stopping": "stopping (saving…)", "finished": "finished",
              "stopped": "stopped", "failed": "failed"}[job["status"]]
-    what = "LR finder" if job["kind"] == "lr-find" else f"{job['kind']} model"
+    what = {"lr-find": "LR finder", "export-gguf": "GGUF export"}.get(job["kind"], f"{job['kind']} model")
     lines = [f"**{job['name']}** ({what}): **{state}**"]
     if job["status"] == "stopping":
         lines.append(f"signals sent: {', '.join(job.get('signals', []))}; press Stop again to end it now "
@@ -68,14 +69,50 @@ def job_markdown(job):
         eta = f", ETA {p.eta_s / 60:.1f} min" if p.eta_s is not None and job["status"] == "running" else ""
         loss = f", loss {p.loss:.4f}" if p.loss is not None else ""
         lines.append(f"step {p.step}{total}{speed}{eta}{loss}")
+    elif job["status"] == "running" and job["kind"] == "export-gguf":
+        lines.append(export_progress(job))
     elif job["status"] == "running":
         lines.append(f"{p.phase}…" if p and p.phase else "preparing data and model…")
     if job.get("error"):
         lines.append(f"error: {job['error']}")
-    if job["status"] in ("finished", "stopped") and job.get("summary") and job["kind"] != "lr-find":
+    if job["status"] == "finished" and job["kind"] == "export-gguf" and job.get("summary"):
+        lines.append(f"wrote `{job['summary']['file']}` ({job['summary']['bytes'] / 1e6:,.0f} MB): download it "
+                     "below; llama.cpp, Ollama and LM Studio run it (docs/export-gguf.md)")
+    elif job["status"] in ("finished", "stopped") and job.get("summary") and job["kind"] in KINDS:
         lines.append(f"saved in `{job['name']}`; it is now in the "
                      + ("story checkpoint picker." if job["kind"] == "story" else "assistant's adapter picker."))
     return "\n\n".join(lines)
+
+
+def export_progress(job):
+    """An export's progress, from its log: the merge, then the tensor bar (tqdm's last 'i/n')."""
+    found = re.findall(r"write GGUF:\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)", log_tail(job, lines=3))
+    return f"writing tensor {found[-1][0]} of {found[-1][1]}…" if found else "loading the base and merging the adapter…"
+
+
+def export_source(job):
+    """(base, adapter folder) that Export to GGUF takes: the last finished QLoRA run's, or the last export's;
+    None when the last job is neither."""
+    if job is None or job["status"] != "finished":
+        return None
+    if job["kind"] == "qlora":
+        return job["config"]["base"], job["out"]
+    if job["kind"] == "export-gguf":
+        return job["config"]["base"], job["config"]["adapter"]
+    return None
+
+
+def export_spec(ctx, out_type):
+    """The job that writes the last finished adapter as <work dir>/exports/<run>-<type>/<run>-<type>.gguf."""
+    source = export_source(ctx.jobs.current())
+    if source is None:
+        raise UserError("finish a QLoRA run first: Export to GGUF takes the adapter of the last finished run")
+    base, adapter = source
+    name = Path(adapter).name
+    out = ctx.config.exports / f"{name}-{out_type}" / f"{name}-{out_type}.gguf"
+    if out.is_file():
+        raise UserError(f"{name} is already exported as {out.name}")
+    return job_spec("export-gguf", {"base": base, "adapter": adapter, "out": str(out), "type": out_type})
 
 
 def public_job(config, job):
@@ -314,6 +351,12 @@ def components(ctx):
     c["command"] = gr.Code(label="Equivalent command", language="shell", interactive=False, lines=1, wrap_lines=True,
                            visible=False, elem_id="train-command")
     c["status"] = gr.Markdown("No training job yet.", elem_id="train-status")
+    with gr.Row(visible=False, equal_height=True) as c["export_row"]:  # once a QLoRA run has finished
+        c["export_type"] = gr.Radio(["f16", "q8_0", "f32"], value="f16", label="GGUF type", scale=2,
+                                    info="f16: half the size of f32, the usual choice; q8_0: 8-bit, half of f16",
+                                    elem_id="train-export-type")
+        c["export"] = gr.Button("Export to GGUF", interactive=allowed, scale=1, elem_id="train-export")
+    c["download"] = gr.File(label="Exported GGUF", visible=False, interactive=False, elem_id="train-download")
     with gr.Row():
         c["plot"] = gr.LinePlot(loss_frame(None), x="step", y="loss", color="split", title="Loss (nats/token)",
                                 height=300, elem_id="train-plot")
@@ -336,6 +379,16 @@ def build(ctx, uploads_key):
             check_allowed(ctx.config)
             spec = spec_from_form(ctx, values | {"uploads_key": uploads_key})
             job = public_job(ctx.config, ctx.jobs.start(spec, owner(uploads_key, request)))
+            return f"started `{job['name']}`", gr.update(value=job["command"], visible=True), job_markdown(job)
+        except UserError as e:
+            return refused(ctx.config, e), gr.skip(), gr.skip()
+        except Exception as e:
+            return unexpected(e), gr.skip(), gr.skip()
+
+    def export_job(request: gr.Request, uploads_key=None, out_type="f16"):
+        try:
+            check_allowed(ctx.config)
+            job = public_job(ctx.config, ctx.jobs.start(export_spec(ctx, out_type), owner(uploads_key, request)))
             return f"started `{job['name']}`", gr.update(value=job["command"], visible=True), job_markdown(job)
         except UserError as e:
             return refused(ctx.config, e), gr.skip(), gr.skip()
@@ -367,6 +420,9 @@ def build(ctx, uploads_key):
     c["start"].click(start_job, inputs_kwargs={"kind": c["kind"], "name": c["name"]} | data | form_values,
                      outputs=[c["message"], c["command"], c["status"]], api_name="train_start", concurrency_limit=1,
                      concurrency_id="train")
+    c["export"].click(export_job, inputs_kwargs={"uploads_key": uploads_key, "out_type": c["export_type"]},
+                      outputs=[c["message"], c["command"], c["status"]], api_name="train_export", concurrency_limit=1,
+                      concurrency_id="train")
     c["stop"].click(stop_job, inputs_kwargs={"uploads_key": uploads_key}, outputs=[c["message"], c["status"]],
                     api_name="train_stop", concurrency_limit=None)
     c["lr_button"].click(find_lr, inputs_kwargs=data | {"lr_steps": c["lr_steps"]} | story_form,
@@ -388,21 +444,27 @@ def watch(ctx, demo, train, story_picker, chat):
     """Every 2 s (and on page load): the job's progress, and new checkpoints/adapters into the pickers."""
     from llmb.app import chat_tab, story_tab
 
-    pickers = gr.State({"story": None, "adapters": None})
+    pickers = gr.State({"story": None, "adapters": None, "download": None})
 
     def refresh(known, base, adapter):
-        job = public_job(ctx.config, ctx.jobs.current())
+        raw = ctx.jobs.current()
+        job = public_job(ctx.config, raw)
         stories, adapters = story_tab.choices(ctx.config), chat_tab.adapter_choices(ctx.config)
         story_update = gr.update(choices=stories) if known["story"] != stories else gr.skip()
         adapter_update = gr.update(choices=adapters) if known["adapters"] != adapters else gr.skip()
         command = gr.update(value=job["command"], visible=True) if job else gr.update(visible=False)
         log = app_config.public_text(ctx.config, log_tail(job)) if job else ""
-        return (job_markdown(job), command, loss_frame(job), progress(job).sample if job else "", log, story_update,
-                adapter_update, {"story": stories, "adapters": adapters},
-                chat_tab.model_status(ctx, base, adapter))
+        exported = raw["config"]["out"] if raw and raw["kind"] == "export-gguf" and raw.get("summary") else None
+        download = gr.skip() if known.get("download") == exported else \
+            gr.update(value=exported, visible=exported is not None)  # the file is sent once, not every 2 s
+        return (job_markdown(job), command, loss_frame(job), progress(job).sample if job and job["kind"] in KINDS
+                else "", log, story_update, adapter_update,
+                {"story": stories, "adapters": adapters, "download": exported},
+                chat_tab.model_status(ctx, base, adapter), gr.update(visible=export_source(raw) is not None),
+                download)
 
     outputs = [train["status"], train["command"], train["plot"], train["sample"], train["log"], story_picker,
-               chat["adapter"], pickers, chat["model_status"]]
+               chat["adapter"], pickers, chat["model_status"], train["export_row"], train["download"]]
     inputs = {"known": pickers, "base": chat["base"], "adapter": chat["adapter"]}
     train["timer"].tick(refresh, inputs_kwargs=inputs, outputs=outputs, api_name="train_progress",
                         concurrency_limit=None, show_progress="hidden")

@@ -4,8 +4,9 @@ trainer's command line. Heavy imports live inside the functions so --help is fas
 import argparse
 import sys
 
-from llmb.assistant.config import DEFAULT_BASE
+from llmb.assistant.config import DEFAULT_BASE, ExportConfig
 from llmb.quantize import PRECISIONS
+from llmb.settings import add_arguments, from_args
 
 
 def register(sub):
@@ -44,12 +45,7 @@ def register(sub):
 
     p = sub.add_parser("export-gguf", help="write a base (+ LoRA adapter, merged in) as one GGUF file for llama.cpp, "
                        "Ollama, LM Studio")
-    p.add_argument("--base", default=DEFAULT_BASE, help="hub id or local folder of the base model")
-    p.add_argument("--adapter", help="LoRA adapter dir; its prompt format becomes the file's chat template")
-    p.add_argument("--out", required=True, help="the .gguf file to write")
-    p.add_argument("--type", default="f16", choices=["f32", "f16", "q8_0"], help="how weights are stored "
-                   "(q8_0: 8-bit, about half the size of f16)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_arguments(p, ExportConfig)
     p.set_defaults(func=cmd_export_gguf)
 
     p = sub.add_parser("get-small-assistant", help="install and import SmolLM2-135M-Instruct, a small real "
@@ -200,7 +196,8 @@ def cmd_import_gguf(args):
 def cmd_export_gguf(args):
     from llmb.assistant.export_gguf import export_gguf
 
-    out = export_gguf(args.base, args.out, adapter=args.adapter, out_type=args.type, overwrite=args.overwrite)
+    cfg = from_args(ExportConfig, args)
+    out = export_gguf(cfg.base, cfg.out, adapter=cfg.adapter, out_type=cfg.type, overwrite=cfg.overwrite)
     print(f"wrote {out}; run it with: llama-cli -m {out} --jinja, or in Ollama with FROM {out} in a Modelfile")
 
 

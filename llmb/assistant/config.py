@@ -59,3 +59,15 @@ class TrainConfig:
     def check(self):
         if self.resume and self.overwrite:
             raise UserError("--resume continues the run in --out, --overwrite replaces it: give one of them")
+
+
+@dataclass
+class ExportConfig:
+    """Settings of `python -m llmb export-gguf` and of the app's Export to GGUF."""
+
+    base: str = setting(DEFAULT_BASE, "hub id or local folder of the base model")
+    adapter: str | None = setting(None, "LoRA adapter dir; its prompt format becomes the file's chat template")
+    out: str = setting("model.gguf", "the .gguf file to write", required=True)
+    type: str = setting("f16", "how weights are stored (q8_0: 8-bit, about half the size of f16)",
+                        choices=("f32", "f16", "q8_0"), label="GGUF type")
+    overwrite: bool = setting(False, "replace --out if it exists (once the new file is written)")

@@ -195,3 +195,34 @@ def test_another_browsers_run_shows_no_uploads_key_and_no_server_path(page, app,
     finally:
         other.predict(api_name="/train_stop")
         stop_training(app.work)
+
+
+def test_a_finished_adapter_exports_to_gguf_from_the_train_tab(page, app):
+    """After a QLoRA run finishes, the Train tab offers Export to GGUF: a job like the others, with its
+    progress in the status, and the file to download when it is written."""
+    from gguf import GGUFReader
+    from gradio_client import Client
+
+    client = Client(app.url, verbose=False)
+    started = client.predict(kind="qlora", name="lora-export", data=["data/chats.jsonl"], qlora_max_steps=2,
+                             qlora_max_seq_len=64, qlora_batch_size=2, qlora_skip_bad_rows=True,
+                             api_name="/train_start")[0]
+    assert started == "started `lora-export`", started
+    open_tab(page, "Train")
+    assert not page.locator("#train-export").is_visible(), "no export before an adapter is finished"
+    wait_for_text(page, "#train-status", "assistant's adapter picker", timeout=240_000)
+    page.locator("#train-export-type").get_by_label("q8_0").check()
+    page.locator("#train-export").click()
+    wait_for_text(page, "#train-message", "started lora-export-q8_0")
+    wait_for_text(page, "#train-command", "python -m llmb export-gguf --base")
+    wait_for_text(page, "#train-status", "wrote lora-export-q8_0.gguf", timeout=120_000)
+    link = page.locator("#train-download a").first
+    link.wait_for(timeout=30_000)
+    assert "lora-export-q8_0.gguf" in link.inner_text()
+    shot(page, "train-exported")
+    exported = app.work / "exports" / "lora-export-q8_0" / "lora-export-q8_0.gguf"
+    reader = GGUFReader(exported)
+    assert bytes(reader.fields["general.architecture"].parts[-1]).decode() == "phi2"
+    assert any(t.tensor_type.name == "Q8_0" for t in reader.tensors)
+    again = client.predict(out_type="q8_0", api_name="/train_export")[0]
+    assert again.startswith("⚠️") and "already exported as lora-export-q8_0.gguf" in again
