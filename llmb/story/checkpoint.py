@@ -86,14 +86,14 @@ def load_train_state(out_dir):
 def read_model_config(path):
     """The GPTConfig of config.json, every number inside the range the trainer allows."""
     from llmb.settings import check_number, parse, spec_of
-    from llmb.story.config import TrainConfig
+    from llmb.story.config import MODEL_SETTINGS, TrainConfig
 
     file = Path(path) / CONFIG
     try:
         meta = read_json(file)
         model = dict(meta["model"])
         GPTConfig(**model)  # unknown or missing names
-        for name in ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias"):
+        for name in MODEL_SETTINGS:
             model[name] = parse(spec_of(TrainConfig, name), model[name], label=f"model {name}")
         model["vocab_size"] = check_number("model vocab_size", model["vocab_size"], 1, 10**7, int)
         model["rope_theta"] = check_number("model rope_theta", model.get("rope_theta", 10000.0), 1.0)
