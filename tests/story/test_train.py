@@ -241,3 +241,15 @@ with open(rank + ".json", "w") as f:  # a file per rank: the two ranks' prints w
     assert summaries == [{"tokens_seen": steps * 16 * 32 * 2, "steps": steps}] * 2  # both ranks' batches count
     assert steps == 20 if "max_iters" in budget else steps > 20  # a --max-time run planned its length
     assert (tmp_path / "ddp" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("mine, theirs, both", [(None, None, None), ("time", None, "time"), (None, "signal", "signal"),
+                                                ("time", "signal", "signal"), ("signal", "time", "signal")])
+def test_every_process_stops_for_the_same_reason_a_signal_first(monkeypatch, mine, theirs, both):
+    import llmb.story.train as story_train
+
+    def max_with_the_other_process(accelerator, value):
+        return max(value, story_train.STOP_REASONS.index(theirs))
+
+    monkeypatch.setattr(story_train, "max_over_processes", max_with_the_other_process)
+    assert story_train.agreed_stop(None, mine) == both
