@@ -16,8 +16,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "llmb"
-INFERENCE = ["llmb.story.model", "llmb.story.sample", "llmb.story.checkpoint", "llmb.story.tokenizer",
-             "llmb.assistant.engine", "llmb.assistant.loading"]
+INFERENCE = ["llmb.story.model", "llmb.story.sample", "llmb.story.fast_decode", "llmb.story.checkpoint",
+             "llmb.story.tokenizer", "llmb.assistant.engine", "llmb.assistant.loading"]
 TRAINING = ["llmb.story.train", "llmb.story.lr_finder", "llmb.story.schedule", "llmb.story.batches",
             "llmb.assistant.train"]
 NO_TORCH = ["llmb.settings", "llmb.story.config", "llmb.assistant.config", "llmb.folders", "llmb.errors",

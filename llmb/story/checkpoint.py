@@ -105,12 +105,8 @@ def read_model_config(path):
     return meta, GPTConfig(**model)
 
 
-def load_checkpoint(path, device="cpu", cpu_int8=False):
-    """(model in eval mode, tokenizer, meta) from a checkpoint folder.
-
-    meta: config.json's dict, plus num_params. cpu_int8: int8 linear layers, for sampling faster on
-    a CPU (see llmb.quantize).
-    """
+def load_checkpoint(path, device="cpu"):
+    """(model in eval mode, tokenizer, meta) from a checkpoint folder; meta: config.json's dict, plus num_params."""
     path = Path(path)
     require(path, "story", "pass the --out folder of a story training run (has it saved yet?)")
     meta, config = read_model_config(path)
@@ -124,12 +120,6 @@ def load_checkpoint(path, device="cpu", cpu_int8=False):
     except Exception as e:  # safetensors raises several kinds for a bad or mismatched file
         raise UserError(f"could not read weights {path / WEIGHTS}: {e}") from None
     meta["num_params"] = model.num_params()  # counted before int8 layers hide their weights from parameters()
-    if cpu_int8:
-        if device != "cpu":
-            raise UserError("--cpu-int8 is for sampling on the CPU; leave it off on a GPU")
-        from llmb.quantize import quantize_linears_int8
-
-        model = quantize_linears_int8(model)
     return model.to(device).eval(), tokenizer, meta
 
 
@@ -137,18 +127,13 @@ def load_for_sampling(path, device="auto", precision="auto"):
     """(model, tokenizer, meta): the loader of every sampler (CLI, app, benchmarks); meta["precision"]
     says which weights it got, fp32 or int8.
 
-    precision auto: int8 linear layers on a CPU, fp32 on a GPU. Generating reads every weight once
-    per token, so on a CPU int8 weights (a quarter of fp32's bytes) sample faster (docs/results.md); the Oz
-    model's val loss moves by 0.001 nats/char. Training and `eval` always use fp32.
+    precision auto: int8 linear layers on a CPU, fp32 on a GPU (see llmb.story.fast_decode). Generating
+    reads every weight once per token, so on a CPU int8 weights (a quarter of fp32's bytes) sample faster
+    (docs/results.md); the Oz model's val loss moves by 0.001 nats/char. Training and `eval` use fp32.
     """
-    from llmb.device import resolve_device
-    from llmb.quantize import PRECISIONS, int8_supported
+    from llmb.story.fast_decode import fast_to_sample, sampling_precision
 
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
-    device = "cpu" if precision == "int8" else resolve_device(device)
-    int8 = precision == "int8" or (precision == "auto" and device == "cpu" and int8_supported())
-    model, tokenizer, meta = load_checkpoint(path, device, cpu_int8=int8)
+    device, int8 = sampling_precision(device, precision)
+    model, tokenizer, meta = load_checkpoint(path, device)
     meta["precision"] = "int8" if int8 else "fp32"
-    model.decoder()  # compile the decoder that samples each new token (GPT.decoder) now, with the loading
-    return model, tokenizer, meta
+    return fast_to_sample(model, int8), tokenizer, meta
