@@ -4,6 +4,7 @@
 - inference (sampling, loading, chatting) never imports training;
 - settings and config modules import no torch, so the app can build its forms before torch loads;
 - no import circle: a module never imports, directly or through others, a module that imports it;
+- the story model's functions fit on a screen;
 - no file edits sys.path: the package is installed (pyproject.toml) or run from the checkout.
 """
 
@@ -163,6 +164,20 @@ def test_no_import_circle_outside_the_app():
 def test_no_import_circle_anywhere():
     circles = import_circles(import_graph(MODULES))
     assert not circles, "import circle(s): " + "; ".join(" -> ".join(c) for c in circles)
+
+
+LONGEST_FUNCTION = 50  # lines; a longer one says why in its docstring ("long because ...")
+
+
+def test_story_functions_are_short_enough_to_read_at_once():
+    too_long = []
+    for path in sorted((PACKAGE / "story").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > LONGEST_FUNCTION and "long because" not in (ast.get_docstring(node) or ""):
+                    too_long.append(f"{module_name(path)}.{node.name}: {lines} lines")
+    assert not too_long, too_long
 
 
 def test_no_file_edits_sys_path():
