@@ -84,7 +84,7 @@ def load(variant, folder):
     if variant == "bf16":
         return load_base_model(folder, "none", "cpu", torch.bfloat16).eval(), load_chat_tokenizer(folder)
     engine = ChatEngine(folder, device="cpu", quant="4bit" if variant == "nf4" else "none",
-                        cpu_int8=variant == "int8")
+                        precision="int8" if variant == "int8" else "fp32")
     return engine.model, engine.tokenizer
 
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import gradio as gr
 
-from llmb.app.config import by_name, find_adapters, find_bases
+from llmb.app.config import by_name, find_adapters, find_bases, run_summary, trained_on
 from llmb.app.models import CHAT_SAMPLING, check_chat_settings, check_prompt, plain_messages
-from llmb.app.page import call_key, in_lane, known_path, slider, unexpected, warn
+from llmb.app.page import call_key, in_lane, known_path, slider, unexpected, warn, while_running
+from llmb.assistant.gguf import SMALL_NAME
 from llmb.errors import UserError
 
 SMALL_ASSISTANT = "python -m llmb get-small-assistant"
@@ -59,10 +60,26 @@ def hub_problem(config, base):
         _hub.update(checked=time.time(), reachable=hub_reachable())
     if _hub["reachable"]:
         return None
-    local = [name for name, value in bases(config).items() if Path(value).is_dir()]
-    hint = f"pick the local model `{local[0]}` in Base" if local else \
-        f"install the small local assistant with `{SMALL_ASSISTANT}`, restart the app and pick it in Base"
+    local = local_bases(config)
+    install = f"install the small local assistant `{SMALL_NAME}` with `{SMALL_ASSISTANT}` and restart the app"
+    hint = f"pick the local model `{local[0]}` in Base" + ("" if local[0] == SMALL_NAME else f", or {install}") \
+        if local else f"{install}, then pick it in Base"
     return f"`{base}` is not downloaded and the Hugging Face hub cannot be reached (offline); {hint}"
+
+
+def local_bases(config):
+    """Names of the base models in local folders, the small assistant first."""
+    local = [name for name, value in bases(config).items() if Path(value).is_dir()]
+    return sorted(local, key=lambda name: name != SMALL_NAME)
+
+
+def train_base(config, has_gpu):
+    """The QLoRA form's base: the configured one, unless it is a hub model that would crawl (no GPU: `has_gpu()`
+    says) or cannot load (offline) and the small local assistant is here."""
+    base = base_name(config.base)
+    if Path(config.base).is_dir() or SMALL_NAME not in bases(config):
+        return base
+    return SMALL_NAME if not has_gpu() or hub_problem(config, config.base) else base
 
 
 def downloaded(repo):
@@ -86,16 +103,34 @@ def model_status(ctx, base, adapter):
     return f"**Assistant:** ⚠️ {problem}" if problem else ctx.assistant.status(base, adapter)
 
 
+def describe(ctx, base, adapter):
+    """(the tab's intro, the chat's label) for the picked base and adapter."""
+    try:
+        known_path(base, bases(ctx.config), "base models")
+        folder = known_path(adapter, adapters(ctx.config), "adapters")
+    except UserError:
+        return "Pick a base model, and an adapter or none.", "Assistant"
+    if not folder:
+        return (f"The base model `{base}` alone, with no adapter. Pick an adapter (train one in the Train tab) "
+                "to chat with a fine-tuned model; **compare** then shows the base model's answer beside it.",
+                f"Assistant: {base} alone (no adapter)")
+    data = trained_on(run_summary(folder))
+    return (f"The base model `{base}` with the LoRA adapter `{adapter}`{f', fine-tuned on {data}' if data else ''}. "
+            "Turn on **compare** to see what the base model alone says to the same conversation.",
+            f"Assistant: {base} + adapter {adapter}")
+
+
 def components(ctx):
     """The tab's widgets, by name."""
     choices, config = adapter_choices(ctx.config), ctx.config
     c = {}
-    gr.Markdown("A base model with a LoRA adapter fine-tuned on openassistant-guanaco. Turn on **compare** to see "
-                "what the base model alone says to the same conversation.")
+    base, adapter = base_name(config.base), Path(ctx.assistant.adapter or "").name
+    intro, label = describe(ctx, base, adapter)
+    c["intro"] = gr.Markdown(intro, elem_id="chat-intro")
     # filled in on page load (model_status): no hub check holds up start-up
     c["model_status"] = gr.Markdown(ctx.assistant.status(config.base, ctx.assistant.adapter), elem_id="chat-model-status")
     with gr.Row():
-        c["chatbot"] = gr.Chatbot(label="Assistant (with the adapter)", height=420, elem_id="chatbot")
+        c["chatbot"] = gr.Chatbot(label=label, height=420, elem_id="chatbot")
         c["base_bot"] = gr.Chatbot(label="Base model alone", height=420, visible=False, elem_id="chatbot-base")
     c["message"] = gr.Textbox(label="Message", placeholder="Ask something… (Enter sends, Shift+Enter: new line)",
                               lines=1, max_lines=8, elem_id="chat-message")
@@ -106,10 +141,10 @@ def components(ctx):
         c["regenerate"] = gr.Button("Regenerate", elem_id="chat-regenerate")
         c["clear"] = gr.Button("Clear", elem_id="chat-clear")
     with gr.Row():
-        c["base"] = gr.Dropdown(base_choices(config), value=base_name(config.base), label="Base", elem_id="chat-base",
+        c["base"] = gr.Dropdown(base_choices(config), value=base, label="Base", elem_id="chat-base",
                                 allow_custom_value=True,
                                 info="a hub model, or a local model folder under the checkpoints folder")
-        c["adapter"] = gr.Dropdown(choices, value=Path(ctx.assistant.adapter or "").name, label="Adapter",
+        c["adapter"] = gr.Dropdown(choices, value=adapter, label="Adapter",
                                    allow_custom_value=True,
                                    elem_id="chat-adapter", info="switching loads the model on the next message")
         c["compare"] = gr.Checkbox(False, label="Compare with the base model alone", elem_id="chat-compare")
@@ -182,8 +217,17 @@ def conversation(ctx, values, flag):
     yield history, base_history, "", done, status, {"chat": history, "base": base_history}
 
 
-def build(ctx, saved):
-    """`saved`: the chat history in the browser's localStorage (gr.BrowserState), restored on page load."""
+def restore_picks(ctx, picks):
+    """On page load: the browser's own Base, Adapter and Compare (kept with its conversation), where still offered."""
+    picks = picks if isinstance(picks, dict) else {}
+    offered = {"base": bases(ctx.config), "adapter": adapters(ctx.config)}
+    return [gr.update(value=picks[k]) if isinstance(picks.get(k), str) and picks[k] in offered[k] else gr.skip()
+            for k in ("base", "adapter")] + [picks["compare"] if isinstance(picks.get("compare"), bool) else gr.skip()]
+
+
+def build(ctx, saved, picks):
+    """`saved`: the chat history in the browser's localStorage (gr.BrowserState), restored on page load;
+    `picks`: the browser's Base, Adapter and Compare, kept the same way."""
     with gr.Tab("Assistant", id="chat"):
         c = components(ctx)
     named = {k: c[k] for k in ("message", "base", "adapter", "system", "compare", "temperature", "top_p", "top_k",
@@ -224,16 +268,28 @@ def build(ctx, saved):
         ctx.stop_flags.stop(call_key(request, "answer"))
 
     events(ctx, c, named, outputs, saved, respond, regenerate_last, stop_answer)
+    remember_picks(ctx, c, picks)
     return c
+
+
+def remember_picks(ctx, c, picks):
+    pickers = [c["base"], c["adapter"], c["compare"]]
+    gr.on([p.change for p in pickers], lambda base, adapter, compare: {"base": base, "adapter": adapter,
+                                                                       "compare": compare},
+          pickers, picks, api_visibility="private", concurrency_limit=None, show_progress="hidden")
+    ctx.demo.load(lambda kept: restore_picks(ctx, kept), picks, pickers, api_visibility="private",
+                  concurrency_limit=None, show_progress="hidden")
 
 
 def events(ctx, c, named, outputs, saved, respond, regenerate_last, stop_answer):
     answering = dict(concurrency_limit=None)  # its own lane (page.LANES) bounds it
-    c["send"].click(respond, inputs_kwargs=named, outputs=outputs, api_name="chat", **answering)
-    c["message"].submit(respond, inputs_kwargs=named, outputs=outputs, api_visibility="private", **answering)
+    buttons = [c["send"], c["regenerate"]]  # off while an answer streams
+    # Send and Enter are one API endpoint
+    while_running([c["send"].click, c["message"].submit], buttons, respond, inputs_kwargs=named, outputs=outputs,
+                  api_name="chat", **answering)
     regenerate = {k: v for k, v in named.items() if k != "message"}
-    c["regenerate"].click(regenerate_last, inputs_kwargs=regenerate, outputs=outputs, api_name="chat_regenerate",
-                          **answering)
+    while_running([c["regenerate"].click], buttons, regenerate_last, inputs_kwargs=regenerate, outputs=outputs,
+                  api_name="chat_regenerate", **answering)
     c["stop"].click(stop_answer, None, None, api_name="chat_stop", concurrency_limit=None, queue=False)
     c["clear"].click(lambda: ([], [], "", {"chat": [], "base": []}), None, [c["chatbot"], c["base_bot"], c["status"],
                      saved], api_name="chat_clear", concurrency_limit=None)
@@ -243,4 +299,13 @@ def events(ctx, c, named, outputs, saved, respond, regenerate_last, stop_answer)
                    concurrency_limit=None)
     c["base"].change(lambda base, adapter: model_status(ctx, base, adapter), api_name="chat_model", **pickers)
     c["adapter"].change(lambda base, adapter: model_status(ctx, base, adapter), api_visibility="private", **pickers)
+
+    def picked(base, adapter):
+        """The intro and the chat's label say what is picked; a warning about the last pick goes."""
+        intro, label = describe(ctx, base, adapter)
+        return intro, gr.update(label=label), ""
+
+    gr.on([c["base"].change, c["adapter"].change], picked, [c["base"], c["adapter"]],
+          [c["intro"], c["chatbot"], c["status"]], api_visibility="private", concurrency_limit=None,
+          show_progress="hidden")
 

@@ -302,3 +302,43 @@ def public_text(config, text):
 def is_model_folder(path):
     """A folder holding a model or a tokenizer (config.json, tokenizer files): not training data."""
     return any((Path(path) / name).is_file() for name in ("config.json", "tokenizer_config.json", "tokenizer.json"))
+
+
+def run_summary(folder):
+    """A trained folder's summary.json (what it was trained on, how long), or {} when it has none."""
+    import json
+
+    try:
+        summary = json.loads((Path(folder) / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
+
+
+def trained_on(summary, most=3):
+    """The data of a run's summary by file or folder name ("tinyshakespeare.txt", "the 7 books in oz/"), never a
+    server path."""
+    data = summary.get("data") or []
+    names = [source_name(Path(str(d))) for d in (data if isinstance(data, list) else [data])]
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
+
+
+def source_name(path):
+    if not path.is_dir():
+        return path.name
+    books = len([b for b in path.glob("*") if b.suffix.lower() == ".txt"])
+    return f"the {books} books in {path.name}/" if books > 1 else f"{path.name}/"
+
+
+CHAT_SUFFIXES = (".jsonl",)  # a chat file for an adapter; anything else the Data picker offers is a story's book
+
+
+def default_data(config, kind, uploads_key=None):
+    """The Data picker's preselection for a kind of run: the first book for a story model, the first chat
+    file for an adapter (a training file before an evaluation one)."""
+    labels = [label for label, _ in data_choices(config, uploads_key)]
+    if kind == "qlora":
+        chats = [label for label in labels if label.lower().endswith(CHAT_SUFFIXES)]
+        return sorted(chats, key=lambda label: "train" not in Path(label).name.lower())[:1]
+    return [label for label in labels if not label.lower().endswith(CHAT_SUFFIXES)][:1]

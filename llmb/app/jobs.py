@@ -30,7 +30,7 @@ from pathlib import Path
 from llmb.assistant.config import TrainConfig as QLoRAConfig
 from llmb.errors import UserError
 from llmb.fileio import read_json, write_json
-from llmb.folders import is_story_checkpoint
+from llmb.folders import saved_step
 from llmb.runlog import read_metrics, read_progress
 from llmb.settings import check_number, from_values, to_argv
 from llmb.story.config import LR_FIND_SETTINGS
@@ -268,24 +268,11 @@ class JobManager:
         raise TimeoutError(f"the job is still running after {timeout} s")
 
 
-def saved_step(out, kind):
-    """The step of the checkpoint a run keeps in `out` (what --resume continues from), or None."""
-    out = Path(out)
-    if kind == "story" and is_story_checkpoint(out):
-        try:
-            return read_json(out / "config.json").get("step")
-        except (OSError, ValueError, AttributeError):
-            return None
-    steps = [int(d.name.removeprefix("checkpoint-")) for d in out.glob("checkpoint-*")
-             if d.is_dir() and d.name.removeprefix("checkpoint-").isdigit()] if kind == "qlora" else []
-    return max(steps, default=None)
-
-
 def stopped_unsaved(job, why):
     """What a run stopped before its final save left on disk: its last checkpoint (resumable), or nothing."""
     records = read_metrics(Path(job["out"]) / "metrics.jsonl")
     reached = f"stopped at step {records[-1].get('step', 0)}" if records else "stopped"
-    saved = saved_step(job["out"], job["kind"])
+    saved = saved_step(job["out"])
     if saved is None:
         return f"{reached} before anything was saved ({why})"
     return f"{reached} ({why}); the checkpoint of step {saved} is kept: run the command above with --resume to go on"

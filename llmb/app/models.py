@@ -181,10 +181,11 @@ class Assistant:
     Every session picks its base and adapter; the request carries them, so one visitor's choice
     never changes another's model. `keep` engines stay loaded (one by default: Phi-2 is 5 GB).
     `fallbacks`: with `--adapter auto`, the adapters to try in turn when the newest will not load.
+    `precision`: as `llmb chat --precision` (auto: int8 linear layers on a CPU).
     """
 
-    def __init__(self, base, adapter=None, device="auto", cpu_int8=False, fallbacks=(), keep=1):
-        self.base, self.adapter, self.device, self.cpu_int8, self.keep = str(base), adapter, device, cpu_int8, keep
+    def __init__(self, base, adapter=None, device="auto", precision="auto", fallbacks=(), keep=1):
+        self.base, self.adapter, self.device, self.precision, self.keep = str(base), adapter, device, precision, keep
         self.fallbacks = [str(a) for a in fallbacks]
         self.engines = OrderedDict()  # (base, adapter or "") -> ChatEngine
         self.errors, self.replaced, self.notes = {}, {}, []  # key -> why it failed; adapter -> the one used
@@ -234,7 +235,7 @@ class Assistant:
         base, adapter = key
         self.loading[key], self.errors[key] = time.time(), None
         try:
-            return ChatEngine(base, adapter=adapter or None, device=self.device, cpu_int8=self.cpu_int8)
+            return ChatEngine(base, adapter=adapter or None, device=self.device, precision=self.precision)
         except Exception as e:  # offline, out of memory, a bad adapter: shown in the tab
             self.errors[key] = load_error(e)
             raise UserError(f"could not load the assistant: {self.errors[key]}") from None
@@ -260,10 +261,7 @@ class Assistant:
             return f"**Assistant {self.name(key)}:** failed to load: {self.errors[key]}"
         if key not in self.engines:
             return f"**Assistant {self.name(key)}:** not loaded yet (loads on the first message){notes}"
-        engine = self.engines[key]
-        quant = ", int8 linear layers" if self.cpu_int8 else ""
-        return (f"**Assistant {self.name(key)}:** loaded on {engine.device}, "
-                f"{str(engine.model.dtype).replace('torch.', '')}{quant}{notes}")
+        return f"**Assistant {self.name(key)}:** loaded on {self.engines[key].describe()}{notes}"
 
 
 # ------------------------------------------------------------------------------------ stopping

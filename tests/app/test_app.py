@@ -278,7 +278,8 @@ def test_train_start_refuse_second_stop_and_find_the_checkpoint(app, client):
     refused = client.predict(kind="story", name="run2", data=[WIZARD], **TINY_TRAIN, api_name="/train_start")[0]
     assert "already running (run1" in refused
 
-    p = wait_for(client, lambda p: any(row[2] == "val" for row in p["plot"]["data"]))
+    # a val point with a value (each frame also carries a point-less row per split, for the plot's colours)
+    p = wait_for(client, lambda p: any(row[2] == "val" and row[1] is not None for row in p["plot"]["data"]))
     assert "running" in p["status"] and "tokens/s" in p["status"] and "ETA" in p["status"]
     assert p["sample"], "the latest sample text is shown"
     message, status = client.predict(api_name="/train_stop")

@@ -30,7 +30,7 @@ def app(tmp_path_factory, shared_data, tiny_phi):
     ckpts, data, work = app_folders(root, shared_data)
     app = launch_app(root, ["--checkpoints", ckpts, "--story-ckpt", ckpts / "tiny-story", "--base", tiny_phi,
                             "--adapter", "none", "--data-dir", data, "--work-dir", work, "--device", "cpu"])
-    app.ckpts, app.work = ckpts, work
+    app.ckpts, app.work, app.base_name = ckpts, work, tiny_phi.name
     yield app
     stop_training(work)
     stop_app(app)

@@ -323,6 +323,9 @@ class FakeEngine:
         self.base, self.adapter = key
         self.device, self.model = "cpu", type("M", (), {"dtype": "torch.float32"})()
 
+    def describe(self):
+        return "cpu, fp32"
+
 
 def fake_build(self, key):
     self.errors[key] = None
@@ -810,11 +813,14 @@ def test_a_malformed_call_gets_a_message_and_one_log_line(app, api_name, values,
     ("run/story", {"data": [None] * 3}, "data: takes 7 values"),
     ("call/v2/chat", {"message": "hi", "history": "hello"}, "history: must be a list of messages"),
     ("call/v2/chat", {"message": "hi", "histori": []}, "histori: is not a parameter of this endpoint"),
-    ("queue/join", {"data": [], "fn_index": 0, "session_hash": "abc"}, "takes"),
+    ("queue/join", {"data": [], "fn_index": "story", "session_hash": "abc"}, "takes"),  # the index of /story
 ])
 def test_a_raw_http_call_of_the_wrong_shape_gets_a_message(app, route, body, message):
     import httpx
 
+    if isinstance(body.get("fn_index"), str):
+        events = httpx.get(f"{app.url}config", timeout=30).json()["dependencies"]
+        body = body | {"fn_index": next(e["id"] for e in events if e["api_name"] == body["fn_index"])}
     start = len(app.log_text())
     reply = httpx.post(f"{app.url}gradio_api/{route}", json=body, timeout=30)
     assert reply.status_code == 422 and message in reply.json()["error"], reply.text

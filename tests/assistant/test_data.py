@@ -186,6 +186,33 @@ def test_truncation_never_cuts_the_last_answer_to_nothing(tokenizer):
     assert len(short["input_ids"]) == 128 and tokenizer.decode(short["input_ids"]).endswith("### Assistant: ok<|endoftext|>")
 
 
+# a ChatML template that writes its own system text when the conversation has none, as SmolLM2's does
+SMOL_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+SMOL_TEMPLATE = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}" + SMOL_SYSTEM +
+                 "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_truncation_keeps_the_templates_system_text_whole(tokenizer, monkeypatch):
+    monkeypatch.setattr(tokenizer, "chat_template", SMOL_TEMPLATE)
+    one = [Turn("user", "Tell me about " + "the long history of things " * 40), Turn("assistant", "Sure. " * 100)]
+    assert encode_example(tokenizer, one, 100_000)["input_ids"] == tokenizer.apply_chat_template(
+        [{"role": t.role, "content": t.content} for t in one], return_dict=False)  # nothing cut: as the template
+    ex = encode_example(tokenizer, one, max_seq_len=128)
+    text = tokenizer.decode(ex["input_ids"])
+    assert len(ex["input_ids"]) == 128 and sum(lab != IGNORE for lab in ex["labels"]) == 64
+    # the system text whole, then the user message's opening: only the start of its words went
+    assert text.startswith(SMOL_SYSTEM + "<|im_start|>user\n") and "Tell me" not in text
+    assert "history of things <|im_end|>\n<|im_start|>assistant\nSure. Sure." in text
+
+    many = []
+    for i in range(4):
+        many += [Turn("user", f"question {i} " + "word " * 60), Turn("assistant", f"answer {i} is short.")]
+    text = tokenizer.decode(encode_example(tokenizer, many, max_seq_len=200)["input_ids"])
+    assert text.startswith(SMOL_SYSTEM + "<|im_start|>user\nquestion 3 word")  # whole exchanges went
+    assert text.endswith("answer 3 is short.<|im_end|>\n")
+
+
 def test_system_text_is_prompt_not_target(tokenizer):
     ex = encode_example(tokenizer, [Turn("system", "Be kind."), Turn("user", "hi"), Turn("assistant", "hello")], 512)
     assert tokenizer.decode(ex["input_ids"]) == "Be kind.\n### Human: hi### Assistant: hello<|endoftext|>"

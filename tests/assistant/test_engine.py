@@ -1,4 +1,5 @@
 import json
+import re
 import threading
 import time
 
@@ -216,8 +217,8 @@ def test_cpu_int8_logits_close_to_fp32(tiny_phi, shared_data):
 
 
 def test_cpu_int8_engine_keeps_adapter_switch(tiny_phi, tiny_phi_adapter):
-    fp32 = ChatEngine(str(tiny_phi), adapter=str(tiny_phi_adapter), device="cpu")
-    int8 = ChatEngine(str(tiny_phi), adapter=str(tiny_phi_adapter), device="cpu", cpu_int8=True)
+    fp32 = ChatEngine(str(tiny_phi), adapter=str(tiny_phi_adapter), device="cpu", precision="fp32")
+    int8 = ChatEngine(str(tiny_phi), adapter=str(tiny_phi_adapter), device="cpu", precision="int8")
     ids, _ = fp32.prompt_ids([], "Hello there")
     x = torch.tensor([ids])
     with torch.no_grad():
@@ -226,8 +227,56 @@ def test_cpu_int8_engine_keeps_adapter_switch(tiny_phi, tiny_phi_adapter):
             b_off = int8.model(input_ids=x).logits
     assert (a - b).abs().max() < 0.05 * (a.max() - a.min())
     assert (b - b_off).abs().max() > 10 * (a - b).abs().max()  # the adapter still acts on int8 base layers
-    with pytest.raises(UserError, match="cpu-int8"):
-        ChatEngine(str(tiny_phi), device="cpu", quant="4bit", cpu_int8=True)
+    with pytest.raises(UserError, match="precision int8 is for an unquantized base"):
+        ChatEngine(str(tiny_phi), device="cpu", quant="4bit", precision="int8")
+
+
+def test_precision_auto_is_int8_on_a_cpu_and_answers_as_fp32_does(tiny_phi, tmp_path):
+    from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
+
+    from llmb.quantize import int8_supported
+
+    scripted = str(scripted_phi(tmp_path, tiny_phi, " Hello there, friend.### Human:"))
+    auto, fp32 = ChatEngine(scripted, device="cpu"), ChatEngine(scripted, device="cpu", precision="fp32")
+    assert int8_supported()  # x86 PyTorch wheels have the int8 kernels; without them auto is fp32
+    assert auto.precision == "int8" and auto.describe() == "cpu, int8 linear layers"
+    assert isinstance(auto.model.model.layers[0].mlp.fc1, Int8Linear) and isinstance(auto.model.lm_head, Int8Linear)
+    assert fp32.precision == "fp32" and fp32.describe() == "cpu, fp32"
+    assert not any(isinstance(m, Int8Linear) for m in fp32.model.modules())
+    kw = dict(temperature=0, max_new_tokens=30)
+    assert auto.reply([], "Hi", **kw) == fp32.reply([], "Hi", **kw) == "Hello there, friend."
+    # a random tiny model (near-uniform logits) may pick other tokens in int8, but answers in full
+    tiny = ChatEngine(str(tiny_phi), device="cpu", precision="int8")
+    answer = tiny.stream([], "How do I sort a list in Python?", temperature=0, max_new_tokens=12,
+                         repetition_penalty=1.0)
+    "".join(answer)
+    assert answer.stats["new_tokens"] > 0 and answer.stats["stopped_by"] in ("length", "eos", "marker")
+
+
+def test_unknown_precision_is_one_clear_error(tiny_phi):
+    with pytest.raises(UserError, match="unknown precision 'bf16'; use auto, fp32, int8"):
+        ChatEngine(str(tiny_phi), device="cpu", precision="bf16")
+
+
+def test_without_int8_layers_the_engine_says_fp32(tiny_phi, monkeypatch, capsys):
+    import llmb.quantize
+
+    monkeypatch.setattr(llmb.quantize, "direct_int8_linear", lambda: None)  # as in a PyTorch without torch.ao
+    engine = ChatEngine(str(tiny_phi), device="cpu", precision="int8")
+    assert engine.precision == "fp32" and engine.describe() == "cpu, fp32"
+    assert capsys.readouterr().err.count("note: no int8 layers in this PyTorch") == 1
+    assert engine.reply([], "Hi", temperature=0, max_new_tokens=3)
+
+
+def test_print_answer_streams_then_prints_the_figures_on_stderr(tiny_phi, tmp_path, capsys):
+    from llmb.assistant.cli import print_answer
+
+    engine = ChatEngine(str(scripted_phi(tmp_path, tiny_phi, " Hello there, friend.### Human:")), device="cpu")
+    capsys.readouterr()  # the loading's progress bars
+    text, stats = print_answer(engine, [], "Hi", dict(temperature=0, max_new_tokens=50))
+    out, err = capsys.readouterr()
+    assert text == "Hello there, friend." and out == "Hello there, friend.\n" and stats["new_tokens"] == 8
+    assert re.fullmatch(r"8 tokens, \d+\.\d tokens/s, first token \d+\.\d\d s\n", err), err
 
 
 def test_empty_message_and_bad_adapter(engine, tiny_phi, tmp_path):
@@ -250,3 +299,8 @@ def test_cli_chat_prompt_streams_an_answer(tiny_phi, tmp_path):
                           cwd=repo, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "Hello there, friend.\n"
+    assert f"{path} on cpu, int8 linear layers\n" in proc.stderr  # the status line: where, which precision
+    assert re.search(r"^8 tokens, [\d.]+ tokens/s, first token [\d.]+ s$", proc.stderr, re.M), proc.stderr
+    bad = subprocess.run([sys.executable, "-m", "llmb", "chat", "--base", str(path), "--precision", "bf16"],
+                         cwd=repo, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "argument --precision: invalid choice: 'bf16'" in bad.stderr

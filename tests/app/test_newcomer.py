@@ -1,0 +1,73 @@
+"""What the page preselects and says, without a browser: each kind of run's own defaults, the QLoRA base
+a machine can train, uploads replacing an untouched preselection, toasts in plain text."""
+
+import json
+import shutil
+
+import gradio as gr
+import pytest
+
+from llmb.app import config as app_config
+from llmb.app.chat_tab import SMALL_NAME, describe, train_base
+from llmb.app.page import Context, plain
+from llmb.app.train_tab import add_uploads, switch_kind
+
+GUANACO_TRAIN = "guanaco/guanaco-llama2-1k_train.jsonl"  # the shipped chat file with one unusable row
+
+
+@pytest.fixture
+def config(tmp_path, shared_data):
+    data = tmp_path / "data"
+    (data / "guanaco").mkdir(parents=True)
+    shutil.copy(shared_data / "books" / "oz" / "01_the_wonderful_wizard_of_oz.txt", data / "wizard.txt")
+    shutil.copy(shared_data / GUANACO_TRAIN, data / GUANACO_TRAIN)
+    return app_config.parse_args(["--checkpoints", str(tmp_path / "ckpts"), "--data-dir", str(data),
+                                  "--work-dir", str(tmp_path / "work"), "--story-ckpt", str(tmp_path / "none")])
+
+
+def small_assistant(config):
+    folder = config.checkpoints / SMALL_NAME  # as get-small-assistant leaves it, weights aside
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (folder / "model.safetensors").write_bytes(b"")
+
+
+def test_each_kind_keeps_its_own_data_and_an_adapter_skips_the_known_bad_rows(config):
+    ctx = Context(config)
+    assert app_config.default_data(config, "story") == ["data/wizard.txt"]
+    *_, data, name, base, skip, kept, note = switch_kind(ctx, "qlora", ["data/wizard.txt"], {})
+    assert data == [f"data/{GUANACO_TRAIN}"] and "qlora-" in name["placeholder"]
+    assert skip is True and f"data/{GUANACO_TRAIN}:900: empty assistant turn" in note
+    *_, data, name, base, skip, kept, _ = switch_kind(ctx, "story", ["data/wizard.txt", f"data/{GUANACO_TRAIN}"],
+                                                      kept)
+    assert data == ["data/wizard.txt"] and "story-" in name["placeholder"]
+    assert skip == gr.skip(), "the adapter's defaults are set once, not over the user's"
+    assert switch_kind(ctx, "qlora", data, kept)[3] == ["data/wizard.txt", f"data/{GUANACO_TRAIN}"]
+
+
+def test_the_small_assistant_is_the_qlora_base_without_a_gpu(config, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert train_base(config, has_gpu=lambda: False) == "microsoft/phi-2", "not there: the configured base"
+    small_assistant(config)
+    assert train_base(config, has_gpu=lambda: False) == SMALL_NAME
+    assert train_base(config, has_gpu=lambda: True) == SMALL_NAME, "a GPU, but the hub cannot be reached"
+    config.base = str(config.checkpoints / SMALL_NAME)
+    assert train_base(config, has_gpu=lambda: False) == SMALL_NAME
+
+
+def test_an_upload_replaces_an_untouched_preselection_and_is_added_to_a_changed_one(config, tmp_path):
+    ctx = Context(config)
+    book = tmp_path / "mine.txt"
+    book.write_text("A story of my own. " * 100)
+    message, picker, _, key = add_uploads(ctx, [str(book)], ["data/wizard.txt"], None)
+    assert picker["value"] == ["uploads/mine.txt"] and "instead of the preselected data/wizard.txt" in message
+    book.write_text("Another story of my own. " * 100)
+    message, picker, _, _ = add_uploads(ctx, [str(book)], [f"data/{GUANACO_TRAIN}"], key)
+    assert picker["value"] == [f"data/{GUANACO_TRAIN}", "uploads/mine.txt"] and "added" in message
+
+
+def test_labels_say_what_is_picked_and_toasts_show_no_markdown(config):
+    intro, label = describe(Context(config), "microsoft/phi-2", "")
+    assert "no adapter" in intro and "no adapter" in label and "with the adapter" not in label
+    assert plain("`microsoft/phi-2` is not downloaded; run `python -m llmb get-small-assistant`") == \
+        "'microsoft/phi-2' is not downloaded; run 'python -m llmb get-small-assistant'"
