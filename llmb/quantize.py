@@ -100,7 +100,7 @@ def direct_int8_linear():
 
     class Int8Linear(Linear):
         def forward(self, x):
-            if torch.jit.is_scripting():  # TorchScript calls the op from C++ anyway (see llmb.story.model.Decoder)
+            if torch.jit.is_scripting():  # TorchScript calls the op from C++ anyway (see llmb.story.fast_decode)
                 return torch.ops.quantized.linear_dynamic(x, self._packed_params._packed_params, True)
             return linear_dynamic(x, self._packed_params._packed_params, True)  # reduce_range, as Linear does
 

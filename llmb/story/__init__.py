@@ -1,4 +1,5 @@
 """The story model: a character-level GPT written from scratch, trained on a folder of books.
 
-config (settings) -> corpus, tokenizer -> model -> train (lr_finder, checkpoint) -> sample; cli drives them.
+config (settings) -> corpus, tokenizer -> batches -> model -> train (schedule, lr_finder, checkpoint)
+-> sample (fast_decode); cli drives them.
 """

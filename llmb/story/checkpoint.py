@@ -86,14 +86,14 @@ def load_train_state(out_dir):
 def read_model_config(path):
     """The GPTConfig of config.json, every number inside the range the trainer allows."""
     from llmb.settings import check_number, parse, spec_of
-    from llmb.story.config import TrainConfig
+    from llmb.story.config import MODEL_SETTINGS, TrainConfig
 
     file = Path(path) / CONFIG
     try:
         meta = read_json(file)
         model = dict(meta["model"])
         GPTConfig(**model)  # unknown or missing names
-        for name in ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias"):
+        for name in MODEL_SETTINGS:
             model[name] = parse(spec_of(TrainConfig, name), model[name], label=f"model {name}")
         model["vocab_size"] = check_number("model vocab_size", model["vocab_size"], 1, 10**7, int)
         model["rope_theta"] = check_number("model rope_theta", model.get("rope_theta", 10000.0), 1.0)
@@ -105,12 +105,8 @@ def read_model_config(path):
     return meta, GPTConfig(**model)
 
 
-def load_checkpoint(path, device="cpu", cpu_int8=False):
-    """(model in eval mode, tokenizer, meta) from a checkpoint folder.
-
-    meta: config.json's dict, plus num_params. cpu_int8: int8 linear layers, for sampling faster on
-    a CPU (see llmb.quantize).
-    """
+def load_checkpoint(path, device="cpu"):
+    """(model in eval mode, tokenizer, meta) from a checkpoint folder; meta: config.json's dict, plus num_params."""
     path = Path(path)
     require(path, "story", "pass the --out folder of a story training run (has it saved yet?)")
     meta, config = read_model_config(path)
@@ -124,12 +120,6 @@ def load_checkpoint(path, device="cpu", cpu_int8=False):
     except Exception as e:  # safetensors raises several kinds for a bad or mismatched file
         raise UserError(f"could not read weights {path / WEIGHTS}: {e}") from None
     meta["num_params"] = model.num_params()  # counted before int8 layers hide their weights from parameters()
-    if cpu_int8:
-        if device != "cpu":
-            raise UserError("--cpu-int8 is for sampling on the CPU; leave it off on a GPU")
-        from llmb.quantize import quantize_linears_int8
-
-        model = quantize_linears_int8(model)
     return model.to(device).eval(), tokenizer, meta
 
 
@@ -137,15 +127,17 @@ def load_for_sampling(path, device="auto", precision="auto"):
     """(model, tokenizer, meta): the loader of every sampler (CLI, app, benchmarks); meta["precision"]
     says which weights it got, fp32 or int8.
 
-    precision auto: int8 linear layers on a CPU, fp32 on a GPU. Generating reads every weight once
-    per token, so on a CPU int8 weights (a quarter of fp32's bytes) sample faster (docs/results.md); the Oz
-    model's val loss moves by 0.001 nats/char. Training and `eval` always use fp32.
+    precision auto: int8 linear layers on a CPU, fp32 on a GPU (see llmb.story.fast_decode). Generating
+    reads every weight once per token, so on a CPU int8 weights (a quarter of fp32's bytes) sample faster
+    (docs/results.md); the Oz model's val loss moves by 0.001 nats/char. Training and `eval` use fp32.
     """
     from llmb.device import resolve_device
     from llmb.quantize import is_int8, wants_int8
+    from llmb.story.fast_decode import fast_to_sample
 
     device = "cpu" if precision == "int8" else resolve_device(device)
-    model, tokenizer, meta = load_checkpoint(path, device, cpu_int8=wants_int8(precision, device))
+    int8 = wants_int8(precision, device)
+    model, tokenizer, meta = load_checkpoint(path, device)
+    model = fast_to_sample(model, int8)
     meta["precision"] = "int8" if is_int8(model) else "fp32"
-    model.decoder()  # compile the decoder that samples each new token (GPT.decoder) now, with the loading
     return model, tokenizer, meta

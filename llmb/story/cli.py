@@ -58,7 +58,8 @@ def cmd_sample(args):
 
 def cmd_eval(args):
     from llmb.device import resolve_device
-    from llmb.story.train import data_warnings, evaluate_checkpoint
+    from llmb.story.batches import data_warnings
+    from llmb.story.train import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.ckpt, args.data, args.val_fraction, args.batch_size, resolve_device(args.device))
     for warning in data_warnings(result["bpc_lossless"], result["unencodable_chars"], result["val_chars"]):
@@ -69,7 +70,7 @@ def cmd_eval(args):
 def cmd_lr_find(args):
     from llmb.folders import check_out_folder
     from llmb.story.config import TrainConfig
-    from llmb.story.train import find_lr
+    from llmb.story.lr_finder import find_lr
 
     cfg = from_args(TrainConfig, args)
     check_out_folder(cfg.out, "lr-find", cfg.overwrite)

@@ -21,6 +21,9 @@ SAFE_ON_RESUME = ("max_iters", "max_time", "eval_interval", "eval_iters", "log_i
                   "device", "progress", "resume", "overwrite", "out")
 
 
+# What a TrainConfig says about the model itself (GPTConfig's fields, bar the vocabulary's size).
+MODEL_SETTINGS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")
+
 # What `lr-find` takes of a story config: the data and the model, not the schedule or the run's length.
 LR_FIND_SETTINGS = ("data", "out", "tokenizer", "vocab_size", "val_fraction", "n_layer", "n_head", "n_embd",
                     "block_size", "dropout", "bias", "batch_size", "weight_decay", "grad_clip", "seed", "device",
@@ -80,6 +83,10 @@ class TrainConfig:
             raise UserError("--resume continues the run in --out, --overwrite replaces it: give one of them")
         if self.device != "cuda":  # on a GPU the trainer checks the GPU's memory once it has one
             check_memory(self, ram_bytes(), "this machine's memory")
+
+    def model_settings(self):
+        """GPTConfig's fields from these settings: GPTConfig(vocab_size=..., **cfg.model_settings())."""
+        return {name: getattr(self, name) for name in MODEL_SETTINGS}
 
     def check_length(self):
         if self.max_iters is None and self.max_time is None:

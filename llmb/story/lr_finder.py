@@ -1,10 +1,76 @@
 """LR range test (Smith 2015, "Cyclical Learning Rates"): raise the learning rate exponentially
 over a few hundred batches, watch the smoothed loss, and suggest the rate where it falls fastest.
+
+`find_lr` runs it on the story model a run would start from (`lr-find`, and `--lr auto`);
+`lr_sweep` and `suggest_lr` are the method itself.
 """
 
 import math
+from pathlib import Path
 
+import torch
+
+from llmb.errors import UserError
 from llmb.fileio import atomic_path, write_json
+from llmb.folders import check_writable
+from llmb.settings import check, check_number
+from llmb.story.batches import get_batch, prepare_data
+from llmb.story.model import GPT, GPTConfig
+
+
+def find_lr(cfg, data=None, num_iters=200, start_lr=1e-5, end_lr=1.0, out_dir=None, log=print):
+    """Run the LR range test on a fresh model; write lr_find.json/png to out_dir; return the suggestion."""
+    from tqdm.auto import tqdm
+
+    check(cfg)
+    num_iters = check_number("--num-iters", num_iters, 10, 100_000, int)
+    start_lr = check_number("--start-lr", start_lr, 1e-12, 10.0)
+    end_lr = check_number("--end-lr", end_lr, start_lr * 10, 1e3)
+    if out_dir is not None:
+        check_writable(out_dir)
+    data = data or prepare_data(cfg)
+    bar = tqdm(total=num_iters, desc="lr-find", disable=not cfg.progress, dynamic_ncols=True, unit="it")
+
+    def progress(i, lr, loss):
+        bar.update(1)
+        bar.set_postfix(lr=f"{lr:.1e}", loss=f"{loss:.3f}")
+
+    lrs, losses = lr_sweep(sweep_step(cfg, data), start_lr, end_lr, num_iters, progress=progress)
+    bar.close()
+    try:
+        suggestion = suggest_lr(lrs, losses)
+    except ValueError:
+        raise UserError(f"the loss diverged after {len(lrs)} batches, too few to suggest a rate; "
+                        "lower --start-lr") from None
+    if out_dir is not None:
+        try:
+            save_lr_find(Path(out_dir), lrs, losses, suggestion)
+        except OSError as e:
+            raise UserError(f"could not write the LR-finder files in {out_dir}: {e.strerror or e}") from None
+    log(f"lr-find: swept {lrs[0]:.1e} .. {lrs[-1]:.1e} over {len(lrs)} batches; suggested lr {suggestion:.2e}")
+    return suggestion
+
+
+def sweep_step(cfg, data):
+    """train_step(lr) -> loss for lr_sweep: one batch on the model a run with `cfg` starts from."""
+    torch.manual_seed(cfg.seed)
+    model = GPT(GPTConfig(vocab_size=data.tokenizer.vocab_size, **cfg.model_settings()))
+    model.train()
+    optimizer = model.configure_optimizer(1.0, cfg.weight_decay)  # every step sets its own lr
+    generator = torch.Generator().manual_seed(cfg.seed)
+
+    def train_step(lr):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y = get_batch(data.train, cfg.block_size, cfg.batch_size, generator, "cpu")
+        _, loss = model(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        return loss.item()
+
+    return train_step
 
 
 def lr_sweep(train_step, start_lr=1e-5, end_lr=1.0, num_iters=200, beta=0.98, diverge=4.0, progress=None):

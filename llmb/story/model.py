@@ -15,21 +15,16 @@ Speed notes. Generating one token is a handful of small matrix-vector products p
 on a CPU the fixed cost of each tensor operation matters as much as the arithmetic: the KV
 cache is preallocated (no copy of the cache per token), the RoPE tables are computed once and
 sliced, and q and k are rotated together in one go (three operations, backward included).
-Sampling runs each new token through `Decoder`, the same computation for one token, compiled
-by TorchScript so that its few hundred operations are called from C++ instead of Python.
+Sampling goes faster still with llmb.story.fast_decode: the same computation for one token,
+compiled, and int8 weights; `forward(cache=...)` stays the reference it is checked against.
 """
 
 import math
-import threading
-import warnings
 from dataclasses import asdict, dataclass
-from typing import List
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-_COMPILING = threading.Lock()
 
 
 @dataclass
@@ -189,7 +184,6 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         self._rope = None  # (cos, sin) tables, grown on demand (see rope)
-        self._decoder = None  # (the layers it was built on, the compiled Decoder): see decoder
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -242,38 +236,6 @@ class GPT(nn.Module):
     def new_cache(self):
         return KVCache(self.config.n_layer, self.config.block_size)
 
-    def decode_next(self, token, cache, decoder=None):
-        """Logits (vocab_size,) for one token (an int) after the cached ones, updating the cache:
-        forward(tensor([[token]]), cache=cache)[0][0, -1], through the compiled Decoder
-        (pass `decoder=model.decoder()` when decoding many tokens: finding it costs a walk over the layers)."""
-        S, pos = cache.block_size, cache.pos
-        like = cache.k[0]  # the cache is filled by a forward over the prompt first
-        cos, sin = self.rope(pos, 1, like)
-        decoder = self.decoder() if decoder is None else decoder
-        logits = decoder(torch.tensor([token], device=like.device), cache.k, cache.v, cos.view(-1), sin.view(-1),
-                         pos % S, min(pos + 1, S))
-        cache.pos += 1
-        return logits[0]
-
-    def decoder(self):
-        """The Decoder of this model's current layers, compiled once (again if layers were swapped, e.g. for int8).
-
-        TorchScript is deprecated in PyTorch 2 but still ships; where it is missing or fails, the
-        same Decoder runs from Python and gives the same logits, only slower.
-        """
-        layers = tuple((id(m), type(m)) for m in self.modules())
-        with _COMPILING:  # the app samples in several threads; compile once, not concurrently
-            if self._decoder is None or self._decoder[0] != layers:
-                decoder = Decoder(self)
-                try:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")  # the deprecation notice
-                        decoder = torch.jit.script(decoder)
-                except Exception:
-                    pass
-                self._decoder = (layers, decoder)  # a tuple: not registered as a submodule, not saved
-            return self._decoder[1]
-
     def configure_optimizer(self, lr, weight_decay=0.1, betas=(0.9, 0.95)):
         """AdamW with weight decay on the 2-D weights (matmuls, embeddings) only."""
         params = [p for p in self.parameters() if p.requires_grad]
@@ -284,50 +246,3 @@ class GPT(nn.Module):
         device_type = next(self.parameters()).device.type
         fused = device_type in ("cpu", "cuda")
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
-
-
-class DecodeBlock(nn.Module):
-    """Block.forward for one new token (batch 1) with a KV cache, written for TorchScript.
-
-    It holds the Block's own layers (fp32 nn.Linear or int8), so the weights are shared, not copied.
-    x: (1, n_embd); k_cache, v_cache: this layer's (1, nh, block_size, hd) ring (see KVCache);
-    the new token goes to `slot`, and attends to the first n slots.
-    """
-
-    def __init__(self, block):
-        super().__init__()
-        self.ln_1, self.c_attn, self.attn_proj = block.ln_1, block.attn.c_attn, block.attn.c_proj
-        self.ln_2, self.c_fc, self.mlp_proj = block.ln_2, block.mlp.c_fc, block.mlp.c_proj
-        self.n_head = block.attn.n_head
-
-    def forward(self, x, k_cache, v_cache, cos, sin, slot: int, n: int):
-        C = x.size(-1)
-        hd = C // self.n_head
-        qkv = self.c_attn(self.ln_1(x)).view(3, self.n_head, 1, hd)
-        qk = apply_rotary(qkv[:2], cos, sin)
-        k_cache[0, :, slot] = qk[1, :, 0]
-        v_cache[0, :, slot] = qkv[2, :, 0]
-        y = F.scaled_dot_product_attention(qk[:1], k_cache[:, :, :n], v_cache[:, :, :n])
-        x = x + self.attn_proj(y.view(1, C))
-        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
-
-
-class Decoder(nn.Module):
-    """GPT.forward for one new token with a KVCache: the inner loop of sampling (see GPT.decoder).
-
-    Decoding a token runs a few hundred tiny tensor operations. Called from Python, each costs
-    microseconds of interpreter and dispatch overhead, which is most of a story token's time on a
-    CPU; compiled by TorchScript, the same operations are called from C++ (faster per token: see
-    docs/results.md). Tests check it gives the same logits as GPT.forward.
-    """
-
-    def __init__(self, model):
-        super().__init__()
-        self.wte, self.ln_f, self.lm_head = model.wte, model.ln_f, model.lm_head
-        self.h = nn.ModuleList(DecodeBlock(block) for block in model.h)
-
-    def forward(self, idx, k: List[torch.Tensor], v: List[torch.Tensor], cos, sin, slot: int, n: int):
-        x = self.wte(idx)
-        for i, block in enumerate(self.h):
-            x = block(x, k[i], v[i], cos, sin, slot, n)
-        return self.lm_head(self.ln_f(x))

@@ -3,6 +3,7 @@
 import torch
 
 from llmb.settings import check_sampling
+from llmb.story.fast_decode import decode_next, decoder_for
 
 
 def filter_logits(logits, top_k=None, top_p=None):
@@ -49,12 +50,12 @@ def generate_ids(model, ids, max_new_tokens, temperature=1.0, top_k=None, top_p=
         generator.seed()
     ids = list(ids)
     cache = model.new_cache() if use_cache else None
-    decoder = model.decoder() if use_cache else None
+    decoder = decoder_for(model) if use_cache else None
     for step in range(max_new_tokens):
         if should_stop is not None and should_stop():
             return
         if use_cache and step > 0:  # one new token: the compiled decoder
-            logits = model.decode_next(ids[-1], cache, decoder)
+            logits = decode_next(model, ids[-1], cache, decoder)
         else:  # the prompt, or all the text again without a cache
             logits = model(torch.tensor([ids[-context:]], device=device), cache=cache)[0][0, -1]
         token = next_token(logits.float().cpu(), temperature, top_k, top_p, generator)

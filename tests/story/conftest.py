@@ -26,7 +26,8 @@ def corpus(shared_data, tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained(corpus, tmp_path_factory):
     """A finished 20-step run (checkpoints at 10 and 20); copy it before changing it."""
-    from llmb.story.train import TrainConfig, train
+    from llmb.story.config import TrainConfig
+    from llmb.story.train import train
 
     out = tmp_path_factory.mktemp("trained") / "run"
     train(TrainConfig(data=[str(corpus)], out=str(out), max_iters=20, eval_interval=10, eval_iters=2,

@@ -9,7 +9,8 @@ from llmb.fileio import read_json
 from llmb.folders import is_story_checkpoint
 from llmb.runlog import read_metrics
 from llmb.story.checkpoint import STAGING, load_checkpoint, load_train_state
-from llmb.story.train import TrainConfig, train
+from llmb.story.config import TrainConfig
+from llmb.story.train import train
 from tests.story.conftest import TINY
 
 CHECKPOINT_FILES = ("char_vocab.json", "config.json", "model.safetensors", "train_state.pt")

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from llmb.errors import UserError
-from llmb.story.lr_finder import lr_sweep, suggest_lr
-from llmb.story.train import TrainConfig, find_lr
+from llmb.story.config import TrainConfig
+from llmb.story.lr_finder import find_lr, lr_sweep, suggest_lr
 from tests.story.conftest import TINY, run_cli
 
 

@@ -19,7 +19,8 @@ import pytest
 from llmb.errors import UserError
 from llmb.runlog import read_metrics
 from llmb.story.checkpoint import load_checkpoint
-from llmb.story.train import TrainConfig, train
+from llmb.story.config import TrainConfig
+from llmb.story.train import train
 from tests.conftest import REPO
 from tests.story.conftest import TINY, TINY_FLAGS, cli, run_cli, tmpfs
 
@@ -237,7 +238,7 @@ def read_only_resume(d, monkeypatch):
 
 
 def read_only_lr_find(d, monkeypatch):
-    from llmb.story.train import find_lr
+    from llmb.story.lr_finder import find_lr
 
     with tmpfs(d.tmp / "ro", read_only=True) as ro:
         with pytest.raises(UserError, match="cannot write"):

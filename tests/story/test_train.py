@@ -12,7 +12,8 @@ import torch
 from llmb.errors import UserError
 from llmb.runlog import read_metrics
 from llmb.story.checkpoint import load_checkpoint
-from llmb.story.train import TrainConfig, make_scheduler, train
+from llmb.story.config import TrainConfig
+from llmb.story.train import train
 from tests.conftest import REPO
 from tests.story.conftest import TINY, run_cli
 
@@ -79,6 +80,19 @@ def test_stop_and_resume_with_dropout_equals_an_uninterrupted_run(corpus, tmp_pa
         assert torch.equal(p, q), name
 
 
+def test_a_time_run_stopped_while_measuring_resumes_with_a_step_budget(corpus, tmp_path, monkeypatch):
+    import llmb.story.train as story_train
+
+    run = dict(data=[str(corpus)], out=str(tmp_path / "run"), max_iters=40, eval_interval=20, eval_iters=2,
+               sample_chars=0, **TINY)
+    with monkeypatch.context() as m:
+        m.setattr(story_train, "train_step", stop_at(5))  # --max-time measures the speed for 50 steps or 2 s
+        _, summary = train(TrainConfig(max_time=600.0, **run), **QUIET)
+    assert summary["stopped_by"] == "signal" and summary["steps"] == 5 and summary["total_steps"] is None
+    _, summary = train(TrainConfig(resume=True, **run), **QUIET)  # no --max-time now: --max-iters ends it
+    assert summary["steps"] == 40 and summary["total_steps"] == 40 and summary["stopped_by"] == "done"
+
+
 def test_resume_with_more_steps_continues_the_run(run_copy, corpus):
     messages = []
     _, summary = train(TrainConfig(data=[str(corpus)], out=str(run_copy), resume=True, max_iters=30,
@@ -138,23 +152,6 @@ def test_max_time_replans_when_the_machine_speeds_up(corpus, tmp_path, monkeypat
     assert lrs[-1] < 0.05 * lrs[peak], "the anneal ran to (nearly) its end within the time"
     assert all(a <= b * (1 + 1e-5) for a, b in zip(lrs[:peak], lrs[1:peak + 1]))
     assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))
-
-
-def test_one_cycle_shape():
-    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
-    sched = make_scheduler(opt, "onecycle", 1e-2, 100, pct_start=0.25)
-    lrs, betas = [], []
-    for _ in range(100):
-        lrs.append(opt.param_groups[0]["lr"])
-        betas.append(opt.param_groups[0]["betas"][0])
-        opt.step()
-        sched.step()
-    peak = lrs.index(max(lrs))
-    assert 20 <= peak <= 26 and max(lrs) == pytest.approx(1e-2)
-    assert lrs[0] == pytest.approx(1e-2 / 25) and lrs[-1] < lrs[0] / 10
-    assert all(a <= b for a, b in zip(lrs[:peak], lrs[1:peak + 1]))  # rises ...
-    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))  # ... then anneals
-    assert betas[0] == pytest.approx(0.95) and betas[peak] == pytest.approx(0.85) and betas[-1] > 0.94
 
 
 @pytest.mark.parametrize("tokenizer, lossless", [("bpe", True), ("wordpiece", False)])
@@ -224,7 +221,8 @@ def test_two_process_ddp_ends_with_identical_weights(corpus, tmp_path, budget):
 import json
 import os
 import torch
-from llmb.story.train import TrainConfig, train
+from llmb.story.config import TrainConfig
+from llmb.story.train import train
 model, summary = train(TrainConfig(data=[{str(corpus)!r}], out={str(tmp_path / 'ddp')!r}, **{budget!r},
                                    eval_interval=20, eval_iters=2, device="cpu", **{TINY!r}), log=lambda *a: None)
 rank = {str(tmp_path)!r} + f"/rank{{os.environ['RANK']}}"
@@ -245,14 +243,13 @@ with open(rank + ".json", "w") as f:  # a file per rank: the two ranks' prints w
     assert (tmp_path / "ddp" / "model.safetensors").exists()
 
 
-def test_a_trained_subword_vocabulary_sees_the_training_split_only(tmp_path):
-    from llmb.story.train import prepare_data
+@pytest.mark.parametrize("mine, theirs, both", [(None, None, None), ("time", None, "time"), (None, "signal", "signal"),
+                                                ("time", "signal", "signal"), ("signal", "time", "signal")])
+def test_every_process_stops_for_the_same_reason_a_signal_first(monkeypatch, mine, theirs, both):
+    import llmb.story.train as story_train
 
-    book = tmp_path / "book.txt"
-    book.write_text("The quick brown fox jumps over the lazy dog.\n" * 400 + "\u2603 snowman \u2603\n" * 40)
-    cfg = TrainConfig(data=[str(book)], val_fraction=0.1, block_size=16)
-    assert prepare_data(cfg).unknown_chars == 0  # characters: the vocabulary is the whole corpus
-    cfg.tokenizer, cfg.vocab_size = "wordpiece", 100
-    wordpiece = prepare_data(cfg)
-    assert wordpiece.unknown_chars == 80  # the snowmen are only in the validation split
-    assert "\u2603" not in wordpiece.tokenizer.tok.get_vocab()
+    def max_with_the_other_process(accelerator, value):
+        return max(value, story_train.STOP_REASONS.index(theirs))
+
+    monkeypatch.setattr(story_train, "max_over_processes", max_with_the_other_process)
+    assert story_train.agreed_stop(None, mine) == both
