@@ -292,16 +292,25 @@ def resolve_data(config, labels, uploads_key=None):
 def public_text(config, text):
     """`text` (a command line, a log line, an error) as the page may show it: no server path, no uploads key.
 
-    A browser's uploads folder becomes `uploads` (its key is what guards it), a data folder its name
-    (as in the Data picker), the checkpoints folders `checkpoints`, the repository's own paths relative,
-    and any other absolute path `.../` and its last part.
+    A browser's uploads folder becomes `uploads` (its key is what guards it), a data folder its path
+    relative to the repository where it is in it or beside it (`../shared/data`: the shown command runs
+    as it is), else its name (as in the Data picker), the checkpoints folders `checkpoints`, the
+    repository's own paths relative, and any other absolute path `.../` and its last part.
     """
     key = rf"[^\s'\"=]*{re.escape(config.uploads.name)}/[A-Za-z0-9_-]{{16,64}}(?![A-Za-z0-9_-])"
     text = re.sub(key, "uploads", str(text))
-    folders = [(d, d.name) for d in config.data_dirs] + [(d, "checkpoints") for d in config.scan_dirs()]
+    folders = [(d, near_repo(d) or d.name) for d in config.data_dirs] + \
+        [(d, "checkpoints") for d in config.scan_dirs()]
     for folder, name in sorted(folders + [(REPO, ".")], key=lambda f: len(str(f[0])), reverse=True):
         text = text.replace(f"{folder}/", "" if name == "." else f"{name}/").replace(str(folder), name)
     return re.sub(r"(?<![\w.~-])(?:/[^/\s'\"]+)+/([^/\s'\"]+)", r".../\1", text)
+
+
+def near_repo(folder):
+    """`folder` relative to the repository if it is in it or in the folder beside it (`data`,
+    `../shared/data`); else None."""
+    rel = os.path.relpath(Path(folder).resolve(), REPO.resolve())
+    return rel if not rel.startswith("../..") and rel != ".." else None
 
 
 def is_model_folder(path):

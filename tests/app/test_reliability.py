@@ -727,6 +727,17 @@ def test_the_page_shows_names_never_server_paths_or_uploads_keys(tmp_path):
     TRIED["bad inputs"] += 1
 
 
+def test_the_shown_command_runs_as_it_is_for_data_beside_the_repository(tmp_path):
+    """Data in the repository or beside it is shown by its relative path, so the command can be pasted."""
+    from llmb.app.jobs import REPO
+
+    beside = REPO.parent / "shared" / "data"
+    config = app_config.parse_args(["--data-dir", str(beside), "--data-dir", str(REPO / "data"),
+                                    "--work-dir", str(tmp_path / "work")], {})
+    shown = app_config.public_text(config, f"--data {beside}/books/oz {REPO}/data/a.txt --out {REPO}/checkpoints/r")
+    assert shown == "--data ../shared/data/books/oz data/a.txt --out checkpoints/r"
+
+
 @pytest.mark.slow
 def test_another_browser_sees_no_uploads_key_and_no_server_path(app, tmp_path):
     """Browser B uploads a diary and trains on it; browser A reads everything the page and the API show."""
