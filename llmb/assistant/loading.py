@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from llmb.errors import UserError
-from llmb.folders import require
+from llmb.folders import is_story_checkpoint, require
 from llmb.hub import hub_offline
 
 
@@ -29,6 +29,9 @@ def loading(base):
     try:
         yield
     except (OSError, ValueError) as e:
+        if is_story_checkpoint(base):
+            raise UserError(f"'{base}' is a story checkpoint (llmb's own character model), not an assistant base; "
+                            f"sample it with: python -m llmb sample --ckpt {base}") from None
         if Path(base).exists():
             raise UserError(f"cannot load '{base}': {str(e).splitlines()[0]}") from None
         if hub_offline():

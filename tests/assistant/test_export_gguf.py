@@ -247,3 +247,10 @@ def test_exported_and_reimported_answers_as_base_plus_adapter(small_assistant, s
         diff = (logits(imported, ids) - adapted).abs().max().item()
         print(f"{out_type}: max |logit difference| {diff:.3g} (bound {bound})")
         assert diff < bound, out_type
+
+
+def test_a_story_checkpoint_as_base_is_named_as_such(tmp_path):
+    story = REPO / "checkpoints" / "oz-story"
+    with pytest.raises(UserError, match="is a story checkpoint .*not an assistant base; sample it with"):
+        export_gguf(str(story), tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
