@@ -289,11 +289,16 @@ def add_uploads(ctx, files, selected, key, kind="story"):
     labels = {path: label for label, path in app_config.data_choices(ctx.config, key)}
     names = [labels[str(p)] for p in saved if str(p) in labels]
     picked = [x for x in (selected or []) if isinstance(x, str)] if isinstance(selected, list) else []
-    replace = bool(names) and picked == preselected
+    fits = ".jsonl" if kind == "qlora" else ".txt"  # an adapter trains on chats, a story model on books
+    other = [n for n in names if not n.lower().endswith(fits)]
+    replace = bool(names) and picked == preselected and not other
     message = ""
     if saved:
         message = f"uploaded {len(saved)} file(s)" + (f"; Data now holds it instead of the preselected "
                                                       f"{', '.join(picked)}" if replace else ", added to Data")
+    if other:
+        problems.append(f"{', '.join(other)} is {'story data (a .txt book)' if kind == 'qlora' else 'chat data'}: "
+                        f"{'an adapter trains on .jsonl chats' if kind == 'qlora' else 'a story model reads .txt books'}")
     message += ("; " if saved and problems else "") + (warn("; ".join(problems)) if problems else "")
     value = names if replace else list(dict.fromkeys([*picked, *names]))
     return message, gr.update(choices=list(labels.values()), value=value), None, key

@@ -71,3 +71,13 @@ def test_labels_say_what_is_picked_and_toasts_show_no_markdown(config):
     assert "no adapter" in intro and "no adapter" in label and "with the adapter" not in label
     assert plain("`microsoft/phi-2` is not downloaded; run `python -m llmb get-small-assistant`") == \
         "'microsoft/phi-2' is not downloaded; run 'python -m llmb get-small-assistant'"
+
+
+def test_a_book_uploaded_for_an_adapter_keeps_the_chats_and_says_why(config, tmp_path):
+    ctx = Context(config)
+    book = tmp_path / "mybook.txt"
+    book.write_text("A story of my own. " * 100)
+    preselected = app_config.default_data(config, "qlora")
+    message, picker, _, _ = add_uploads(ctx, [str(book)], preselected, None, kind="qlora")
+    assert picker["value"] == [*preselected, "uploads/mybook.txt"], "the chats stay picked"
+    assert "uploads/mybook.txt is story data (a .txt book): an adapter trains on .jsonl chats" in message
