@@ -49,21 +49,25 @@ def read_metrics(path):
 
 
 PROGRESS = "progress.json"
+NEW_PROGRESS = ".progress.new.json"  # an --overwrite run's, until its first save replaces the old run
 
 
-def write_progress(out, phase=None, **figures):
+def write_progress(out, phase=None, file=PROGRESS, **figures):
     """progress.json in `out`: a phase before the first step ("loading the base model"), then the last
     step's figures (step, total, loss, tokens_per_sec, eta_s). Written atomically, read by the app."""
-    write_json(Path(out) / PROGRESS, {"phase": phase, **figures, "time": time.time()})
+    write_json(Path(out) / file, {"phase": phase, **figures, "time": time.time()})
 
 
 def read_progress(out, since=0.0):
-    """What progress.json says, if it was written after `since` (a Unix time); else {}."""
-    try:
-        progress = json.loads((Path(out) / PROGRESS).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return progress if isinstance(progress, dict) and progress.get("time", 0) >= since else {}
+    """What the run's progress file says (the newer of the two), if written after `since` (a Unix time); else {}."""
+    found = []
+    for file in (PROGRESS, NEW_PROGRESS):
+        try:
+            found.append(json.loads((Path(out) / file).read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            continue
+    found = [p for p in found if isinstance(p, dict) and p.get("time", 0) >= since]
+    return max(found, key=lambda p: p["time"]) if found else {}
 
 
 def write_summary(out, *, data, steps, total_steps, train_loss, val_loss, elapsed_s, stopped_by, **extra):

@@ -33,7 +33,7 @@ from llmb.device import resolve_device
 from llmb.errors import UserError
 from llmb.fileio import save_dir_atomically, sync_folder, write_error, write_json
 from llmb.folders import JOB_LOG, check_out_folder
-from llmb.runlog import MetricsLog, StopSignal, make_summary, trim_metrics, write_progress, write_summary
+from llmb.runlog import NEW_PROGRESS, PROGRESS, MetricsLog, StopSignal, make_summary, trim_metrics, write_progress, write_summary
 
 
 def add_lora(model, cfg):
@@ -294,9 +294,12 @@ def replace_old_run(run, out):
     """--overwrite: the new run has saved its first checkpoint, so the old run's files go, all at once."""
     for name in run.replace:
         old = Path(out) / name
-        if name != NEW_METRICS and not (old.is_dir() and old in checkpoints(out)[-1:]):
+        if name not in (NEW_METRICS, NEW_PROGRESS) and not (old.is_dir() and old in checkpoints(out)[-1:]):
             shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink(missing_ok=True)
     os.replace(Path(out) / NEW_METRICS, Path(out) / "metrics.jsonl")
+    if (Path(out) / NEW_PROGRESS).exists():
+        os.replace(Path(out) / NEW_PROGRESS, Path(out) / PROGRESS)
+    run.progress = PROGRESS
     write_json(Path(out) / "training_args.json", asdict(run.cfg))
     run.replace = []
 
@@ -321,16 +324,17 @@ class Run:
     window: dict = field(default_factory=lambda: {"loss": 0.0, "answer_tokens": 0, "tokens": 0, "t": time.time()})
     replace: list = field(default_factory=list)  # --overwrite: the old run's files, until the first save
     saved_step: int = None  # the step of the newest checkpoint in --out (what --resume continues)
+    progress: str = PROGRESS  # the progress file's name (NEW_PROGRESS while an --overwrite run has not saved)
 
 
-def build(cfg, accelerator, out):
+def build(cfg, accelerator, out, progress=PROGRESS):
     """Tokenizer, data, base + LoRA, optimizer and schedule; restored from the last checkpoint on --resume."""
     from transformers import get_constant_schedule_with_warmup
 
     found = checkpoints(out)
     if cfg.resume and not found:
         raise UserError(f"--resume: no checkpoint in {out} to resume from; leave out --resume to start a new run")
-    say = partial(write_progress, out) if accelerator.is_main_process else (lambda phase: None)
+    say = partial(write_progress, out, file=progress) if accelerator.is_main_process else (lambda phase: None)
     say(f"loading the tokenizer of {cfg.base}")
     tokenizer = load_tokenizer(cfg.base)
     say("reading and tokenizing the data")
@@ -344,7 +348,23 @@ def build(cfg, accelerator, out):
         start_step = load_checkpoint(found[-1], model, optimizer, scheduler)
         print(f"resuming from {found[-1]} (step {start_step})")
     model, optimizer = accelerator.prepare(model, optimizer)
-    return Run(cfg, accelerator, model, optimizer, scheduler, tokenizer, start_step, train_set, eval_set)
+    return Run(cfg, accelerator, model, optimizer, scheduler, tokenizer, start_step, train_set, eval_set,
+               progress=progress)
+
+
+def build_or_undo(cfg, accelerator, out, progress):
+    """`build`, and if it fails (a bad --lora-targets, a base that will not load), take back the progress.json
+    its phases wrote: a refused run leaves --out as it was."""
+    had, existed = (out / progress).exists(), out.exists()
+    try:
+        return build(cfg, accelerator, out, progress)
+    except BaseException:
+        if accelerator.is_main_process:
+            if not had:
+                (out / progress).unlink(missing_ok=True)
+            if not existed and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()
+        raise
 
 
 def optimizer_step(run, batches):
@@ -400,7 +420,8 @@ def loop(run, log, stop, evals, out):
     step, t0, train_loss, val_loss = run.start_step, time.time(), None, None
     if step == 0 and evals is not None:  # the base model's loss: where the run starts from
         if main:
-            write_progress(out, f"evaluating the base model on {len(run.eval_set)} conversations (step 0)")
+            write_progress(out, f"evaluating the base model on {len(run.eval_set)} conversations (step 0)",
+                           file=run.progress)
         val_loss = evaluate(run.model, evals, acc)
         if main:
             log.log(**log_record(run, 0, t0, val_loss))
@@ -416,7 +437,8 @@ def loop(run, log, stop, evals, out):
         bar.update(1)
         if main:  # the figures of every step, for the app's status line
             now = time.time()
-            write_progress(out, step=step, total=cfg.max_steps, loss=loss, tokens_per_sec=tokens / (now - t_step),
+            write_progress(out, file=run.progress, step=step, total=cfg.max_steps, loss=loss,
+                           tokens_per_sec=tokens / (now - t_step),
                            elapsed_s=now - t0, eta_s=(cfg.max_steps - step) * (now - t_first) / (step - first))
         last = step == cfg.max_steps or stop.name
         evaluated = evals is not None and (step % cfg.eval_steps == 0 or last)
@@ -449,7 +471,7 @@ def train(cfg: TrainConfig):
     out = Path(cfg.out)
     found = check_out_folder(out, "adapter", cfg.overwrite, cfg.resume)
     old_files = sorted(p.name for p in out.iterdir() if p.name != JOB_LOG) if found and not cfg.resume else []
-    run = build(cfg, accelerator, out)
+    run = build_or_undo(cfg, accelerator, out, NEW_PROGRESS if old_files else PROGRESS)
     out.mkdir(parents=True, exist_ok=True)
     run.replace, run.saved_step = old_files, run.start_step or None
     if main:
@@ -483,7 +505,8 @@ def finish(run, out, log, step, train_loss, val_loss, elapsed_s, stopped_by):
     cfg, error = run.cfg, None
     log.close()
     if run.replace:
-        (Path(out) / NEW_METRICS).unlink(missing_ok=True)
+        for name in (NEW_METRICS, NEW_PROGRESS):
+            (Path(out) / name).unlink(missing_ok=True)
     elif stopped_by != "error":
         try:
             save_adapter(out, run.accelerator.unwrap_model(run.model), run.tokenizer)

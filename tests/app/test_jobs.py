@@ -165,7 +165,7 @@ def test_progress_reads_the_metrics_log(tmp_path):
 
 def test_progress_shows_the_phase_then_every_step_from_progress_json(tmp_path):
     from llmb.app.train_tab import job_markdown
-    from llmb.runlog import write_progress
+    from llmb.runlog import NEW_PROGRESS, write_progress
 
     out = tmp_path / "run"
     out.mkdir()
@@ -178,6 +178,8 @@ def test_progress_shows_the_phase_then_every_step_from_progress_json(tmp_path):
     assert "step 1/40, 300 tokens/s, ETA 6.5 min, loss 2.2500" in job_markdown(job)
     (out / "metrics.jsonl").write_text(json.dumps({"step": 0, "val_loss": 2.5, "elapsed_s": 3.0}) + "\n")
     assert progress(job).step == 1 and progress(job).loss == 2.25  # the step-0 record is older
+    write_progress(out, step=2, total=40, loss=2.0, file=NEW_PROGRESS)  # an --overwrite run before its first save
+    assert progress(job).step == 2 and progress(job).loss == 2.0
     job["started_at"] = time.time() + 60  # a progress.json left by an earlier run in the same folder
     assert progress(job).step == 0 and "preparing data and model" in job_markdown(job)
 
