@@ -202,19 +202,21 @@ def conversation(ctx, values, flag):
             raise UserError(problem)
         yield gr.skip(), gr.skip(), gr.skip(), ctx.assistant.loading_message(base), gr.skip(), gr.skip()
     engine = ctx.assistant.engine(base, adapter)  # the message stays in the box if this fails
-    stats = None
+    stats, box = None, ""  # the message box is emptied once: what the user types meanwhile is theirs
     for stats in answer(engine, history, text, system, settings, flag, use_adapter=True):
         if isinstance(stats, list):
             history = stats
-            yield history, base_history, "", "answering…", gr.skip(), gr.skip()
+            yield history, base_history, box, "answering…", gr.skip(), gr.skip()
+            box = gr.skip()
     if values["compare"] and not flag.is_set():
         for item in answer(engine, base_history, text, system, settings, flag, use_adapter=False):
             if isinstance(item, list):
                 base_history = item
-                yield history, base_history, "", "base model answering…", gr.skip(), gr.skip()
+                yield history, base_history, box, "base model answering…", gr.skip(), gr.skip()
+                box = gr.skip()
     done = summary(stats, flag.is_set(), values["compare"] and not engine.has_adapter)
     status = model_status(ctx, values["base"], values["adapter"])  # by the names the picker shows
-    yield history, base_history, "", done, status, {"chat": history, "base": base_history}
+    yield history, base_history, box, done, status, {"chat": history, "base": base_history}
 
 
 def restore_picks(ctx, picks):

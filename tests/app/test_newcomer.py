@@ -81,3 +81,29 @@ def test_a_book_uploaded_for_an_adapter_keeps_the_chats_and_says_why(config, tmp
     message, picker, _, _ = add_uploads(ctx, [str(book)], preselected, None, kind="qlora")
     assert picker["value"] == [*preselected, "uploads/mybook.txt"], "the chats stay picked"
     assert "uploads/mybook.txt is story data (a .txt book): an adapter trains on .jsonl chats" in message
+
+
+def test_what_the_user_types_while_an_answer_streams_stays_in_the_box(config, monkeypatch):
+    """The box is emptied once, when the message is sent: an answer's later pieces must not wipe a follow-up
+    typed meanwhile (a newcomer's second question vanished)."""
+    import threading
+
+    from llmb.app import chat_tab
+
+    def answer(engine, history, text, system, settings, flag, use_adapter):
+        asked = history + [{"role": "user", "content": text}]
+        for piece in ("Par", "Paris", "Paris."):
+            yield asked + [{"role": "assistant", "content": piece}]
+        yield {"new_tokens": 3, "tokens_per_sec": 10.0, "dropped_turns": 0}
+
+    ctx = Context(config)
+    monkeypatch.setattr(chat_tab, "answer", answer)
+    monkeypatch.setattr(chat_tab, "known_path", lambda value, choices, what: value)
+    monkeypatch.setattr(ctx.assistant, "loaded", lambda base, adapter: True)
+    monkeypatch.setattr(ctx.assistant, "engine", lambda base, adapter: type("E", (), {"has_adapter": False})())
+    monkeypatch.setattr(chat_tab, "model_status", lambda ctx, base, adapter: "loaded")
+    values = dict(history=[], base_history=[], message="Capital of France?", system="", base="b", adapter="",
+                  compare=False, temperature=0.7, top_p=0.9, top_k=50, repetition_penalty=1.1, max_new_tokens=16,
+                  seed=None)
+    boxes = [out[2] for out in chat_tab.conversation(ctx, values, threading.Event())]
+    assert boxes[0] == "" and all(box == gr.skip() for box in boxes[1:]), boxes
