@@ -72,7 +72,7 @@ def test_starts_without_loading_models(app, client):
     assert "Loading weights" not in app.log_text()  # the assistant has not been loaded yet
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     for name in ("/story", "/story_stop", "/chat", "/chat_regenerate", "/chat_stop", "/chat_clear", "/chat_model",
-                 "/train_start", "/train_stop", "/train_progress", "/lr_find", "/train_upload"):
+                 "/train_start", "/train_stop", "/train_progress", "/lr_find", "/train_upload", "/train_export"):
         assert name in endpoints
     names = [p["parameter_name"] for p in endpoints["/train_start"]["parameters"]]
     assert {"kind", "name", "data", "story_n_layer", "story_lr", "qlora_lr", "qlora_lora_r", "qlora_base"} <= set(names)
@@ -253,7 +253,7 @@ def test_eight_clients_at_once_get_their_own_answers(app):
 # -------------------------------------------------------------------------------------- train
 
 def progress(client):
-    status, command, plot, sample, log, story_picker, adapter_picker, chat_status = \
+    status, command, plot, sample, log, story_picker, adapter_picker, chat_status, download = \
         client.predict(api_name="/train_progress")
     return dict(status=status, command=command, plot=plot, sample=sample, log=log, story_picker=story_picker)
 
