@@ -216,9 +216,8 @@ def test_a_finished_adapter_exports_to_gguf_from_the_train_tab(page, app):
     wait_for_text(page, "#train-message", "started lora-export-q8_0")
     wait_for_text(page, "#train-command", "python -m llmb export-gguf --base")
     wait_for_text(page, "#train-status", "wrote lora-export-q8_0.gguf", timeout=120_000)
-    link = page.locator("#train-download a").first
-    link.wait_for(timeout=30_000)
-    assert "lora-export-q8_0.gguf" in link.inner_text()
+    page.locator("#train-download a").first.wait_for(timeout=30_000)  # the download link
+    assert "lora-export-q8_0.gguf" in "".join(page.locator("#train-download").inner_text().split())
     shot(page, "train-exported")
     exported = app.work / "exports" / "lora-export-q8_0" / "lora-export-q8_0.gguf"
     reader = GGUFReader(exported)
