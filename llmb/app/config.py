@@ -16,6 +16,7 @@ HTTP before any model code is loaded.
 """
 
 import argparse
+import functools
 import os
 import re
 from dataclasses import dataclass, field
@@ -306,11 +307,18 @@ def public_text(config, text):
     return re.sub(r"(?<![\w.~-])(?:/[^/\s'\"]+)+/([^/\s'\"]+)", r".../\1", text)
 
 
+@functools.lru_cache(maxsize=64)
 def near_repo(folder):
-    """`folder` relative to the repository if it is in it or in the folder beside it (`data`,
-    `../shared/data`); else None."""
-    rel = os.path.relpath(Path(folder).resolve(), REPO.resolve())
-    return rel if not rel.startswith("../..") and rel != ".." else None
+    """`folder` relative to the repository if it is in it or in a folder beside it (`data`,
+    `../shared/data`, also where `../shared` is a link); else None."""
+    folder = Path(folder).resolve()
+    for top in [REPO, *sorted(REPO.parent.iterdir())]:
+        try:
+            inside = folder.relative_to(top.resolve())
+        except (ValueError, OSError):
+            continue
+        return os.path.normpath(os.path.join(os.path.relpath(top, REPO), inside))
+    return None
 
 
 def is_model_folder(path):
