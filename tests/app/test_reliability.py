@@ -734,7 +734,8 @@ def test_the_shown_command_runs_as_it_is_for_data_beside_the_repository(tmp_path
     beside = REPO.parent / "shared" / "data"
     config = app_config.parse_args(["--data-dir", str(beside), "--data-dir", str(REPO / "data"),
                                     "--work-dir", str(tmp_path / "work")], {})
-    shown = app_config.public_text(config, f"--data {beside}/books/oz {REPO}/data/a.txt --out {REPO}/checkpoints/r")
+    shared, data = config.data_dirs  # as the app holds them (resolved), and so names them in a job's command
+    shown = app_config.public_text(config, f"--data {shared}/books/oz {data}/a.txt --out {REPO}/checkpoints/r")
     assert shown == "--data ../shared/data/books/oz data/a.txt --out checkpoints/r"
 
 
