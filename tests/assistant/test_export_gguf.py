@@ -235,10 +235,11 @@ def test_exported_and_reimported_answers_as_base_plus_adapter(small_assistant, s
 
     adapter, _ = small_adapter
     question = "What is the capital of France?"
-    engine = ChatEngine(str(small_assistant), adapter=str(adapter), device="cpu")
+    # fp32 on both sides: the file is what is compared, not int8 rounding (the chat's default on a CPU)
+    engine = ChatEngine(str(small_assistant), adapter=str(adapter), device="cpu", precision="fp32")
     expected = engine.reply([], question, temperature=0, max_new_tokens=40)
-    assert ChatEngine(str(exported["f32"][1]), device="cpu").reply([], question, temperature=0,
-                                                                  max_new_tokens=40) == expected
+    assert ChatEngine(str(exported["f32"][1]), device="cpu", precision="fp32").reply(
+        [], question, temperature=0, max_new_tokens=40) == expected
 
     ids = torch.tensor([engine.prompt_ids([], question)[0]])
     adapted = logits(engine.model, ids)
