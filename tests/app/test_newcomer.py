@@ -45,8 +45,9 @@ def test_each_kind_keeps_its_own_data_and_an_adapter_skips_the_known_bad_rows(co
     assert switch_kind(ctx, "qlora", data, kept)[3] == ["data/wizard.txt", f"data/{GUANACO_TRAIN}"]
 
 
-def test_the_small_assistant_is_the_qlora_base_without_a_gpu(config, monkeypatch):
+def test_the_small_assistant_is_the_qlora_base_without_a_gpu(config, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(app_config, "REPO", tmp_path / "repo")  # the repo's own checkpoints may hold the small one
     assert train_base(config, has_gpu=lambda: False) == "microsoft/phi-2", "not there: the configured base"
     small_assistant(config)
     assert train_base(config, has_gpu=lambda: False) == SMALL_NAME
