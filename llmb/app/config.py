@@ -19,16 +19,19 @@ import argparse
 import functools
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmb.assistant.config import DEFAULT_BASE
+from llmb.assistant.gguf import SMALL_NAME
 from llmb.errors import UserError
 from llmb.folders import is_adapter, is_base_model, is_story_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 PERSISTENT = Path("/data")  # a Space with persistent storage mounts it here
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SMALL_ASSISTANT = "python -m llmb get-small-assistant"  # installs SMALL_NAME
 UPLOAD_KEY = re.compile(r"^[A-Za-z0-9_-]{16,64}$")  # a browser's own uploads folder (uploads.upload_key)
 
 
@@ -249,6 +252,91 @@ def default_adapters(config):
     if config.adapter == "auto":
         return find_adapters(config)
     return [Path(config.adapter)]
+
+
+# ---------------------------------------------------------- what the pickers offer, by name
+
+def story_checkpoints(config):
+    """{name: folder} of the story checkpoints; the picker offers the names."""
+    return by_name(find_story_checkpoints(config))
+
+
+def story_choices(config):
+    return list(story_checkpoints(config))
+
+
+def adapters(config):
+    """{name: folder} of the adapters, and "" for none; the picker offers the names."""
+    return {"": ""} | by_name(find_adapters(config))
+
+
+def adapter_choices(config):
+    return [("none: base model alone", "")] + [(name, name) for name in adapters(config) if name]
+
+
+def base_name(base):
+    """A local model folder's name, or the hub id."""
+    return Path(base).name if Path(base).is_dir() else str(base)
+
+
+def bases(config):
+    """{name: folder or hub id} of the base models; the picker offers the names."""
+    return by_name(find_bases(config), base_name)
+
+
+def base_choices(config):
+    return list(bases(config))
+
+
+def local_bases(config):
+    """Names of the base models in local folders, the small assistant first."""
+    local = [name for name, value in bases(config).items() if Path(value).is_dir()]
+    return sorted(local, key=lambda name: name != SMALL_NAME)
+
+
+def train_base(config, has_gpu):
+    """The QLoRA form's base: the configured one, unless it is a hub model that would crawl (no GPU: `has_gpu()`
+    says) or cannot load (offline) and the small local assistant is here."""
+    base = base_name(config.base)
+    if Path(config.base).is_dir() or SMALL_NAME not in bases(config):
+        return base
+    return SMALL_NAME if not has_gpu() or hub_problem(config, config.base) else base
+
+
+_hub = {"checked": 0.0, "reachable": None}
+
+
+def hub_problem(config, base):
+    """Why `base` cannot load now (a hub id, not downloaded, and the hub unreachable), or None.
+
+    Said at once instead of after the download's long timeout; points to the small local assistant.
+    """
+    from llmb.hub import hub_reachable
+
+    if not base or Path(base).is_dir() or downloaded(base):
+        return None
+    if time.time() - _hub["checked"] > 60:  # one 2 s connection test a minute at most
+        _hub.update(checked=time.time(), reachable=hub_reachable())
+    if _hub["reachable"]:
+        return None
+    local = local_bases(config)
+    install = f"install the small local assistant `{SMALL_NAME}` with `{SMALL_ASSISTANT}` and restart the app"
+    hint = f"pick the local model `{local[0]}` in Base" + ("" if local[0] == SMALL_NAME else f", or {install}") \
+        if local else f"{install}, then pick it in Base"
+    return f"`{base}` is not downloaded and the Hugging Face hub cannot be reached (offline); {hint}"
+
+
+def downloaded(repo):
+    """Is the hub model `repo` in the local Hugging Face cache already?"""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo, "config.json"), str)
+    except Exception:  # not a valid repo id: from_pretrained will say so
+        return False
+
+
+# ------------------------------------------------------------------------------------- data
 
 
 def data_choices(config, uploads_key=None):

@@ -1,31 +1,24 @@
 """The "Continue the story" tab: a story checkpoint continues the user's text, streamed.
 
 API: `/story` (checkpoint, prompt, max_new, temperature, top_k, top_p, seed; by name) and
-`/story_stop`. One call per session at a time, a few at once in all (page.LANES: more wait, and beyond
+`/story_stop`. One call per session at a time, a few at once in all (common.LANES: more wait, and beyond
 those a call ends at once with "busy"); Stop stops only the caller's own generation.
 """
 
+from functools import partial
+
 import gradio as gr
 
-from llmb.app.config import by_name, find_story_checkpoints, run_summary, trained_on
+from llmb.app.common import call_key, in_lane, known_path, shows_problems, slider, while_running
+from llmb.app.config import run_summary, story_checkpoints, trained_on
 from llmb.app.models import STORY_SAMPLING, check_prompt, check_story_settings, continue_story
-from llmb.app.page import call_key, in_lane, known_path, slider, unexpected, warn, while_running
 from llmb.errors import UserError
-
-
-def checkpoints(config):
-    """{name: folder} of the story checkpoints; the picker offers the names."""
-    return by_name(find_story_checkpoints(config))
-
-
-def choices(config):
-    return list(checkpoints(config))
 
 
 def model_status(ctx, path):
     """The picker's status line; a typed path that is not a checkpoint says so (not "not loaded yet")."""
     try:
-        return ctx.stories.status(known_path(path, checkpoints(ctx.config), "story checkpoints"))
+        return ctx.stories.status(known_path(path, story_checkpoints(ctx.config), "story checkpoints"))
     except UserError as e:
         return f"**Story model:** {e}"
 
@@ -33,7 +26,7 @@ def model_status(ctx, path):
 def intro(ctx, name):
     """What the picked checkpoint is, and what it was trained on (its own summary.json)."""
     try:
-        path = known_path(name, checkpoints(ctx.config), "story checkpoints")
+        path = known_path(name, story_checkpoints(ctx.config), "story checkpoints")
     except UserError:
         path = None
     if not path:
@@ -45,22 +38,23 @@ def intro(ctx, name):
             f"continues your text one {unit} at a time.")
 
 
-def stream(ctx, checkpoint, prompt, settings, flag):
-    """Yield (story so far, note, model status) as the model writes."""
-    path = known_path(checkpoint, checkpoints(ctx.config), "story checkpoints")
+def stream(ctx, shown, checkpoint, prompt, settings, flag):
+    """Yield the outputs as the model writes: the story so far, a note, the model's status (`shown`: those widgets)."""
+    output, note, status = shown
+    path = known_path(checkpoint, story_checkpoints(ctx.config), "story checkpoints")
     settings = check_story_settings(**settings)
     check_prompt(prompt)
-    yield gr.skip(), "loading the model…", ctx.stories.status(path)
+    yield {note: "loading the model…", status: ctx.stories.status(path)}
     story, extra = prompt, ""
     for story, extra in continue_story(ctx.stories, path, prompt, settings, flag):
-        yield story, f"writing… {extra}", ctx.stories.status(path)
+        yield {output: story, note: f"writing… {extra}", status: ctx.stories.status(path)}
     done = "stopped" if flag.is_set() else f"done: {len(story) - len(prompt or '')} new characters"
-    yield story, f"{done}. {extra}".strip(), ctx.stories.status(path)
+    yield {output: story, note: f"{done}. {extra}".strip(), status: ctx.stories.status(path)}
 
 
 def build(ctx):
     """The tab's components and events; returns the checkpoint picker (the Train tab refreshes it)."""
-    found = checkpoints(ctx.config)
+    found = story_checkpoints(ctx.config)
     first = next(iter(found), None)
     with gr.Tab("Continue the story", id="story"):
         about = gr.Markdown(intro(ctx, first), elem_id="story-intro")
@@ -82,18 +76,18 @@ def build(ctx):
                 top_p = slider(STORY_SAMPLING, "top_p", 1.0)
                 seed = gr.Textbox("", label="Seed", info="empty = random")  # a Number cannot be empty
 
+    def problem(line, inputs, theirs):
+        """The note says what went wrong; the model's status is refreshed when the input was at fault."""
+        return {note: line} | ({status: model_status(ctx, inputs["checkpoint"])} if theirs else {})
+
+    @shows_problems(problem)
     def write(request: gr.Request, checkpoint, prompt, **settings):
         """Outputs: the story so far, a note, the model's status."""
         def waiting(ahead):
-            return gr.skip(), f"waiting for a free place ({ahead} ahead of you)…", gr.skip()
+            return {note: f"waiting for a free place ({ahead} ahead of you)…"}
 
-        try:
-            yield from in_lane(ctx, request, "story", lambda flag: stream(ctx, checkpoint, prompt, settings, flag),
-                               waiting)
-        except UserError as e:
-            yield gr.skip(), warn(e), model_status(ctx, checkpoint)
-        except Exception as e:
-            yield gr.skip(), unexpected(e), gr.skip()
+        steps = partial(stream, ctx, (output, note, status), checkpoint, prompt, settings)  # steps(stop flag)
+        yield from in_lane(ctx, request, "story", steps, waiting)
 
     def stop_writing(request: gr.Request):
         ctx.stop_flags.stop(call_key(request, "story"))
@@ -102,7 +96,7 @@ def build(ctx):
                   inputs_kwargs=dict(checkpoint=ckpt, prompt=prompt, max_new=max_new, temperature=temperature,
                                      top_k=top_k, top_p=top_p, seed=seed),
                   outputs=[output, note, status], api_name="story",
-                  concurrency_limit=None)  # its own lane (page.LANES) bounds it
+                  concurrency_limit=None)  # its own lane (common.LANES) bounds it
     stop.click(stop_writing, None, None, api_name="story_stop", concurrency_limit=None, queue=False)
     ckpt.change(lambda path: (model_status(ctx, path), intro(ctx, path)), ckpt, [status, about],
                 api_visibility="private", concurrency_limit=None)

@@ -17,8 +17,8 @@ from pathlib import Path
 import gradio as gr
 
 from llmb.app import config as app_config
+from llmb.app.common import known_path, shows_problems, warn
 from llmb.app.jobs import CONFIGS, job_spec, log_tail, progress
-from llmb.app.page import known_path, unexpected, warn
 from llmb.app.uploads import forget_upload, save_upload, upload_key
 from llmb.errors import UserError
 from llmb.settings import specs
@@ -122,11 +122,6 @@ def public_job(config, job):
     return job | {k: app_config.public_text(config, job[k]) for k in ("command", "error") if job.get(k)}
 
 
-def refused(config, error):
-    """A UserError as the page shows it (a trainer's message may name a server path)."""
-    return warn(app_config.public_text(config, error))
-
-
 SPLITS = ("train", "val")  # the loss plot's lines
 
 
@@ -167,10 +162,9 @@ def spec_from_form(ctx, values):
     settings = settings_of(values, kind) | {"data": picked_data(config, values), "out": str(config.checkpoints / name),
                                             "device": config.device}
     if kind == "qlora":
-        from llmb.app.chat_tab import base_name, bases, hub_problem
-
-        settings["base"] = known_path(settings.get("base") or base_name(config.base), bases(config), "base models")
-        problem = hub_problem(config, settings["base"])  # said now, not by the trainer a minute later
+        settings["base"] = known_path(settings.get("base") or app_config.base_name(config.base),
+                                      app_config.bases(config), "base models")
+        problem = app_config.hub_problem(config, settings["base"])  # said now, not by the trainer a minute later
         if problem:
             raise UserError(problem)
         settings["quant"] = qlora_quant(config.device)
@@ -205,9 +199,7 @@ def switch_kind(ctx, kind, data, kept, uploads_key=None):
     data = app_config.default_data(ctx.config, kind, uploads_key) if first else kept[kind]
     base, skip, note = gr.skip(), gr.skip(), ""
     if kind == "qlora" and first:
-        from llmb.app.chat_tab import train_base
-
-        base = train_base(ctx.config, has_gpu=lambda: qlora_quant(ctx.config.device) == "4bit")
+        base = app_config.train_base(ctx.config, has_gpu=lambda: qlora_quant(ctx.config.device) == "4bit")
         bad = bad_rows(ctx.config, data, uploads_key)
         skip = bool(bad)
         if bad:
@@ -313,165 +305,150 @@ def own_uploads(ctx, uploads_key):
 
 def components(ctx):
     """The tab's widgets, by name (story_<setting> and qlora_<setting> for the generated form)."""
-    config, allowed = ctx.config, ctx.config.allow_training
-    labels = [label for label, _ in app_config.data_choices(config)]
-    c = {}
+    allowed = ctx.config.allow_training
     if not allowed:
         gr.Markdown("### Training is off on this public Space\nIt would let every visitor use the Space's "
                     "hardware. Duplicate the Space, or set `LLMB_ALLOW_TRAINING=1`, to train.", elem_id="train-off")
-    with gr.Row():
-        c["kind"] = gr.Radio([("Story model (from scratch)", "story"), ("QLoRA adapter for the assistant", "qlora")],
-                             value="story", label="What to train", elem_id="train-kind")
-        c["name"] = gr.Textbox(label="Run name", placeholder=placeholder("story"),
-                               info="a new folder under the checkpoints folder", elem_id="train-name")
-    with gr.Row():
-        c["data"] = gr.Dropdown(labels, multiselect=True, label="Data", value=app_config.default_data(config, "story"),
-                                elem_id="train-data",
-                                allow_custom_value=True,
-                                info=".txt books for a story model, .jsonl chats for an adapter")
-        c["upload"] = gr.File(file_count="multiple", file_types=[".txt", ".jsonl"], label="Upload data",
-                              interactive=allowed, elem_id="train-upload")
-    with gr.Group(visible=True) as c["story_group"]:
-        c |= {f"story_{k}": w for k, w in form("story").items()}
-    with gr.Column(visible=True) as c["lr_box"]:  # outside the Group: a button there is a grey slab
+    widgets = what_to_train(ctx)
+    with gr.Group(visible=True) as widgets["story_group"]:
+        widgets |= {f"story_{k}": w for k, w in form("story").items()}
+    with gr.Column(visible=True) as widgets["lr_box"]:  # outside the Group: a button there is a grey slab
         with gr.Row(equal_height=False):
-            c["lr_steps"] = gr.Number(100, label="LR finder steps", precision=0, scale=1, elem_id="train-lr-steps",
-                                      info="batches in the sweep: a whole number from 10 to 2000")
-            c["lr_button"] = gr.Button("Run the LR finder", interactive=allowed, size="md", scale=0, min_width=200,
-                                       elem_id="train-lr-find")
-            c["lr_result"] = gr.Markdown(elem_id="train-lr-result")
-        c["lr_plot"] = gr.Image(label="LR finder", type="filepath", visible=False, height=300)
-    with gr.Group(visible=False) as c["qlora_group"]:
-        from llmb.app.chat_tab import base_choices, base_name
+            widgets["lr_steps"] = gr.Number(100, label="LR finder steps", precision=0, scale=1,
+                                            elem_id="train-lr-steps",
+                                            info="batches in the sweep: a whole number from 10 to 2000")
+            widgets["lr_button"] = gr.Button("Run the LR finder", interactive=allowed, size="md", scale=0,
+                                             min_width=200, elem_id="train-lr-find")
+            widgets["lr_result"] = gr.Markdown(elem_id="train-lr-result")
+        widgets["lr_plot"] = gr.Image(label="LR finder", type="filepath", visible=False, height=300)
+    with gr.Group(visible=False) as widgets["qlora_group"]:
+        widgets["qlora_base"] = gr.Dropdown(app_config.base_choices(ctx.config),
+                                            value=app_config.base_name(ctx.config.base), label="Base model",
+                                            allow_custom_value=True,  # checked by the handler against a fresh scan
+                                            elem_id="train-qlora-base", info="the same bases as the Assistant tab; "
+                                            "on a CPU Phi-2 is slow (a GPU is recommended), the small local model "
+                                            "is quick")
+        widgets |= {f"qlora_{k}": w for k, w in form("qlora").items()}
+    return widgets | job_widgets(allowed)
 
-        c["qlora_base"] = gr.Dropdown(base_choices(config), value=base_name(config.base), label="Base model",
-                                      allow_custom_value=True,  # checked by the handler against a fresh scan
-                                      elem_id="train-qlora-base", info="the same bases as the Assistant tab; "
-                                      "on a CPU Phi-2 is slow (a GPU is recommended), the small local model is quick")
-        c |= {f"qlora_{k}": w for k, w in form("qlora").items()}
+
+def what_to_train(ctx):
+    """The kind, the run's name, the Data picker and the upload box."""
+    config, widgets = ctx.config, {}
     with gr.Row():
-        c["start"] = gr.Button("Start training", variant="primary", interactive=allowed, elem_id="train-start")
-        c["stop"] = gr.Button("Stop (saves)", variant="stop", interactive=allowed, elem_id="train-stop")
-    c["message"] = gr.Markdown(elem_id="train-message")
-    c["command"] = gr.Code(label="Equivalent command", language="shell", interactive=False, lines=1, wrap_lines=True,
-                           visible=False, elem_id="train-command")
-    c["status"] = gr.Markdown("No training job yet.", elem_id="train-status")
-    with gr.Row(visible=False, equal_height=True) as c["export_row"]:  # once a QLoRA run has finished
-        c["export_type"] = gr.Radio(["f16", "q8_0", "f32"], value="f16", label="GGUF type", scale=2,
-                                    info="f16: half the size of f32, the usual choice; q8_0: 8-bit, half of f16",
-                                    elem_id="train-export-type")
-        c["export"] = gr.Button("Export to GGUF", interactive=allowed, scale=1, elem_id="train-export")
-    c["download"] = gr.File(label="Exported GGUF", visible=False, interactive=False, elem_id="train-download")
+        widgets["kind"] = gr.Radio([("Story model (from scratch)", "story"),
+                                    ("QLoRA adapter for the assistant", "qlora")],
+                                   value="story", label="What to train", elem_id="train-kind")
+        widgets["name"] = gr.Textbox(label="Run name", placeholder=placeholder("story"),
+                                     info="a new folder under the checkpoints folder", elem_id="train-name")
     with gr.Row():
-        c["plot"] = gr.LinePlot(loss_frame(None), x="step", y="loss", color="split", title="Loss (nats/token)",
-                                height=300, elem_id="train-plot")
-        c["sample"] = gr.Textbox(label="Latest sample", lines=10, interactive=False, elem_id="train-sample")
+        widgets["data"] = gr.Dropdown([label for label, _ in app_config.data_choices(config)], multiselect=True,
+                                      label="Data", value=app_config.default_data(config, "story"),
+                                      elem_id="train-data", allow_custom_value=True,
+                                      info=".txt books for a story model, .jsonl chats for an adapter")
+        widgets["upload"] = gr.File(file_count="multiple", file_types=[".txt", ".jsonl"], label="Upload data",
+                                    interactive=config.allow_training, elem_id="train-upload")
+    return widgets
+
+
+def job_widgets(allowed):
+    """Start and Stop, the job's message, command and status, the export, the loss plot, the sample, the log."""
+    widgets = {}
+    with gr.Row():
+        widgets["start"] = gr.Button("Start training", variant="primary", interactive=allowed, elem_id="train-start")
+        widgets["stop"] = gr.Button("Stop (saves)", variant="stop", interactive=allowed, elem_id="train-stop")
+    widgets["message"] = gr.Markdown(elem_id="train-message")
+    widgets["command"] = gr.Code(label="Equivalent command", language="shell", interactive=False, lines=1,
+                                 wrap_lines=True, visible=False, elem_id="train-command")
+    widgets["status"] = gr.Markdown("No training job yet.", elem_id="train-status")
+    with gr.Row(visible=False, equal_height=True) as widgets["export_row"]:  # once a QLoRA run has finished
+        widgets["export_type"] = gr.Radio(["f16", "q8_0", "f32"], value="f16", label="GGUF type", scale=2,
+                                          info="f16: half the size of f32, the usual choice; q8_0: 8-bit, half of f16",
+                                          elem_id="train-export-type")
+        widgets["export"] = gr.Button("Export to GGUF", interactive=allowed, scale=1, elem_id="train-export")
+    widgets["download"] = gr.File(label="Exported GGUF", visible=False, interactive=False, elem_id="train-download")
+    with gr.Row():
+        widgets["plot"] = gr.LinePlot(loss_frame(None), x="step", y="loss", color="split", title="Loss (nats/token)",
+                                      height=300, elem_id="train-plot")
+        widgets["sample"] = gr.Textbox(label="Latest sample", lines=10, interactive=False, elem_id="train-sample")
     with gr.Accordion("Log", open=False):
-        c["log"] = gr.Textbox(lines=12, interactive=False, show_label=False, elem_id="train-log")
-    c["timer"] = gr.Timer(2.0)
-    return c
+        widgets["log"] = gr.Textbox(lines=12, interactive=False, show_label=False, elem_id="train-log")
+    widgets["timer"] = gr.Timer(2.0)
+    return widgets
 
 
 def build(ctx, uploads_key):
-    """`uploads_key`: the browser's own uploads folder (gr.BrowserState; uploads.upload_key)."""
+    """`uploads_key`: the browser's own uploads folder (gr.BrowserState; uploads.upload_key). Returns the tab's
+    widgets (the page's `watch` fills them with the job's progress)."""
     with gr.Tab("Train", id="train"):
-        c = components(ctx)
-    form_values = {k: w for k, w in c.items() if k.startswith(("story_", "qlora_")) and not k.endswith("_group")}
+        widgets = components(ctx)
+    handlers = job_handlers(ctx, widgets)
+    form_values = {k: w for k, w in widgets.items() if k.startswith(("story_", "qlora_")) and not k.endswith("_group")}
+    data = {"data": widgets["data"], "uploads_key": uploads_key}
+    job = dict(outputs=[widgets["message"], widgets["command"], widgets["status"]], concurrency_limit=1,
+               concurrency_id="train")
+    widgets["start"].click(handlers["start"], inputs_kwargs={"kind": widgets["kind"], "name": widgets["name"]} | data
+                           | form_values, api_name="train_start", **job)
+    widgets["export"].click(handlers["export"], inputs_kwargs={"uploads_key": uploads_key,
+                                                               "out_type": widgets["export_type"]},
+                            api_name="train_export", **job)
+    widgets["stop"].click(handlers["stop"], inputs_kwargs={"uploads_key": uploads_key}, api_name="train_stop",
+                          outputs=[widgets["message"], widgets["status"]], concurrency_limit=None)
+    story_form = {k: w for k, w in form_values.items() if k.startswith("story_")}
+    widgets["lr_button"].click(handlers["find_lr"], inputs_kwargs=data | {"lr_steps": widgets["lr_steps"]} | story_form,
+                               outputs=[widgets["lr_result"], widgets["story_lr"], widgets["lr_plot"]],
+                               api_name="lr_find", concurrency_limit=1, concurrency_id="train")
+    widgets["upload"].upload(handlers["upload"], inputs_kwargs={"files": widgets["upload"], "selected": widgets["data"],
+                                                                "uploads_key": uploads_key, "kind": widgets["kind"]},
+                             outputs=[widgets["message"], widgets["data"], widgets["upload"], uploads_key],
+                             api_name="train_upload", concurrency_limit=1)
+    kept = gr.State({})  # each kind's Data selection while the other is shown
+    widgets["kind"].change(lambda kind, data, selections, key: switch_kind(ctx, kind, data, selections, key),
+                           [widgets["kind"], widgets["data"], kept, uploads_key],
+                           [widgets["story_group"], widgets["lr_box"], widgets["qlora_group"], widgets["data"],
+                            widgets["name"], widgets["qlora_base"], widgets["qlora_skip_bad_rows"], kept,
+                            widgets["message"]], api_visibility="private", concurrency_limit=None)
+    return widgets
+
+
+def job_handlers(ctx, widgets):
+    """The Train tab's handlers, by name: start, export, stop, find_lr, upload. A refused call says why in the
+    message line (the job's own command and status stay as they are)."""
+    def refused(error):
+        """A UserError as the page shows it (a trainer's message may name a server path)."""
+        return warn(app_config.public_text(ctx.config, error))
+
+    def message(line, inputs, theirs):
+        return {widgets["message"]: line}
 
     # uploads_key=None: optional through the API too (a client without one trains on the data folders)
-    def start_job(request: gr.Request, uploads_key=None, **values):
-        try:
-            check_allowed(ctx.config)
-            spec = spec_from_form(ctx, values | {"uploads_key": uploads_key})
-            job = public_job(ctx.config, ctx.jobs.start(spec, owner(uploads_key, request)))
-            return f"started `{job['name']}`", gr.update(value=job["command"], visible=True), job_markdown(job)
-        except UserError as e:
-            return refused(ctx.config, e), gr.skip(), gr.skip()
-        except Exception as e:
-            return unexpected(e), gr.skip(), gr.skip()
+    @shows_problems(message, refused)
+    def start(request: gr.Request, uploads_key=None, **values):
+        check_allowed(ctx.config)
+        spec = spec_from_form(ctx, values | {"uploads_key": uploads_key})
+        return started(public_job(ctx.config, ctx.jobs.start(spec, owner(uploads_key, request))))
 
-    def export_job(request: gr.Request, uploads_key=None, out_type="f16"):
-        try:
-            check_allowed(ctx.config)
-            job = public_job(ctx.config, ctx.jobs.start(export_spec(ctx, out_type), owner(uploads_key, request)))
-            return f"started `{job['name']}`", gr.update(value=job["command"], visible=True), job_markdown(job)
-        except UserError as e:
-            return refused(ctx.config, e), gr.skip(), gr.skip()
-        except Exception as e:
-            return unexpected(e), gr.skip(), gr.skip()
+    @shows_problems(message, refused)
+    def export(request: gr.Request, uploads_key=None, out_type="f16"):
+        check_allowed(ctx.config)
+        return started(public_job(ctx.config, ctx.jobs.start(export_spec(ctx, out_type), owner(uploads_key, request))))
 
-    def stop_job(request: gr.Request, uploads_key=None):
-        message, job = stop_for(ctx, owner(uploads_key, request))
-        return message, job_markdown(job) if job else gr.skip()
+    def started(job):
+        return {widgets["message"]: f"started `{job['name']}`", widgets["status"]: job_markdown(job),
+                widgets["command"]: gr.update(value=job["command"], visible=True)}
 
+    def stop(request: gr.Request, uploads_key=None):
+        line, job = stop_for(ctx, owner(uploads_key, request))
+        return {widgets["message"]: line} | ({widgets["status"]: job_markdown(job)} if job else {})
+
+    @shows_problems(lambda line, inputs, theirs: {widgets["lr_result"]: line}, refused)
     def find_lr(uploads_key=None, **values):
-        try:
-            suggested, plot = run_lr_finder(ctx, values | {"uploads_key": uploads_key})
-            return f"suggested learning rate: **{suggested:.2e}** (filled in above)", f"{suggested:.2e}", \
-                gr.update(value=str(plot), visible=True)
-        except UserError as e:
-            return refused(ctx.config, e), gr.skip(), gr.skip()
-        except Exception as e:
-            return unexpected(e), gr.skip(), gr.skip()
+        suggested, plot = run_lr_finder(ctx, values | {"uploads_key": uploads_key})
+        return {widgets["lr_result"]: f"suggested learning rate: **{suggested:.2e}** (filled in above)",
+                widgets["story_lr"]: f"{suggested:.2e}", widgets["lr_plot"]: gr.update(value=str(plot), visible=True)}
 
+    @shows_problems(lambda line, inputs, theirs: {widgets["message"]: line, widgets["upload"]: None}, refused)
     def upload(files, selected, uploads_key=None, kind="story"):
-        try:
-            return add_uploads(ctx, files, selected, uploads_key, kind)
-        except UserError as e:
-            return refused(ctx.config, e), gr.skip(), None, gr.skip()
+        return add_uploads(ctx, files, selected, uploads_key, kind)
 
-    data = {"data": c["data"], "uploads_key": uploads_key}
-    story_form = {k: w for k, w in form_values.items() if k.startswith("story_")}
-    c["start"].click(start_job, inputs_kwargs={"kind": c["kind"], "name": c["name"]} | data | form_values,
-                     outputs=[c["message"], c["command"], c["status"]], api_name="train_start", concurrency_limit=1,
-                     concurrency_id="train")
-    c["export"].click(export_job, inputs_kwargs={"uploads_key": uploads_key, "out_type": c["export_type"]},
-                      outputs=[c["message"], c["command"], c["status"]], api_name="train_export", concurrency_limit=1,
-                      concurrency_id="train")
-    c["stop"].click(stop_job, inputs_kwargs={"uploads_key": uploads_key}, outputs=[c["message"], c["status"]],
-                    api_name="train_stop", concurrency_limit=None)
-    c["lr_button"].click(find_lr, inputs_kwargs=data | {"lr_steps": c["lr_steps"]} | story_form,
-                         outputs=[c["lr_result"], c["story_lr"], c["lr_plot"]], api_name="lr_find",
-                         concurrency_limit=1, concurrency_id="train")
-    c["upload"].upload(upload, inputs_kwargs={"files": c["upload"], "selected": c["data"], "uploads_key": uploads_key,
-                                              "kind": c["kind"]},
-                       outputs=[c["message"], c["data"], c["upload"], uploads_key], api_name="train_upload",
-                       concurrency_limit=1)
-    kept = gr.State({})  # each kind's Data selection while the other is shown
-    c["kind"].change(lambda kind, data, selections, key: switch_kind(ctx, kind, data, selections, key),
-                     [c["kind"], c["data"], kept, uploads_key],
-                     [c["story_group"], c["lr_box"], c["qlora_group"], c["data"], c["name"], c["qlora_base"],
-                      c["qlora_skip_bad_rows"], kept, c["message"]], api_visibility="private", concurrency_limit=None)
-    return c
-
-
-def watch(ctx, demo, train, story_picker, chat):
-    """Every 2 s (and on page load): the job's progress, and new checkpoints/adapters into the pickers."""
-    from llmb.app import chat_tab, story_tab
-
-    pickers = gr.State({"story": None, "adapters": None, "download": None})
-
-    def refresh(known, base, adapter):
-        raw = ctx.jobs.current()
-        job = public_job(ctx.config, raw)
-        stories, adapters = story_tab.choices(ctx.config), chat_tab.adapter_choices(ctx.config)
-        story_update = gr.update(choices=stories) if known["story"] != stories else gr.skip()
-        adapter_update = gr.update(choices=adapters) if known["adapters"] != adapters else gr.skip()
-        command = gr.update(value=job["command"], visible=True) if job else gr.update(visible=False)
-        log = app_config.public_text(ctx.config, log_tail(job)) if job else ""
-        exported = raw["config"]["out"] if raw and raw["kind"] == "export-gguf" and raw.get("summary") else None
-        download = gr.skip() if known.get("download") == exported else \
-            gr.update(value=exported, visible=exported is not None)  # the file is sent once, not every 2 s
-        return (job_markdown(job), command, loss_frame(job), progress(job).sample if job and job["kind"] in KINDS
-                else "", log, story_update, adapter_update,
-                {"story": stories, "adapters": adapters, "download": exported},
-                chat_tab.model_status(ctx, base, adapter), gr.update(visible=export_source(raw) is not None),
-                download)
-
-    outputs = [train["status"], train["command"], train["plot"], train["sample"], train["log"], story_picker,
-               chat["adapter"], pickers, chat["model_status"], train["export_row"], train["download"]]
-    inputs = {"known": pickers, "base": chat["base"], "adapter": chat["adapter"]}
-    train["timer"].tick(refresh, inputs_kwargs=inputs, outputs=outputs, api_name="train_progress",
-                        concurrency_limit=None, show_progress="hidden")
-    demo.load(refresh, inputs_kwargs=inputs, outputs=outputs, api_visibility="private", concurrency_limit=None,
-              show_progress="hidden")
+    return {"start": start, "export": export, "stop": stop, "find_lr": find_lr, "upload": upload}

@@ -8,9 +8,11 @@ import gradio as gr
 import pytest
 
 from llmb.app import config as app_config
-from llmb.app.chat_tab import SMALL_NAME, describe, train_base
-from llmb.app.page import Context, plain
+from llmb.app.chat_tab import describe
+from llmb.app.common import Context, plain
+from llmb.app.config import train_base
 from llmb.app.train_tab import add_uploads, switch_kind
+from llmb.assistant.gguf import SMALL_NAME
 
 GUANACO_TRAIN = "guanaco/guanaco-llama2-1k_train.jsonl"  # the shipped chat file with one unusable row
 

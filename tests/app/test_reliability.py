@@ -22,11 +22,11 @@ from types import SimpleNamespace
 import pytest
 from gradio_client import Client
 
+from llmb.app import common, jobs, page
 from llmb.app import config as app_config
-from llmb.app import jobs, page
+from llmb.app.common import Lane, known_path
 from llmb.app.jobs import JobManager, job_spec
 from llmb.app.models import Assistant, StopFlags, check_prompt, plain_messages
-from llmb.app.page import Lane, known_path
 from llmb.app.uploads import save_upload, upload_key
 from llmb.assistant.engine import history_to_turns
 from llmb.errors import UserError
@@ -158,16 +158,16 @@ def run_in_lane(unread, steps=50):
         finally:
             closed.append(True)
 
-    list(page.in_lane(ctx, SimpleNamespace(session_hash="s1"), "story", call, waiting=None))
+    list(common.in_lane(ctx, SimpleNamespace(session_hash="s1"), "story", call, waiting=None))
     assert not ctx.lanes["story"].active and not ctx.stop_flags.flags, "the place and the stop flag are given back"
     return made, closed
 
 
 def test_a_call_nobody_reads_stops_at_its_next_step(monkeypatch):
-    monkeypatch.setattr(page, "UNREAD_S", 0.0)
-    made, closed = run_in_lane(unread=page.MAX_UNREAD)
+    monkeypatch.setattr(common, "UNREAD_S", 0.0)
+    made, closed = run_in_lane(unread=common.MAX_UNREAD)
     assert len(made) <= 2 and closed == [True], "the model is stopped, not run to the end"
-    assert len(run_in_lane(unread=page.MAX_UNREAD - 1)[0]) == 50, "a client that keeps up is served to the end"
+    assert len(run_in_lane(unread=common.MAX_UNREAD - 1)[0]) == 50, "a client that keeps up is served to the end"
     TRIED["faults injected"] += 1
 
 
@@ -437,7 +437,7 @@ def test_first_look_of_the_page(tmp_path):
     by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
     assert by_id["train-lr-find"].scale == 0 and by_id["train-lr-find"].min_width == 200
     assert by_id["train-command"].visible is False, "the command box shows once there is a command"
-    ctx = page.Context(config)
+    ctx = common.Context(config)
     assert "not one of the story checkpoints" in story_tab.model_status(ctx, "../../etc")
 
 
@@ -691,20 +691,18 @@ def test_the_page_still_answers(app):
 
 
 def test_an_unreachable_hub_points_to_the_small_assistant(tmp_path, monkeypatch):
-    from llmb.app import chat_tab
-
     monkeypatch.setattr(app_config, "REPO", tmp_path)  # no checkpoints beside the code either
-    monkeypatch.setitem(chat_tab._hub, "checked", time.time())
-    monkeypatch.setitem(chat_tab._hub, "reachable", False)
+    monkeypatch.setitem(app_config._hub, "checked", time.time())
+    monkeypatch.setitem(app_config._hub, "reachable", False)
     config = app_config.parse_args(["--checkpoints", str(tmp_path / "c"), "--work-dir", str(tmp_path / "w")], {})
-    problem = chat_tab.hub_problem(config, "nobody/not-downloaded")
+    problem = app_config.hub_problem(config, "nobody/not-downloaded")
     assert "cannot be reached" in problem and "`python -m llmb get-small-assistant`" in problem
     local = tmp_path / "c" / "small"
     local.mkdir(parents=True)
     (local / "config.json").write_text('{"model_type": "llama"}')
     (local / "model.safetensors").write_bytes(b"")
-    assert "pick the local model `small` in Base" in chat_tab.hub_problem(config, "nobody/not-downloaded")
-    assert chat_tab.hub_problem(config, str(local)) is None, "a local folder needs no hub"
+    assert "pick the local model `small` in Base" in app_config.hub_problem(config, "nobody/not-downloaded")
+    assert app_config.hub_problem(config, str(local)) is None, "a local folder needs no hub"
 
 
 # ------------------------------------------------------------------ 15. no server path, no uploads key shown
