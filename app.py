@@ -4,7 +4,7 @@
     python app.py --help             # flags; each has an environment variable (for Spaces)
 
 This file is only the entry point. The page is llmb/app/page.py, one module per tab
-(story_tab, chat_tab, train_tab); the models load lazily (llmb/app/models.py), training runs
+(story_tab, chat_tab, train_tab, sharing llmb/app/common.py); the models load lazily (llmb/app/models.py), training runs
 in a subprocess (llmb/app/jobs.py), and llmb/app/config.py holds the flags and folders.
 """
 
