@@ -5,13 +5,13 @@ from dataclasses import dataclass
 
 import pytest
 
+from llmb.assistant.config import ChatSampling
 from llmb.assistant.config import TrainConfig as QLoRAConfig
 from llmb.errors import UserError
 from llmb.settings import (
     add_arguments,
     check,
     check_number,
-    check_sampling,
     from_args,
     from_values,
     parse,
@@ -142,8 +142,8 @@ def test_check_number_takes_huge_values_as_out_of_range_and_whole_numbers_exactl
     (dict(seed=1180591620717411303424), "seed must be between 0 and"),
     (dict(seed=-1), "seed must be between 0 and"),
 ])
-def test_check_sampling_refuses_extreme_numbers(sampling, message):
+def test_the_sampling_check_refuses_extreme_numbers(sampling, message):
     with pytest.raises(UserError, match=message):
-        check_sampling(**{"max_new_tokens": 10, "temperature": 0.7, **sampling})
-    check_sampling(10, 0)  # greedy
-    check_sampling(10, 0.01, seed=2**64 - 1)
+        check(ChatSampling(**{"max_new_tokens": 10, "temperature": 0.7, **sampling}))
+    check(ChatSampling(max_new_tokens=10, temperature=0))  # greedy
+    check(ChatSampling(max_new_tokens=10, temperature=0.01, seed=2**64 - 1))

@@ -13,7 +13,7 @@ from pathlib import Path
 import gradio as gr
 
 from llmb.app.config import by_name, find_adapters, find_bases, run_summary, trained_on
-from llmb.app.models import CHAT_SAMPLING, check_chat_settings, check_prompt, plain_messages
+from llmb.app.models import CHAT_DEFAULTS, CHAT_SAMPLING, check_chat_settings, check_prompt, plain_messages
 from llmb.app.page import call_key, in_lane, known_path, slider, unexpected, warn, while_running
 from llmb.assistant.gguf import SMALL_NAME
 from llmb.errors import UserError
@@ -151,12 +151,13 @@ def components(ctx):
     with gr.Accordion("Sampling settings", open=False):
         c["system"] = gr.Textbox(label="System preamble (optional)", lines=2)
         with gr.Row():
-            c["temperature"] = slider(CHAT_SAMPLING, "temperature", 0.7, elem_id="chat-temperature",
-                                      info="0 = always the likeliest")
-            c["top_p"] = slider(CHAT_SAMPLING, "top_p", 0.9)
-            c["top_k"] = slider(CHAT_SAMPLING, "top_k", 50, info="0 = off")
-            c["repetition_penalty"] = slider(CHAT_SAMPLING, "repetition_penalty", 1.1)
-            c["max_new_tokens"] = slider(CHAT_SAMPLING, "max_new_tokens", 256, elem_id="chat-max-new")
+            c["temperature"] = slider(CHAT_SAMPLING, "temperature", CHAT_DEFAULTS.temperature,
+                                      elem_id="chat-temperature", info="0 = always the likeliest")
+            c["top_p"] = slider(CHAT_SAMPLING, "top_p", CHAT_DEFAULTS.top_p)
+            c["top_k"] = slider(CHAT_SAMPLING, "top_k", CHAT_DEFAULTS.top_k, info="0 = off")
+            c["repetition_penalty"] = slider(CHAT_SAMPLING, "repetition_penalty", CHAT_DEFAULTS.repetition_penalty)
+            c["max_new_tokens"] = slider(CHAT_SAMPLING, "max_new_tokens", CHAT_DEFAULTS.max_new_tokens,
+                                         elem_id="chat-max-new")
             c["seed"] = gr.Textbox("", label="Seed", info="empty = random")  # a Number cannot be empty
     return c
 
