@@ -11,6 +11,7 @@ from llmb.settings import add_arguments, from_args
 
 
 def register(sub):
+    """One parser per command, in --help's order: long because it lists them all, each a few plain lines."""
     p = sub.add_parser("chat", help="chat with a base model (Phi-2 by default), optionally with a LoRA adapter")
     p.add_argument("--base", default=DEFAULT_BASE, help="hub id or local folder of the base model")
     p.add_argument("--adapter", help="LoRA adapter dir (the --out of training/train_qlora.py)")
