@@ -15,22 +15,25 @@ import argparse
 import math
 import types
 import typing
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 
 from llmb.errors import UserError
 
 
 def setting(default=MISSING, help="", *, low=None, high=None, choices=None, words=(), label=None, form=False,
-            required=False, factory=None):
+            required=False, factory=None, app_range=None, called=None):
     """A dataclass field that knows its help text and allowed values.
 
     low/high: the inclusive range of a number; choices: the allowed strings; words: strings
     allowed instead of a number (e.g. "auto"); label: the app's name for it; form: shown in the
     app's Train tab; required: the command line must give it (the dataclass keeps a default
-    so that code can build a config step by step).
+    so that code can build a config step by step); app_range: the (lowest, highest) the app's
+    slider offers and its API takes, where a public server bounds one call's work more tightly
+    than low/high; called: its name in the checks' messages (default: its flag), for settings
+    a library call takes by keyword ("max new tokens must be between 1 and 1e+06").
     """
     meta = dict(help=help, low=low, high=high, choices=tuple(choices) if choices else None, words=tuple(words),
-                label=label, form=form, required=required)
+                label=label, form=form, required=required, app_range=app_range, called=called)
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -52,6 +55,8 @@ class Spec:
     label: str | None = None
     form: bool = False
     required: bool = False
+    app_range: tuple | None = None
+    called: str | None = None
 
     @property
     def flag(self):
@@ -64,9 +69,9 @@ class Spec:
         if self.kind in (int, float):
             what = "a whole number" if self.kind is int else "a number"
             if self.low is not None and self.high is not None:
-                what += f" from {self.low:g} to {self.high:g}"
+                what += f" from {_shown(self.low)} to {_shown(self.high)}"
             elif self.low is not None:
-                what += f" of at least {self.low:g}"
+                what += f" of at least {_shown(self.low)}"
             return what + "".join(f" or '{w}'" for w in self.words)
         return {bool: "true or false", list: "one or more values"}.get(self.kind, "text")
 
@@ -151,28 +156,24 @@ def _span(low, high):
     return f"at least {_shown(low)}" if low is not None else f"at most {_shown(high)}" if high is not None else ""
 
 
+# ------------------------------------------------------------------------------------- sampling
+
 MIN_TEMPERATURE = 0.01  # below it, logits / temperature overflow to inf; and it already samples like greedy
 SEED_RANGE = (0, 2**64 - 1)  # what torch's generators take
 MAX_NEW_TOKENS = 1_000_000
 
 
-def check_sampling(max_new_tokens, temperature, top_k=None, top_p=None, repetition_penalty=None, seed=None):
-    """One clear error for a sampling setting that makes no sense (the story sampler's and the chat's).
+class SamplingRules:
+    """The rules of sampling settings that no range can say, shared by the story model's and the assistant's
+    sampling settings (llmb.story.config.StorySampling, llmb.assistant.config.ChatSampling), which inherit
+    them. Temperature 0 is greedy; top-p None is off."""
 
-    temperature 0 is greedy; top_k, top_p, repetition_penalty and seed None are off.
-    """
-    check_number("max new tokens", max_new_tokens, 1, MAX_NEW_TOKENS, kind=int)
-    if 0 < (temperature := check_number("temperature (0 = greedy)", temperature, 0)) < MIN_TEMPERATURE:
-        raise UserError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g} (got {temperature:g}); "
-                        "smaller ones sample as greedy does, and overflow")
-    if top_k is not None:
-        check_number("top-k", top_k, 1, kind=int)
-    if top_p is not None and not 0 < check_number("top-p", top_p, 0, 1):
-        raise UserError(f"top-p must be more than 0 and at most 1 (got {top_p})")
-    if repetition_penalty is not None and not check_number("repetition penalty", repetition_penalty, 0) > 0:
-        raise UserError(f"repetition penalty must be more than 0 (got {repetition_penalty}); 1 is off")
-    if seed is not None:
-        check_number("seed", seed, *SEED_RANGE, kind=int)
+    def check(self):
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise UserError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g} (got "
+                            f"{self.temperature:g}); smaller ones sample as greedy does, and overflow")
+        if self.top_p == 0:
+            raise UserError("top-p must be more than 0 and at most 1 (got 0)")
 
 
 def parse(spec, value, label=None):
@@ -217,9 +218,10 @@ def parse(spec, value, label=None):
 
 
 def check(cfg):
-    """Check every setting of a config instance, then its own cross-setting rules; UserError names the flag."""
+    """Check every setting of a config instance, then its own cross-setting rules; UserError names the flag
+    (or what the setting is `called`)."""
     for spec in specs(type(cfg)):
-        setattr(cfg, spec.name, parse(spec, getattr(cfg, spec.name)))
+        setattr(cfg, spec.name, parse(spec, getattr(cfg, spec.name), spec.called))
     if hasattr(cfg, "check"):
         cfg.check()
     return cfg
@@ -237,6 +239,20 @@ def from_values(cls, values, labels=False):
     return check(cls(**parsed))
 
 
+def app_values(cls, values):
+    """{name: value} from the app's sliders and boxes, each within the range the app offers (`app_range`) and
+    named in a message as the page names it ("temperature must be between 0 and 2"); `check` the config
+    built from them for the rest."""
+    known = {s.name: s for s in specs(cls)}
+    parsed = {}
+    for name, value in values.items():
+        spec = known[name]
+        if spec.app_range:
+            spec = replace(spec, low=spec.app_range[0], high=spec.app_range[1])
+        parsed[name] = parse(spec, value, (spec.label or name.replace("_", " ")).lower())
+    return parsed
+
+
 # ------------------------------------------------------------------------------ command line
 
 def _argparse_type(spec):
@@ -249,8 +265,12 @@ def _argparse_type(spec):
     return convert
 
 
-def add_arguments(parser, cls, only=None, skip=()):
-    """One flag per setting of `cls` (or of the names in `only`), with its help, default and range."""
+def add_arguments(parser, cls, only=None, skip=(), as_text=False):
+    """One flag per setting of `cls` (or of the names in `only`), with its help, default and range.
+
+    as_text: argparse keeps the values as given and `from_args` checks them, so that a bad one is an
+    `error:` line naming the setting as the class's check does (not argparse's usage and complaint).
+    """
     for spec in specs(cls):
         if spec.name in skip or (only is not None and spec.name not in only):
             continue
@@ -266,7 +286,8 @@ def add_arguments(parser, cls, only=None, skip=()):
             parser.add_argument(spec.flag, nargs="+", default=default, required=spec.required, metavar="VALUE",
                                 help=text)
         else:
-            parser.add_argument(spec.flag, type=_argparse_type(spec), default=default, required=spec.required,
+            parser.add_argument(spec.flag, type=None if as_text else _argparse_type(spec), default=default,
+                                required=spec.required,
                                 choices=spec.choices, metavar=None if spec.choices else spec.name.upper(), help=text)
 
 

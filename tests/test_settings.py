@@ -5,13 +5,14 @@ from dataclasses import dataclass
 
 import pytest
 
+from llmb.assistant.config import ChatSampling
 from llmb.assistant.config import TrainConfig as QLoRAConfig
 from llmb.errors import UserError
 from llmb.settings import (
     add_arguments,
+    app_values,
     check,
     check_number,
-    check_sampling,
     from_args,
     from_values,
     parse,
@@ -20,6 +21,7 @@ from llmb.settings import (
     specs,
     to_argv,
 )
+from llmb.story.config import StorySampling
 from llmb.story.config import TrainConfig as StoryConfig
 
 CONFIGS = [StoryConfig, QLoRAConfig]
@@ -142,8 +144,23 @@ def test_check_number_takes_huge_values_as_out_of_range_and_whole_numbers_exactl
     (dict(seed=1180591620717411303424), "seed must be between 0 and"),
     (dict(seed=-1), "seed must be between 0 and"),
 ])
-def test_check_sampling_refuses_extreme_numbers(sampling, message):
+def test_the_sampling_check_refuses_extreme_numbers(sampling, message):
     with pytest.raises(UserError, match=message):
-        check_sampling(**{"max_new_tokens": 10, "temperature": 0.7, **sampling})
-    check_sampling(10, 0)  # greedy
-    check_sampling(10, 0.01, seed=2**64 - 1)
+        check(ChatSampling(**{"max_new_tokens": 10, "temperature": 0.7, **sampling}))
+    check(ChatSampling(max_new_tokens=10, temperature=0))  # greedy
+    check(ChatSampling(max_new_tokens=10, temperature=0.01, seed=2**64 - 1))
+
+
+@pytest.mark.parametrize("cls", [StorySampling, ChatSampling])
+def test_sampling_settings_name_themselves_and_the_app_holds_to_its_narrower_range(cls):
+    for spec in specs(cls):
+        assert spec.help and spec.label and spec.called and spec.app_range, spec.name
+        if spec.default is not None:
+            assert spec.low <= spec.default <= (spec.high or spec.default), spec.name
+            assert spec.app_range[0] <= spec.default <= spec.app_range[1], spec.name
+    with pytest.raises(UserError, match="temperature must be between 0 and 2 .got 3."):
+        app_values(cls, {"temperature": 3})
+    with pytest.raises(UserError, match="^seed must be between 0 and 2147483647"):
+        app_values(cls, {"seed": "2147483648"})
+    assert check(cls(temperature=3, seed=2**40)).temperature == 3  # the library and the command line take them
+    assert app_values(cls, {"seed": "", "temperature": "0.5"}) == {"seed": None, "temperature": 0.5}

@@ -13,7 +13,7 @@ import gradio as gr
 
 from llmb.app import config as app_config
 from llmb.app.common import call_key, in_lane, known_path, shows_problems, slider, while_running
-from llmb.app.models import CHAT_SAMPLING, check_chat_settings, check_prompt, plain_messages
+from llmb.app.models import CHAT_DEFAULTS, CHAT_SAMPLING, check_chat_settings, check_prompt, plain_messages
 from llmb.errors import UserError
 
 OUTPUTS = ("chatbot", "base_bot", "message", "status", "model_status", "saved")  # an answer's, in this order
@@ -60,12 +60,14 @@ def components(ctx):
     with gr.Accordion("Sampling settings", open=False):
         widgets["system"] = gr.Textbox(label="System preamble (optional)", lines=2)
         with gr.Row():
-            widgets["temperature"] = slider(CHAT_SAMPLING, "temperature", 0.7, elem_id="chat-temperature",
-                                            info="0 = always the likeliest")
-            widgets["top_p"] = slider(CHAT_SAMPLING, "top_p", 0.9)
-            widgets["top_k"] = slider(CHAT_SAMPLING, "top_k", 50, info="0 = off")
-            widgets["repetition_penalty"] = slider(CHAT_SAMPLING, "repetition_penalty", 1.1)
-            widgets["max_new_tokens"] = slider(CHAT_SAMPLING, "max_new_tokens", 256, elem_id="chat-max-new")
+            widgets["temperature"] = slider(CHAT_SAMPLING, "temperature", CHAT_DEFAULTS.temperature,
+                                            elem_id="chat-temperature", info="0 = always the likeliest")
+            widgets["top_p"] = slider(CHAT_SAMPLING, "top_p", CHAT_DEFAULTS.top_p)
+            widgets["top_k"] = slider(CHAT_SAMPLING, "top_k", CHAT_DEFAULTS.top_k, info="0 = off")
+            widgets["repetition_penalty"] = slider(CHAT_SAMPLING, "repetition_penalty",
+                                                   CHAT_DEFAULTS.repetition_penalty)
+            widgets["max_new_tokens"] = slider(CHAT_SAMPLING, "max_new_tokens", CHAT_DEFAULTS.max_new_tokens,
+                                               elem_id="chat-max-new")
             widgets["seed"] = gr.Textbox("", label="Seed", info="empty = random")  # a Number cannot be empty
     return widgets
 

@@ -15,21 +15,16 @@ Loading is lazy so the app answers HTTP at once; a model that fails to load keep
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import asdict
 from pathlib import Path
 
+from llmb.assistant.config import ChatSampling
 from llmb.assistant.engine import message_text
 from llmb.errors import UserError
-from llmb.settings import check_number
+from llmb.settings import app_values, check, specs
+from llmb.story.config import StorySampling
 
 MAX_PROMPT_CHARS = 20_000
-# The sampling settings each tab offers, once: label, lowest, highest, kind. The tabs draw their sliders
-# from these and the handlers check against them, so the page and the API take the same values, and a
-# value the API sends out of range is refused with the setting's name.
-STORY_SAMPLING = {"max_new": ("Max new characters", 1, 2000, int), "temperature": ("Temperature", 0, 2, float),
-                  "top_k": ("Top-k", 0, 200, int), "top_p": ("Top-p", 0.05, 1, float)}
-CHAT_SAMPLING = {"temperature": ("Temperature", 0, 2, float), "top_p": ("Top-p", 0.05, 1, float),
-                 "top_k": ("Top-k", 0, 200, int), "repetition_penalty": ("Repetition penalty", 1, 2, float),
-                 "max_new_tokens": ("Max new tokens", 1, 1024, int)}
 MAX_HISTORY_CHARS = 100_000  # the whole conversation an API client may send back
 
 
@@ -44,15 +39,6 @@ def load_error(e):
 
 # --------------------------------------------------------------------------------- settings
 
-def number(label, value, low, high, kind=float, optional=False):
-    """`value` as a number in [low, high] (settings.check_number); None when empty and `optional`."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        if optional:
-            return None
-        raise UserError(f"{label} is empty; give a number between {low:g} and {high:g}")
-    return check_number(label, value, low, high, kind)
-
-
 def check_prompt(prompt, what="prompt"):
     if prompt is None:
         return ""
@@ -63,23 +49,29 @@ def check_prompt(prompt, what="prompt"):
     return prompt
 
 
-def check_sampling(table, values):
-    """{name: value} checked against `table` (STORY_SAMPLING or CHAT_SAMPLING), plus the optional seed."""
-    checked = {name: number(label.lower(), values[name], low, high, kind)
-               for name, (label, low, high, kind) in table.items()}
-    return checked | {"seed": number("seed", values["seed"], 0, 2**31 - 1, int, optional=True)}
+def sliders(cls):
+    """{name: (label, lowest, highest, kind)} of the sampling settings of `cls` (StorySampling, ChatSampling), in
+    the ranges the app offers: the tabs draw their sliders from these (page.slider), and the handlers hold the
+    values an API call sends to the same ranges, refusing one with the setting's name."""
+    return {s.name: (s.label, *s.app_range, s.kind) for s in specs(cls) if s.app_range}
+
+
+STORY_SAMPLING, CHAT_SAMPLING = sliders(StorySampling), sliders(ChatSampling)
+STORY_DEFAULTS, CHAT_DEFAULTS = StorySampling(), ChatSampling()
 
 
 def check_story_settings(max_new, temperature, top_k, top_p, seed):
-    s = check_sampling(STORY_SAMPLING, dict(max_new=max_new, temperature=temperature, top_k=top_k, top_p=top_p,
-                                            seed=seed))
-    return dict(max_new_tokens=s.pop("max_new"), **s) | {"top_k": s["top_k"] or None}  # top-k 0 = off
+    """generate()'s keywords from the Story tab's values (by the API's names); top-k 0 is off."""
+    s = app_values(StorySampling, dict(max_new_tokens=max_new, temperature=temperature, top_k=top_k, top_p=top_p,
+                                       seed=seed))
+    return asdict(check(StorySampling(**s | {"top_k": s["top_k"] or None})))
 
 
 def check_chat_settings(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed):
-    return check_sampling(CHAT_SAMPLING, dict(temperature=temperature, top_p=top_p, top_k=top_k,
-                                              repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens,
-                                              seed=seed))
+    """ChatEngine.stream's keywords from the Assistant tab's values."""
+    return asdict(check(ChatSampling(**app_values(ChatSampling, dict(
+        temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+        max_new_tokens=max_new_tokens, seed=seed)))))
 
 
 def plain_messages(history, what="chat history"):

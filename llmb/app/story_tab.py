@@ -11,7 +11,7 @@ import gradio as gr
 
 from llmb.app.common import call_key, in_lane, known_path, shows_problems, slider, while_running
 from llmb.app.config import run_summary, story_checkpoints, trained_on
-from llmb.app.models import STORY_SAMPLING, check_prompt, check_story_settings, continue_story
+from llmb.app.models import STORY_DEFAULTS, STORY_SAMPLING, check_prompt, check_story_settings, continue_story
 from llmb.errors import UserError
 
 
@@ -70,10 +70,12 @@ def build(ctx):
             with gr.Column(scale=1):
                 ckpt = gr.Dropdown(list(found), value=first, label="Checkpoint", allow_custom_value=True,
                                    info="story checkpoints under checkpoints/", elem_id="story-ckpt")
-                max_new = slider(STORY_SAMPLING, "max_new", 400, elem_id="story-max-new")
-                temperature = slider(STORY_SAMPLING, "temperature", 0.8, info="0 = always the likeliest")
-                top_k = slider(STORY_SAMPLING, "top_k", 0, info="0 = off")
-                top_p = slider(STORY_SAMPLING, "top_p", 1.0)
+                max_new = slider(STORY_SAMPLING, "max_new_tokens", STORY_DEFAULTS.max_new_tokens,
+                                 elem_id="story-max-new")
+                temperature = slider(STORY_SAMPLING, "temperature", STORY_DEFAULTS.temperature,
+                                     info="0 = always the likeliest")
+                top_k = slider(STORY_SAMPLING, "top_k", 0, info="0 = off")  # the default, None, is off
+                top_p = slider(STORY_SAMPLING, "top_p", STORY_DEFAULTS.top_p)
                 seed = gr.Textbox("", label="Seed", info="empty = random")  # a Number cannot be empty
 
     def problem(line, inputs, theirs):

@@ -3,13 +3,15 @@ trainer's command line. Heavy imports live inside the functions so --help is fas
 
 import argparse
 import sys
+from dataclasses import asdict
 
-from llmb.assistant.config import DEFAULT_BASE, ExportConfig
+from llmb.assistant.config import DEFAULT_BASE, ChatSampling, ExportConfig
 from llmb.quantize import PRECISIONS
 from llmb.settings import add_arguments, from_args
 
 
 def register(sub):
+    """One parser per command, in --help's order: long because it lists them all, each a few plain lines."""
     p = sub.add_parser("chat", help="chat with a base model (Phi-2 by default), optionally with a LoRA adapter")
     p.add_argument("--base", default=DEFAULT_BASE, help="hub id or local folder of the base model")
     p.add_argument("--adapter", help="LoRA adapter dir (the --out of training/train_qlora.py)")
@@ -23,7 +25,7 @@ def register(sub):
     p.add_argument("--threads", type=int, help="CPU threads for torch (on a busy machine 1 can be faster)")
     p.add_argument("--prompt", help="answer this one message and exit (default: interactive)")
     p.add_argument("--system", help="system text put before the conversation")
-    add_sampling_args(p)
+    add_arguments(p, ChatSampling, as_text=True)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("chat-eval", help="loss of a base (+ adapter) on the answers of chat data: one JSON line")
@@ -99,31 +101,19 @@ def train_main(argv=None, description=None):
     return 0
 
 
-def add_sampling_args(p):
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--repetition-penalty", type=float, default=1.1)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--seed", type=int)
-
-
 def cmd_chat(args):
     import torch
 
     from llmb.assistant.engine import ChatEngine
     from llmb.errors import UserError
-    from llmb.settings import check_number, check_sampling
+    from llmb.settings import check_number
 
     if args.threads is not None:
         torch.set_num_threads(check_number("--threads", args.threads, 1, 4096, int))
     # before the model loads (minutes for Phi-2); the engine checks again for every caller
-    check_sampling(args.max_new_tokens, args.temperature, args.top_k or None, args.top_p, args.repetition_penalty,
-                   args.seed)
+    sampling = dict(system=args.system, **asdict(from_args(ChatSampling, args)))
     engine = ChatEngine(args.base, adapter=args.adapter, quant=args.quant, device=args.device, precision=args.precision)
     print(f"{args.base}{' + ' + args.adapter if args.adapter else ''} on {engine.describe()}", file=sys.stderr)
-    sampling = dict(system=args.system, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                    repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens, seed=args.seed)
     if args.prompt is not None:
         print_answer(engine, [], args.prompt, sampling)
         return 0

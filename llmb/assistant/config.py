@@ -1,4 +1,5 @@
-"""Settings of the assistant's QLoRA trainer, each defined once (`training/train_qlora.py`, the app's form).
+"""Settings of the assistant, each defined once: its QLoRA trainer (`training/train_qlora.py`, the app's Train
+form), its answers (`llmb chat`, the app's Assistant tab) and its GGUF export.
 
 Every field carries its help text and allowed range (see llmb.settings). Imports no torch.
 """
@@ -6,7 +7,7 @@ Every field carries its help text and allowed range (see llmb.settings). Imports
 from dataclasses import dataclass
 
 from llmb.errors import UserError
-from llmb.settings import setting
+from llmb.settings import MAX_NEW_TOKENS, SEED_RANGE, SamplingRules, setting
 
 DEFAULT_BASE = "microsoft/phi-2"
 DEFAULT_DATA = "timdettmers/openassistant-guanaco"
@@ -59,6 +60,36 @@ class TrainConfig:
     def check(self):
         if self.resume and self.overwrite:
             raise UserError("--resume continues the run in --out, --overwrite replaces it: give one of them")
+
+
+@dataclass
+class ChatSampling(SamplingRules):
+    """How the assistant answers: `llmb chat`'s flags, the Assistant tab's sliders, `ChatEngine.stream`'s checks.
+
+    The app offers narrower ranges (`app_range`): a public server bounds the work one call may ask for.
+    """
+
+    temperature: float = setting(0.7, "divides the logits: below 1 surer, above 1 wilder; 0 = greedy (always the "
+                                      "likeliest)", low=0, label="Temperature", app_range=(0, 2),
+                                 called="temperature (0 = greedy)")
+    top_p: float | None = setting(0.9, "sample from the likeliest tokens that together reach this probability "
+                                       "(1 = all)", low=0, high=1, label="Top-p", app_range=(0.05, 1),
+                                  called="top-p")
+    top_k: int | None = setting(50, "sample from the k likeliest tokens only (0 = from all)", low=0, label="Top-k",
+                                app_range=(0, 200), called="top-k")
+    repetition_penalty: float | None = setting(1.1, "makes tokens already in the text less likely (1 = off)",
+                                               low=0, label="Repetition penalty", app_range=(1, 2),
+                                               called="repetition penalty")
+    max_new_tokens: int = setting(256, "longest answer in tokens", low=1, high=MAX_NEW_TOKENS,
+                                  label="Max new tokens", app_range=(1, 1024), called="max new tokens")
+    seed: int | None = setting(None, "random seed: the same seed gives the same answer (default: a new one each "
+                                     "time)", low=SEED_RANGE[0], high=SEED_RANGE[1], label="Seed",
+                               app_range=(0, 2**31 - 1), called="seed")
+
+    def check(self):
+        super().check()
+        if self.repetition_penalty == 0:
+            raise UserError("repetition penalty must be more than 0 (got 0); 1 is off")
 
 
 @dataclass

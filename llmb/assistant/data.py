@@ -179,19 +179,19 @@ def load_hub(name):
     return {split: list(enumerate(ds[split], 1)) for split in ds}
 
 
-def load_conversations(spec):
+def load_conversations(source):
     """A local file or a hub dataset id -> (train conversations, eval conversations or None, bad rows)."""
-    path = Path(spec)
+    path = Path(source)
     if path.is_file():
         convs, bad = rows_to_conversations(read_rows(path), str(path), "line" if path.suffix != ".parquet" else "row")
         return convs, None, bad
     if path.suffix.lower() in (".jsonl", ".json", ".parquet") or path.exists():
-        raise UserError(f"data file not found: {spec}")
-    splits = load_hub(spec)
-    train, bad = rows_to_conversations(splits.get("train", []), f"{spec}[train]", "row")
+        raise UserError(f"data file not found: {source}")
+    splits = load_hub(source)
+    train, bad = rows_to_conversations(splits.get("train", []), f"{source}[train]", "row")
     test = None
     if "test" in splits:
-        test, bad_test = rows_to_conversations(splits["test"], f"{spec}[test]", "row")
+        test, bad_test = rows_to_conversations(splits["test"], f"{source}[test]", "row")
         bad += bad_test
     return train, test, bad
 
@@ -199,20 +199,20 @@ def load_conversations(spec):
 def load_chat_data(data, eval_data=None, eval_split=0.05, skip_bad_rows=False, seed=0):
     """Everything the trainer needs: (train, eval) conversation lists.
 
-    `data` is one spec or a list of them. Eval comes from `eval_data` if given, else from a
-    hub dataset's test split, else a deterministic `eval_split` fraction of the train rows.
+    `data` is one source (a file or a hub dataset id) or a list of them. Eval comes from `eval_data` if
+    given, else from a hub dataset's test split, else a deterministic `eval_split` fraction of the train rows.
     """
-    specs = [data] if isinstance(data, (str, Path)) else list(data)
+    sources = [data] if isinstance(data, (str, Path)) else list(data)
     train, evals, bad = [], [], []
-    for spec in specs:
-        tr, te, b = load_conversations(spec)
+    for source in sources:
+        tr, te, b = load_conversations(source)
         train += tr
         evals += te or []
         bad += b
     if eval_data:
         evals, b = [], []
-        for spec in [eval_data] if isinstance(eval_data, (str, Path)) else eval_data:
-            tr, te, b2 = load_conversations(spec)
+        for source in [eval_data] if isinstance(eval_data, (str, Path)) else eval_data:
+            tr, te, b2 = load_conversations(source)
             evals += tr + (te or [])
             b += b2
         bad += b

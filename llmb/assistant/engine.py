@@ -16,13 +16,13 @@ import threading
 import time
 from contextlib import nullcontext
 
-from llmb.assistant.config import DEFAULT_BASE
+from llmb.assistant.config import DEFAULT_BASE, ChatSampling
 from llmb.assistant.data import ASSISTANT, HUMAN, Turn, encode_exchanges, fit_exchanges, is_guanaco
 from llmb.assistant.loading import load_adapter, load_base_model, load_chat_tokenizer
 from llmb.device import resolve_device
 from llmb.errors import UserError
 from llmb.quantize import is_int8, quantize_linears_int8, wants_int8
-from llmb.settings import check_sampling
+from llmb.settings import check
 
 STOP_MARKERS = (HUMAN, ASSISTANT, "<|endoftext|>")
 DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16"}
@@ -166,12 +166,13 @@ class ChatEngine:
         ids = kept_system + [t for prompt, answer in kept for t in prompt + answer]
         return ids, len(exchanges) - len(kept)
 
-    def stream(self, history, message, system=None, temperature=0.7, top_p=0.9, top_k=50,
-               repetition_penalty=1.1, max_new_tokens=256, seed=None, use_adapter=True, cancel=None):
+    def stream(self, history, message, system=None, temperature=ChatSampling.temperature, top_p=ChatSampling.top_p,
+               top_k=ChatSampling.top_k, repetition_penalty=ChatSampling.repetition_penalty,
+               max_new_tokens=ChatSampling.max_new_tokens, seed=None, use_adapter=True, cancel=None):
         """The answer to `message` as an Answer (iterate it for pieces). Setting `cancel` (a threading.Event) stops it."""
         if not message or not message.strip():
             raise UserError("empty message")
-        check_sampling(max_new_tokens, temperature, top_k or None, top_p, repetition_penalty, seed)  # top-k 0: off
+        check(ChatSampling(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed))
         use_adapter = bool(self.has_adapter and use_adapter)  # no adapter: the base answers either way
         ids, dropped = self.prompt_ids(history, message, system, max_new_tokens)
         stats = {"prompt_tokens": len(ids), "dropped_turns": dropped, "adapter": use_adapter}

@@ -205,13 +205,13 @@ def tokenizer_metadata(writer, tokenizer, vocab_size, arch):
     """Vocabulary, token types, merges, special token ids and chat template (byte-level BPE tokenizers)."""
     import gguf
 
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    kind = spec["model"]["type"] + (" with byte fallback" if spec["model"].get("byte_fallback") else "")
+    saved = json.loads(tokenizer.backend_tokenizer.to_str())  # its tokenizer.json
+    kind = saved["model"]["type"] + (" with byte fallback" if saved["model"].get("byte_fallback") else "")
     if kind != "BPE":
         raise UserError(f"export-gguf writes byte-level BPE tokenizers (SmolLM2, Llama 3, Phi-2), not this base's "
                         f"{kind} tokenizer")
     tokens, types = vocabulary(tokenizer, vocab_size)
-    pre_name, prefix_space = pre_tokenizer(spec["pre_tokenizer"])
+    pre_name, prefix_space = pre_tokenizer(saved["pre_tokenizer"])
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre_name)
     writer.add_add_space_prefix(prefix_space)
@@ -249,9 +249,10 @@ def vocabulary(tokenizer, vocab_size):
     return tokens, types
 
 
-def pre_tokenizer(spec):
-    """(llama.cpp's name for the way this tokenizer splits text before BPE, whether it adds a space in front)."""
-    steps = (spec or {}).get("pretokenizers") or [spec or {}]
+def pre_tokenizer(saved):
+    """(llama.cpp's name for the way this tokenizer splits text before BPE, whether it adds a space in front);
+    `saved`: the pre_tokenizer of its tokenizer.json."""
+    steps = (saved or {}).get("pretokenizers") or [saved or {}]
     kinds = [step.get("type") for step in steps]
     prefix_space = bool(steps[-1].get("add_prefix_space"))
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):

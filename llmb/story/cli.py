@@ -1,11 +1,13 @@
 """Story model command line: `python -m llmb sample|eval|lr-find` and `training/train_char.py`.
 
-The trainer's flags are generated from llmb.story.config.TrainConfig (lr-find takes the model's share).
+The trainer's flags are generated from llmb.story.config.TrainConfig (lr-find takes the model's share),
+`sample`'s from StorySampling.
 """
 
 import argparse
 import json
 import sys
+from dataclasses import asdict
 
 from llmb.errors import UserError
 from llmb.settings import add_arguments, from_args
@@ -39,18 +41,17 @@ def train_main(argv=None, description=None):
 
 
 def cmd_sample(args):
-    from llmb.settings import check_sampling
     from llmb.story.checkpoint import load_for_sampling
+    from llmb.story.config import StorySampling
     from llmb.story.sample import generate
 
-    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, seed=args.seed)
+    sampling = from_args(StorySampling, args)  # before the model loads
     model, tokenizer, _ = load_for_sampling(args.ckpt, args.device, args.precision)
     unknown = tokenizer.unknown(args.prompt)
     if unknown:
         print(f"note: dropped characters the model never saw: {''.join(unknown)!r}", file=sys.stderr)
     sys.stdout.write(args.prompt)
-    for piece in generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
-                          args.top_k, args.top_p, args.seed):
+    for piece in generate(model, tokenizer, args.prompt, **asdict(sampling)):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -81,16 +82,12 @@ def cmd_lr_find(args):
 
 def register(sub):
     from llmb.quantize import PRECISIONS
-    from llmb.story.config import LR_FIND_SETTINGS, TrainConfig
+    from llmb.story.config import LR_FIND_SETTINGS, StorySampling, TrainConfig
 
     p = sub.add_parser("sample", help="continue a prompt with a story model (streams)")
     p.add_argument("--ckpt", required=True, metavar="DIR", help="checkpoint folder (a training --out)")
     p.add_argument("--prompt", default="\n", help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=500)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    add_arguments(p, StorySampling, as_text=True)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="weights while sampling; auto: int8 linear layers on a CPU (faster than fp32, "

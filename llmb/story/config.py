@@ -1,15 +1,16 @@
-"""Settings of the story model's trainer, each defined once (`training/train_char.py`, the app's form).
+"""Settings of the story model, each defined once: its trainer (`training/train_char.py`, the app's Train
+form) and its sampler (`llmb sample`, the app's Story tab).
 
-Every field carries its help text and allowed range (see llmb.settings): the command line, the
-app's Train tab, the job command line and the checks are all generated from this class. It
-imports no torch.
+Every field carries its help text and allowed range (see llmb.settings): the command lines, the
+app's Train form and sliders, the job command line and the checks are all generated from these
+classes. It imports no torch.
 """
 
 import os
 from dataclasses import dataclass
 
 from llmb.errors import UserError
-from llmb.settings import setting
+from llmb.settings import MAX_NEW_TOKENS, SEED_RANGE, SamplingRules, setting
 
 DAY = 24 * 3600.0
 GB = 1024**3
@@ -91,6 +92,29 @@ class TrainConfig:
     def check_length(self):
         if self.max_iters is None and self.max_time is None:
             raise UserError("say how long to train: max steps (--max-iters N) or max time (--max-time SECONDS)")
+
+
+@dataclass
+class StorySampling(SamplingRules):
+    """How the story model continues a text: `llmb sample`'s flags, the Story tab's sliders, `generate`'s checks.
+
+    The app offers narrower ranges (`app_range`): a public server bounds the work one call may ask for.
+    """
+
+    max_new_tokens: int = setting(500, "tokens to write (characters with the char tokenizer)", low=1,
+                                  high=MAX_NEW_TOKENS, label="Max new characters", app_range=(1, 2000),
+                                  called="max new tokens")
+    temperature: float = setting(0.8, "divides the logits: below 1 surer, above 1 wilder; 0 = greedy (always the "
+                                      "likeliest)", low=0, label="Temperature", app_range=(0, 2),
+                                 called="temperature (0 = greedy)")
+    top_k: int | None = setting(None, "sample from the k likeliest tokens only (default: from all)", low=1,
+                                label="Top-k", app_range=(0, 200), called="top-k")
+    top_p: float | None = setting(1.0, "sample from the likeliest tokens that together reach this probability "
+                                       "(1 = all)", low=0, high=1, label="Top-p", app_range=(0.05, 1),
+                                  called="top-p")
+    seed: int | None = setting(None, "random seed: the same seed writes the same text (default: a new one each "
+                                     "time)", low=SEED_RANGE[0], high=SEED_RANGE[1], label="Seed",
+                               app_range=(0, 2**31 - 1), called="seed")
 
 
 def memory_estimate(cfg, vocab_size=None):

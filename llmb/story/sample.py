@@ -2,7 +2,8 @@
 
 import torch
 
-from llmb.settings import check_sampling
+from llmb.settings import check
+from llmb.story.config import StorySampling
 from llmb.story.fast_decode import decode_next, decoder_for
 
 
@@ -39,7 +40,7 @@ def generate_ids(model, ids, max_new_tokens, temperature=1.0, top_k=None, top_p=
     """
     if not ids:
         raise ValueError("the prompt must contain at least one token")
-    check_sampling(max_new_tokens, temperature, top_k, top_p, seed=seed)
+    check(StorySampling(max_new_tokens, temperature, top_k, top_p, seed))
     model.eval()
     device = next(model.parameters()).device
     context = model.receptive_field
@@ -63,8 +64,9 @@ def generate_ids(model, ids, max_new_tokens, temperature=1.0, top_k=None, top_p=
         yield token
 
 
-def generate(model, tokenizer, prompt, max_new_tokens=500, temperature=0.8, top_k=None, top_p=None,
-             seed=None, use_cache=True, should_stop=None):
+def generate(model, tokenizer, prompt, max_new_tokens=StorySampling.max_new_tokens,
+             temperature=StorySampling.temperature, top_k=None, top_p=None, seed=None, use_cache=True,
+             should_stop=None):
     """Stream the continuation of `prompt` as text pieces.
 
     Characters the tokenizer cannot encode are dropped; `tokenizer.unknown(prompt)` tells

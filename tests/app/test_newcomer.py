@@ -110,3 +110,17 @@ def test_what_the_user_types_while_an_answer_streams_stays_in_the_box(config, mo
                   seed=None)
     boxes = [out[2] for out in chat_tab.conversation(ctx, values, threading.Event())]
     assert boxes[0] == "" and all(box == gr.skip() for box in boxes[1:]), boxes
+
+
+def test_the_sampling_sliders_start_where_the_command_lines_do(config):
+    """One default per sampling setting: the Story and Assistant tabs' sliders start at `llmb sample`'s and
+    `llmb chat`'s defaults (the Story tab once started at 400 new characters, the command line at 500)."""
+    from llmb.__main__ import build_parser
+    from llmb.app.page import build
+
+    demo = build(config)
+    sliders = {c.elem_id: c.value for c in demo.blocks.values() if isinstance(c, gr.Slider) and c.elem_id}
+    sample = build_parser().parse_args(["sample", "--ckpt", "x"])
+    chat = build_parser().parse_args(["chat"])
+    assert sliders["story-max-new"] == float(sample.max_new_tokens) == 500
+    assert sliders["chat-max-new"] == float(chat.max_new_tokens) and sliders["chat-temperature"] == chat.temperature
