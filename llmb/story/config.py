@@ -16,6 +16,10 @@ DAY = 24 * 3600.0
 GB = 1024**3
 RUNTIME = GB // 2  # Python, torch and the data, before any model
 
+# --n-layer auto: the depth for the run's length. In a short --max-time run, twice the steps of a 2-block model
+# reach a lower loss than the steps of the default 4 blocks (tinyshakespeare: docs/results.md).
+SHORT_RUN_S = 180.0
+
 # What --resume may change: how long to train, how often to look, where and how it shows.
 # Any other setting is part of the run (the model, the data, the optimizer): changing it is refused.
 SAFE_ON_RESUME = ("max_iters", "max_time", "eval_interval", "eval_iters", "log_interval", "sample_chars",
@@ -31,6 +35,11 @@ LR_FIND_SETTINGS = ("data", "out", "tokenizer", "vocab_size", "val_fraction", "n
                     "progress", "overwrite")
 
 
+def auto_depth(max_time):
+    """The blocks of --n-layer auto: 2 for a --max-time under SHORT_RUN_S seconds, else 4."""
+    return 2 if max_time is not None and max_time < SHORT_RUN_S else 4
+
+
 @dataclass
 class TrainConfig:
     # data and output
@@ -42,7 +51,9 @@ class TrainConfig:
     vocab_size: int = setting(2000, "vocabulary size for --tokenizer bpe or wordpiece", low=64, high=200_000)
     val_fraction: float = setting(0.1, "last part of every book held out for validation", low=0.01, high=0.5)
     # the model
-    n_layer: int = setting(4, "transformer blocks", low=1, high=64, label="Layers", form=True)
+    n_layer: int | str = setting("auto", "transformer blocks; auto: 2 for a --max-time under "
+                                         f"{SHORT_RUN_S:g} s, else 4", low=1, high=64, words=("auto",),
+                                 label="Layers", form=True)
     n_head: int = setting(4, "attention heads per block", low=1, high=64, label="Heads", form=True)
     n_embd: int = setting(128, "embedding width (a multiple of 2 x heads)", low=2, high=4096,
                           label="Embedding width", form=True)
@@ -77,12 +88,17 @@ class TrainConfig:
     progress: bool = setting(True, "show a progress bar")
 
     def check(self):
-        """Rules that tie settings together (each setting's own range is checked from its field)."""
+        """Rules that tie settings together (each setting's own range is checked from its field).
+
+        --n-layer auto becomes a number here (auto_depth), except on --resume, where it is the saved run's.
+        """
+        if self.n_layer == "auto" and not self.resume:
+            self.n_layer = auto_depth(self.max_time)
         if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
             raise UserError(f"--n-embd {self.n_embd} must split into --n-head {self.n_head} heads of even width")
         if self.resume and self.overwrite:
             raise UserError("--resume continues the run in --out, --overwrite replaces it: give one of them")
-        if self.device != "cuda":  # on a GPU the trainer checks the GPU's memory once it has one
+        if self.device != "cuda" and self.n_layer != "auto":  # on a GPU the trainer checks the GPU's memory once it has one
             check_memory(self, ram_bytes(), "this machine's memory")
 
     def model_settings(self):

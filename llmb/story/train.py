@@ -151,11 +151,15 @@ def open_run(cfg, log):
 
 
 def check_resume(cfg, saved):
-    """Refuse a --resume whose settings change the run itself (the model, the data, the optimizer)."""
+    """Refuse a --resume whose settings change the run itself (the model, the data, the optimizer); a
+    setting left to auto takes the saved run's value."""
     changed = []
     for name, old in saved.items():
         new = getattr(cfg, name, old)
         if name in SAFE_ON_RESUME or (name == "lr" and new == "auto"):
+            continue
+        if name == "n_layer" and new == "auto":  # auto on --resume: the saved run's depth
+            cfg.n_layer = old
             continue
         if name == "data":
             new, old = [str(Path(p).resolve()) for p in new], [str(Path(p).resolve()) for p in old]

@@ -300,7 +300,7 @@ def test_train_start_refuse_second_stop_and_find_the_checkpoint(app, client):
 
 
 @pytest.mark.parametrize("name, data, changes, expected", [
-    ("bad1", None, {"story_n_layer": 0}, "Layers must be between 1 and 64"),
+    ("bad1", None, {"story_n_layer": 0}, "Layers must be a whole number from 1 to 64 or 'auto'"),
     ("bad2", None, {"story_lr": "-1"}, "Learning rate must be a number from 1e-08 to 10 or 'auto'"),
     ("bad3", None, {"story_lr": "fast"}, "Learning rate must be a number"),
     ("bad4", None, {"story_max_iters": str(10**12)}, "Max steps must be between"),

@@ -58,7 +58,7 @@ def test_the_trainer_finds_the_repository_without_an_install():
 
 
 @pytest.mark.parametrize("params, message", [
-    ({"n_layer": 0}, "Layers must be between 1 and 64"),
+    ({"n_layer": 0}, "Layers must be a whole number from 1 to 64 or 'auto'"),
     ({"n_embd": -8}, "Embedding width must be between"),
     ({"batch_size": 2.5}, "Batch size must be a whole number"),
     ({"lr": "nan"}, "Learning rate must be a number from"),

@@ -2,7 +2,7 @@ import pytest
 
 from llmb.errors import UserError
 from llmb.settings import check, from_values
-from llmb.story.config import GB, TrainConfig, check_memory, memory_estimate
+from llmb.story.config import GB, SHORT_RUN_S, TrainConfig, check_memory, memory_estimate
 
 OZ = dict(n_layer=6, n_head=8, n_embd=256, block_size=128, batch_size=32)  # checkpoints/oz-story
 
@@ -28,3 +28,21 @@ def test_a_config_that_cannot_fit_is_refused_saying_the_estimate():
 def test_resume_and_overwrite_exclude_each_other():
     with pytest.raises(UserError, match="give one of them"):
         check(TrainConfig(data=["x"], max_iters=1, resume=True, overwrite=True))
+
+
+@pytest.mark.parametrize("max_time, depth", [(None, 4), (30, 2), (SHORT_RUN_S - 1, 2), (SHORT_RUN_S, 4), (3600, 4)])
+def test_auto_depth_is_two_blocks_for_a_short_time_budget_only(max_time, depth):
+    cfg = check(TrainConfig(data=["x"], max_iters=None if max_time else 100, max_time=max_time))
+    assert cfg.n_layer == depth
+    assert check(TrainConfig(data=["x"], max_time=max_time or 60, n_layer=5)).n_layer == 5  # given: kept
+
+
+def test_auto_depth_on_resume_is_the_saved_runs_and_a_given_one_must_match():
+    from llmb.story.train import check_resume
+
+    resumed = check(TrainConfig(data=["x"], max_time=3600, resume=True))  # auto would give 4 blocks
+    assert resumed.n_layer == "auto"
+    check_resume(resumed, {"n_layer": 2, "data": ["x"]})
+    assert resumed.n_layer == 2
+    with pytest.raises(UserError, match="--n-layer 2 -> 4"):
+        check_resume(check(TrainConfig(data=["x"], max_time=3600, n_layer=4, resume=True)), {"n_layer": 2})

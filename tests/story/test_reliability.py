@@ -104,7 +104,7 @@ BAD_INPUTS = [  # (what, command line from the probe's paths, what the error lin
     ("sample --seed 2**70", lambda d: ["sample", "--ckpt", d.run, "--seed", "1180591620717411303424"],
      "seed must be between 0 and 18446744073709551615"),
     ("--n-layer 10**400", lambda d: ["train", "--data", d.corpus, "--out", d.tmp / "o", "--max-iters", "5",
-                                     "--n-layer", str(10**400)], "--n-layer: must be between 1 and 64"),
+                                     "--n-layer", str(10**400)], "--n-layer: must be a whole number from 1 to 64 or 'auto'"),
 ]
 
 

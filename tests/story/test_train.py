@@ -93,6 +93,20 @@ def test_a_time_run_stopped_while_measuring_resumes_with_a_step_budget(corpus, t
     assert summary["steps"] == 40 and summary["total_steps"] == 40 and summary["stopped_by"] == "done"
 
 
+def test_a_short_time_run_trains_two_blocks_and_resumes_them_under_a_longer_budget(corpus, tmp_path, monkeypatch):
+    import llmb.story.train as story_train
+
+    shape = {k: v for k, v in TINY.items() if k != "n_layer"}  # --n-layer auto
+    run = dict(data=[str(corpus)], out=str(tmp_path / "run"), eval_interval=20, eval_iters=2, sample_chars=0, **shape)
+    with monkeypatch.context() as m:
+        m.setattr(story_train, "train_step", stop_at(5))
+        train(TrainConfig(max_time=60.0, **run), **QUIET)
+    assert load_checkpoint(tmp_path / "run")[0].config.n_layer == 2
+    _, summary = train(TrainConfig(resume=True, max_iters=10, max_time=3600.0, **run), **QUIET)  # auto -> 4 afresh
+    model, _, meta = load_checkpoint(tmp_path / "run")
+    assert summary["steps"] == 10 and model.config.n_layer == 2 and meta["train"]["n_layer"] == 2
+
+
 def test_resume_with_more_steps_continues_the_run(run_copy, corpus):
     messages = []
     _, summary = train(TrainConfig(data=[str(corpus)], out=str(run_copy), resume=True, max_iters=30,
