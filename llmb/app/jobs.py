@@ -1,15 +1,15 @@
 """Training jobs for the app: one at a time, in a subprocess, remembered on disk.
 
-    spec = job_spec("story", {"data": ["books/oz"], "out": "checkpoints/my-story", "max_iters": 2000})
+    order = job_order("story", {"data": ["books/oz"], "out": "checkpoints/my-story", "max_iters": 2000})
     manager = JobManager(state_file="runs/app/job.json")
-    job = manager.start(spec)
+    job = manager.start(order)
     manager.current()      # the job as the state file says, with its live status
     progress(job)          # step, total, tokens/s, ETA, losses, latest sample (from metrics.jsonl)
     manager.stop()         # SIGINT: the trainer finishes its step, saves and exits; again: SIGTERM, then SIGKILL
 
 A job runs the same command a user would type (`training/train_char.py`, `training/train_qlora.py`,
 `python -m llmb lr-find`, `python -m llmb export-gguf`), built from its config dataclass by `llmb.settings.to_argv`;
-`command_line(spec)` shows it. The state file is written before the trainer starts, and is what
+`command_line(order)` shows it. The state file is written before the trainer starts, and is what
 lets a page reload, a second browser or a restarted app re-attach to a job that is still running.
 The LR finder and the GGUF export are jobs too, so they cannot run beside a training run and Stop stops them.
 """
@@ -46,14 +46,16 @@ GRACE_S = 30.0  # after Stop: SIGINT, then SIGTERM after GRACE_S, then SIGKILL a
 
 
 @dataclass
-class JobSpec:
+class JobOrder:
+    """What to run: a job of `kind` with its checked settings (the job itself is the dict JobManager keeps)."""
+
     kind: str  # "story", "qlora", "lr-find" or "export-gguf"
     config: object  # the trainer's checked TrainConfig
     num_iters: int = 100  # lr-find only: batches in the sweep
 
 
-def job_spec(kind, values, num_iters=100):
-    """A checked JobSpec from {setting name: value} (form values or API values).
+def job_order(kind, values, num_iters=100):
+    """A checked JobOrder from {setting name: value} (form values or API values).
 
     The config class checks every value (its field's range, then its own `check()`); a story
     run must also say how long to train.
@@ -69,19 +71,19 @@ def job_spec(kind, values, num_iters=100):
     if kind == "story":
         config.check_length()
     num_iters = check_number("LR finder steps", num_iters, 10, 2000, int) if kind == "lr-find" else num_iters
-    return JobSpec(kind, config, num_iters)
+    return JobOrder(kind, config, num_iters)
 
 
-def command(spec):
+def command(order):
     """The job's command line as a list (what Popen runs)."""
-    skip = [f for f in asdict(spec.config) if f not in LR_FIND_SETTINGS] if spec.kind == "lr-find" else ()
-    cmd = [sys.executable, *SCRIPTS[spec.kind], *to_argv(spec.config, skip=skip)]
-    return cmd + (["--num-iters", str(spec.num_iters)] if spec.kind == "lr-find" else [])
+    skip = [f for f in asdict(order.config) if f not in LR_FIND_SETTINGS] if order.kind == "lr-find" else ()
+    cmd = [sys.executable, *SCRIPTS[order.kind], *to_argv(order.config, skip=skip)]
+    return cmd + (["--num-iters", str(order.num_iters)] if order.kind == "lr-find" else [])
 
 
-def command_line(spec):
+def command_line(order):
     """The same command as a user would type it in the repository folder."""
-    cmd = command(spec)
+    cmd = command(order)
     cmd[0] = "python"
     if Path(cmd[1]).is_relative_to(REPO):
         cmd[1] = str(Path(cmd[1]).relative_to(REPO))
@@ -204,13 +206,13 @@ class JobManager:
 
     # --- starting and stopping
 
-    def start(self, spec, owner=None):
+    def start(self, order, owner=None):
         """Start a job; UserError if one is running or the output folder is taken. `owner`: who started it
         (kept in the state file, never shown).
 
         The state file is written first: if that fails (a full disk), nothing is started.
         """
-        cmd, out = command(spec), job_folder(spec)
+        cmd, out = command(order), job_folder(order)
         with self.lock:
             job = self._refresh()
             if job is not None and job["status"] in RUNNING:
@@ -219,8 +221,8 @@ class JobManager:
                 raise UserError(f"{what} is already running ({job['name']}, started {started}); stop it first")
             if out.exists() and any(out.iterdir()):
                 raise UserError(f"{out.name} already exists; pick another run name")
-            job = {"name": out.name, "kind": spec.kind, "out": str(out), "log": str(out / "train.log"), "pid": None,
-                   "command": command_line(spec), "config": asdict(spec.config), "started_at": time.time(),
+            job = {"name": out.name, "kind": order.kind, "out": str(out), "log": str(out / "train.log"), "pid": None,
+                   "command": command_line(order), "config": asdict(order.config), "started_at": time.time(),
                    "status": "starting", "owner": owner}
             try:
                 out.mkdir(parents=True, exist_ok=True)
@@ -269,10 +271,10 @@ class JobManager:
         raise TimeoutError(f"the job is still running after {timeout} s")
 
 
-def job_folder(spec):
+def job_folder(order):
     """The job's own folder (its log, and what it writes): a trainer's --out, an export's file's folder."""
-    out = Path(spec.config.out)
-    return out.parent if spec.kind == "export-gguf" else out
+    out = Path(order.config.out)
+    return out.parent if order.kind == "export-gguf" else out
 
 
 def result(job):

@@ -18,7 +18,7 @@ import gradio as gr
 
 from llmb.app import config as app_config
 from llmb.app.common import known_path, shows_problems, warn
-from llmb.app.jobs import CONFIGS, job_spec, log_tail, progress
+from llmb.app.jobs import CONFIGS, job_order, log_tail, progress
 from llmb.app.uploads import forget_upload, save_upload, upload_key
 from llmb.errors import UserError
 from llmb.settings import specs
@@ -102,7 +102,7 @@ def export_source(job):
     return None
 
 
-def export_spec(ctx, out_type):
+def export_order(ctx, out_type):
     """The job that writes the last finished adapter as <work dir>/exports/<run>-<type>/<run>-<type>.gguf."""
     source = export_source(ctx.jobs.current())
     if source is None:
@@ -112,7 +112,7 @@ def export_spec(ctx, out_type):
     out = ctx.config.exports / f"{name}-{out_type}" / f"{name}-{out_type}.gguf"
     if out.is_file():
         raise UserError(f"{name} is already exported as {out.name}")
-    return job_spec("export-gguf", {"base": base, "adapter": adapter, "out": str(out), "type": out_type})
+    return job_order("export-gguf", {"base": base, "adapter": adapter, "out": str(out), "type": out_type})
 
 
 def public_job(config, job):
@@ -153,8 +153,8 @@ def picked_data(config, values):
     return app_config.resolve_data(config, values.get("data") or [], values.get("uploads_key"))
 
 
-def spec_from_form(ctx, values):
-    """A checked JobSpec from the Train form's named values."""
+def order_from_form(ctx, values):
+    """A checked JobOrder from the Train form's named values."""
     config, kind = ctx.config, values.get("kind")
     if kind not in KINDS:
         raise UserError(f"unknown job type {kind!r}; use story or qlora")
@@ -168,7 +168,7 @@ def spec_from_form(ctx, values):
         if problem:
             raise UserError(problem)
         settings["quant"] = qlora_quant(config.device)
-    return job_spec(kind, settings)
+    return job_order(kind, settings)
 
 
 def placeholder(kind):
@@ -246,7 +246,7 @@ def run_lr_finder(ctx, values):
     name = f"lr-find-{time.strftime('%Y%m%d-%H%M%S')}"
     settings = settings_of(values, "story") | {"data": picked_data(config, values),
                                                "out": str(config.work_dir / "lr-find" / name), "device": config.device}
-    job = ctx.jobs.start(job_spec("lr-find", settings, values.get("lr_steps")))
+    job = ctx.jobs.start(job_order("lr-find", settings, values.get("lr_steps")))
     try:
         job = ctx.jobs.wait(LR_FIND_TIMEOUT)
     except TimeoutError:
@@ -425,13 +425,13 @@ def job_handlers(ctx, widgets):
     @shows_problems(message, refused)
     def start(request: gr.Request, uploads_key=None, **values):
         check_allowed(ctx.config)
-        spec = spec_from_form(ctx, values | {"uploads_key": uploads_key})
-        return started(public_job(ctx.config, ctx.jobs.start(spec, owner(uploads_key, request))))
+        order = order_from_form(ctx, values | {"uploads_key": uploads_key})
+        return started(public_job(ctx.config, ctx.jobs.start(order, owner(uploads_key, request))))
 
     @shows_problems(message, refused)
     def export(request: gr.Request, uploads_key=None, out_type="f16"):
         check_allowed(ctx.config)
-        return started(public_job(ctx.config, ctx.jobs.start(export_spec(ctx, out_type), owner(uploads_key, request))))
+        return started(public_job(ctx.config, ctx.jobs.start(export_order(ctx, out_type), owner(uploads_key, request))))
 
     def started(job):
         return {widgets["message"]: f"started `{job['name']}`", widgets["status"]: job_markdown(job),

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from llmb.app import config as app_config
-from llmb.app.jobs import JobManager, command_line, job_spec, progress
+from llmb.app.jobs import JobManager, command_line, job_order, progress
 from llmb.app.uploads import save_upload
 from llmb.errors import UserError
 from llmb.story.checkpoint import load_checkpoint
@@ -17,7 +17,7 @@ TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=16, eval_i
 
 
 def story_spec(shared_data, out, **params):
-    return job_spec("story", {"data": [str(shared_data / BOOK)], "out": str(out)} | TINY | {"max_iters": 100_000}
+    return job_order("story", {"data": [str(shared_data / BOOK)], "out": str(out)} | TINY | {"max_iters": 100_000}
                     | params)
 
 
@@ -41,11 +41,11 @@ def test_command_line_is_what_a_user_would_type(tmp_path, shared_data):
     assert line.startswith(f"python training/train_char.py --data {shared_data / BOOK} --out {tmp_path / 'run'} ")
     assert "--n-layer 2" in line and "--lr auto" in line and "--max-iters 100000" in line
     assert line.endswith(" --no-progress"), "the log gets one line per eval, not a progress bar"
-    qlora = command_line(job_spec("qlora", {"data": ["chats.jsonl"], "out": "out", "base": "some/model",
+    qlora = command_line(job_order("qlora", {"data": ["chats.jsonl"], "out": "out", "base": "some/model",
                                             "max_steps": 10, "quant": "none"}))
     assert qlora == "python training/train_qlora.py --base some/model --data chats.jsonl --out out --quant none " \
                     "--max-steps 10"
-    lr_find = command_line(job_spec("lr-find", {"data": ["a.txt"], "out": "o", "n_layer": 2, "max_iters": 5}, 20))
+    lr_find = command_line(job_order("lr-find", {"data": ["a.txt"], "out": "o", "n_layer": 2, "max_iters": 5}, 20))
     assert lr_find == "python -m llmb lr-find --data a.txt --out o --n-layer 2 --no-progress --num-iters 20"
 
 
@@ -76,11 +76,11 @@ def test_bad_settings_are_refused_before_starting(tmp_path, shared_data, params,
 
 def test_empty_data_and_unknown_kind_are_refused(tmp_path):
     with pytest.raises(UserError, match="pick or upload training data"):
-        job_spec("story", {"data": [], "out": str(tmp_path), "max_iters": 5})
+        job_order("story", {"data": [], "out": str(tmp_path), "max_iters": 5})
     with pytest.raises(UserError, match="unknown job type"):
-        job_spec("dpo", {"data": ["x"], "out": str(tmp_path)})
+        job_order("dpo", {"data": ["x"], "out": str(tmp_path)})
     with pytest.raises(UserError, match="LR finder steps must be between 10 and 2000"):
-        job_spec("lr-find", {"data": ["x"], "out": str(tmp_path)}, num_iters=3)
+        job_order("lr-find", {"data": ["x"], "out": str(tmp_path)}, num_iters=3)
 
 
 # ------------------------------------------------------------------------------- running jobs
@@ -135,7 +135,7 @@ def test_a_failing_run_reports_the_trainers_error(tmp_path):
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("too short\n")
     manager = JobManager(tmp_path / "job.json")
-    manager.start(job_spec("story", {"data": [str(tiny)], "out": str(tmp_path / "run"), "max_iters": 5} | TINY))
+    manager.start(job_order("story", {"data": [str(tiny)], "out": str(tmp_path / "run"), "max_iters": 5} | TINY))
     job = manager.wait(60)
     assert job["status"] == "failed" and job["returncode"] == 2
     assert job["error"].startswith("the training split has") and "fewer than one block" in job["error"]

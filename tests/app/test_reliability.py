@@ -25,7 +25,7 @@ from gradio_client import Client
 from llmb.app import common, jobs, page
 from llmb.app import config as app_config
 from llmb.app.common import Lane, known_path
-from llmb.app.jobs import JobManager, job_spec
+from llmb.app.jobs import JobManager, job_order
 from llmb.app.models import Assistant, StopFlags, check_prompt, plain_messages
 from llmb.app.uploads import save_upload, upload_key
 from llmb.assistant.engine import history_to_turns
@@ -48,10 +48,10 @@ def fake_trainer(tmp_path, monkeypatch, body, kind="story"):
     monkeypatch.setitem(jobs.SCRIPTS, kind, [str(script)])
 
 
-def spec(tmp_path, name="run", kind="story"):
+def order(tmp_path, name="run", kind="story"):
     data = tmp_path / "book.txt"
     data.write_text("Once upon a time.\n" * 50)
-    return job_spec(kind, {"data": [str(data)], "out": str(tmp_path / name), "max_iters": 5})
+    return job_order(kind, {"data": [str(data)], "out": str(tmp_path / name), "max_iters": 5})
 
 
 # ------------------------------------------------------------------ 1. Stop is never lost
@@ -63,7 +63,7 @@ def test_stop_escalates_when_the_trainer_ignores_sigint(tmp_path, monkeypatch):
     """Started under `nohup … &`, the trainer ignores SIGINT: Stop again sends SIGTERM, then SIGKILL."""
     fake_trainer(tmp_path, monkeypatch, IGNORES_SIGINT + "")
     manager = JobManager(tmp_path / "job.json")
-    manager.start(spec(tmp_path))
+    manager.start(order(tmp_path))
     time.sleep(0.5)
     assert manager.stop()["signals"] == ["SIGINT"]
     time.sleep(0.3)
@@ -79,7 +79,7 @@ def test_stop_escalates_by_itself_after_the_grace_period(tmp_path, monkeypatch):
                  "signal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(120)\n")
     monkeypatch.setattr(jobs, "GRACE_S", 0.3)
     manager = JobManager(tmp_path / "job.json")
-    manager.start(spec(tmp_path))
+    manager.start(order(tmp_path))
     time.sleep(0.5)
     manager.stop()
     job = manager.wait(10)  # each look at the job escalates once its grace period is over
@@ -106,7 +106,7 @@ def test_stop_three_times_says_which_checkpoint_is_kept(tmp_path, monkeypatch):
     """Killed before its final save, a run that saved at step 30 keeps that checkpoint: the page says so."""
     fake_trainer(tmp_path, monkeypatch, SAVES_THEN_HANGS)
     manager = JobManager(tmp_path / "job.json")
-    manager.start(spec(tmp_path))
+    manager.start(order(tmp_path))
     deadline = time.time() + 10
     while "training" not in jobs.log_tail(manager.current()) and time.time() < deadline:
         time.sleep(0.1)
@@ -230,7 +230,7 @@ def test_a_full_disk_starts_no_trainer(tmp_path, monkeypatch):
     for _ in range(3):  # three Starts: three clear messages, no trainer
         with pytest.raises(UserError, match=r"could not write the job state \(No space left on device\); "
                                             "nothing was started"):
-            manager.start(spec(tmp_path, name=f"run{_}"))
+            manager.start(order(tmp_path, name=f"run{_}"))
         TRIED["faults injected"] += 1
 
 
@@ -266,7 +266,7 @@ def test_a_failed_run_says_why_in_one_line(tmp_path, monkeypatch, body, expected
 
     fake_trainer(tmp_path, monkeypatch, body)
     manager = JobManager(tmp_path / "job.json")
-    manager.start(spec(tmp_path))
+    manager.start(order(tmp_path))
     job = manager.wait(30)
     assert job["status"] == "failed" and job["error"] == expected
     shown = job_markdown(job)
@@ -303,14 +303,14 @@ def test_the_lr_finder_cannot_run_beside_training_and_stop_stops_it(tmp_path, mo
     fake_trainer(tmp_path, monkeypatch, "time.sleep(120)\n")
     fake_trainer(tmp_path, monkeypatch, "time.sleep(120)\n", kind="lr-find")
     manager = JobManager(tmp_path / "job.json")
-    manager.start(spec(tmp_path))
+    manager.start(order(tmp_path))
     with pytest.raises(UserError, match=r"a training job is already running \(run"):
-        manager.start(spec(tmp_path, name="lr", kind="lr-find"))
+        manager.start(order(tmp_path, name="lr", kind="lr-find"))
     manager.stop()
     assert manager.wait(10)["status"] == "stopped"
-    manager.start(spec(tmp_path, name="lr", kind="lr-find"))
+    manager.start(order(tmp_path, name="lr", kind="lr-find"))
     with pytest.raises(UserError, match=r"the LR finder is already running"):
-        manager.start(spec(tmp_path, name="run2"))
+        manager.start(order(tmp_path, name="run2"))
     assert manager.stop()["kind"] == "lr-find"
     assert manager.wait(10)["status"] == "stopped"
     TRIED["faults injected"] += 2
@@ -880,7 +880,7 @@ def test_on_a_space_only_the_browser_that_started_a_run_may_stop_it(tmp_path, mo
     for env in ({"SPACE_ID": "me/llmb", "LLMB_ALLOW_TRAINING": "1"}, {}):
         config = app_config.parse_args(["--work-dir", str(tmp_path / "work")], env)
         ctx = SimpleNamespace(config=config, jobs=JobManager(tmp_path / "job.json"))
-        ctx.jobs.start(spec(tmp_path, name=f"run{len(env)}"), owner(mine, None))
+        ctx.jobs.start(order(tmp_path, name=f"run{len(env)}"), owner(mine, None))
         message, job = stop_for(ctx, owner(theirs, None))
         if env:  # a Space with training on: another browser (or API session) cannot stop it
             assert message.endswith("this run was started in another browser; only that browser can stop it")
