@@ -16,12 +16,13 @@ import math
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields, replace
+from pathlib import Path
 
 from llmb.errors import UserError
 
 
 def setting(default=MISSING, help="", *, low=None, high=None, choices=None, words=(), label=None, form=False,
-            required=False, factory=None, app_range=None, called=None):
+            required=False, factory=None, app_range=None, called=None, env=None):
     """A dataclass field that knows its help text and allowed values.
 
     low/high: the inclusive range of a number; choices: the allowed strings; words: strings
@@ -30,10 +31,13 @@ def setting(default=MISSING, help="", *, low=None, high=None, choices=None, word
     so that code can build a config step by step); app_range: the (lowest, highest) the app's
     slider offers and its API takes, where a public server bounds one call's work more tightly
     than low/high; called: its name in the checks' messages (default: its flag), for settings
-    a library call takes by keyword ("max new tokens must be between 1 and 1e+06").
+    a library call takes by keyword ("max new tokens must be between 1 and 1e+06"); env: the
+    environment variable that gives it when its flag is not given (the app's settings: a Space
+    passes no flags).
     """
     meta = dict(help=help, low=low, high=high, choices=tuple(choices) if choices else None, words=tuple(words),
-                label=label, form=form, required=required, app_range=app_range, called=called)
+                label=label, form=form, required=required, app_range=app_range, called=called,
+                env=env)
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -57,6 +61,7 @@ class Spec:
     required: bool = False
     app_range: tuple | None = None
     called: str | None = None
+    env: str | None = None
 
     @property
     def flag(self):
@@ -198,11 +203,13 @@ def parse(spec, value, label=None):
     if spec.kind is list:
         items = [value] if isinstance(value, str) else list(value)
         items = [part.strip() for item in items for part in str(item).split(",") if part.strip()]  # a,b works too
-        if not items:
+        if not items and (spec.required or spec.default):
             raise UserError(f"{name} needs at least one value")
         return [str(item) for item in items]
     if isinstance(value, str) and value.strip() in spec.words:
         return value.strip()
+    if spec.kind is Path:
+        return Path(value).expanduser().resolve()
     if spec.kind is str:
         if not isinstance(value, str):
             raise UserError(f"{name} must be text (got {value!r})")
@@ -265,8 +272,10 @@ def _argparse_type(spec):
     return convert
 
 
-def add_arguments(parser, cls, only=None, skip=(), as_text=False):
+def add_arguments(parser, cls, only=None, skip=(), as_text=False, defaults=None):
     """One flag per setting of `cls` (or of the names in `only`), with its help, default and range.
+
+    defaults: {name: value} in place of the class's defaults (the app's, from environment variables).
 
     as_text: argparse keeps the values as given and `from_args` checks them, so that a bad one is an
     `error:` line naming the setting as the class's check does (not argparse's usage and complaint).
@@ -274,17 +283,17 @@ def add_arguments(parser, cls, only=None, skip=(), as_text=False):
     for spec in specs(cls):
         if spec.name in skip or (only is not None and spec.name not in only):
             continue
-        default = None if spec.required else spec.default
+        default = None if spec.required else (defaults or {}).get(spec.name, spec.default)
         shown = "" if spec.required or default in (None, [], "") or spec.kind is bool else f" (default: {default})"
         limits = f" [{spec.allowed()}]" if spec.kind in (int, float) and (spec.low is not None or spec.words) else ""
-        text = spec.help + shown + limits
+        text = spec.help + shown + limits + (f"; environment variable {spec.env}" if spec.env else "")
         if spec.kind is bool and spec.default:
             parser.add_argument(f"--no-{spec.flag[2:]}", dest=spec.name, action="store_false", help="turn off: " + text)
         elif spec.kind is bool:
-            parser.add_argument(spec.flag, action="store_true", help=text)
-        elif spec.kind is list:
-            parser.add_argument(spec.flag, nargs="+", default=default, required=spec.required, metavar="VALUE",
-                                help=text)
+            parser.add_argument(spec.flag, action="store_true", default=bool(default), help=text)
+        elif spec.kind is list:  # `--data a b` and `--data a --data b` alike; the class's default when not given
+            parser.add_argument(spec.flag, nargs="+", action="extend", default=None, required=spec.required,
+                                metavar="VALUE", help=text)
         else:
             parser.add_argument(spec.flag, type=None if as_text else _argparse_type(spec), default=default,
                                 required=spec.required,
@@ -293,8 +302,8 @@ def add_arguments(parser, cls, only=None, skip=(), as_text=False):
 
 def from_args(cls, args):
     """The config of `cls` from parsed arguments (names not in `cls` are ignored), checked."""
-    names = {s.name for s in specs(cls)}
-    return check(cls(**{k: v for k, v in vars(args).items() if k in names}))
+    given = {s.name for s in specs(cls) if not (s.kind is list and getattr(args, s.name, None) is None)}
+    return check(cls(**{k: v for k, v in vars(args).items() if k in given}))
 
 
 def to_argv(cfg, skip=()):

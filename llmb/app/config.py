@@ -20,34 +20,20 @@ import functools
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from llmb.assistant.config import DEFAULT_BASE
 from llmb.assistant.gguf import SMALL_NAME
 from llmb.errors import UserError
 from llmb.folders import is_adapter, is_base_model, is_story_checkpoint
+from llmb.settings import add_arguments, from_args, parse, setting, specs
 
 REPO = Path(__file__).resolve().parents[2]
 PERSISTENT = Path("/data")  # a Space with persistent storage mounts it here
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SMALL_ASSISTANT = "python -m llmb get-small-assistant"  # installs SMALL_NAME
 UPLOAD_KEY = re.compile(r"^[A-Za-z0-9_-]{16,64}$")  # a browser's own uploads folder (uploads.upload_key)
-
-
-def truthy(value):
-    return str(value or "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def positive(value):
-    """A limit from a flag or an environment variable: a whole number of at least 1."""
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1 (got {value!r})") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1 (got {value!r})")
-    return number
 
 
 def persistent_storage():
@@ -59,22 +45,40 @@ def persistent_storage():
 
 @dataclass
 class AppConfig:
-    host: str = "127.0.0.1"
-    port: int = 7860
-    share: bool = False
-    story_ckpt: Path = REPO / "checkpoints" / "oz-story"
-    base: str = DEFAULT_BASE
-    adapter: str = "auto"  # "auto" (newest under checkpoints), "none", or a folder
-    device: str = "auto"
-    cpu_int8: bool = False
-    checkpoints: Path = REPO / "checkpoints"  # scanned by the pickers; new runs are written here
-    data_dirs: list = field(default_factory=list)  # folders the Train tab may read data from
-    work_dir: Path = REPO / "runs" / "app"  # job state, uploads, LR finder plots
-    on_space: bool = False
-    allow_training: bool = True
-    max_turns: int = 200  # messages in a chat history an API call may send back
-    uploads_mb: int = 50  # what one browser may keep uploaded, in all
-    uploads_files: int = 20
+    """The app's settings: each field is a flag of `python app.py` and, where it names one, an environment
+    variable (read when the flag is not given)."""
+
+    host: str = setting("127.0.0.1", "address to serve on", env="GRADIO_SERVER_NAME")
+    port: int = setting(7860, "port to serve on", low=1, high=65535, env="GRADIO_SERVER_PORT")
+    share: bool = setting(False, "ask Gradio for a public share link")
+    story_ckpt: Path = setting(REPO / "checkpoints" / "oz-story", "story checkpoint the Story tab opens with",
+                               env="LLMB_STORY_CKPT")
+    base: str = setting(DEFAULT_BASE, "the assistant's base model: hub id or local folder", env="LLMB_BASE")
+    adapter: str = setting("auto", "LoRA adapter folder, 'none', or 'auto' (the newest adapter under the "
+                                   "checkpoints folder)", env="LLMB_ADAPTER")
+    device: str = setting("auto", "where the models run", choices=("auto", "cpu", "cuda"), env="LLMB_DEVICE")
+    cpu_int8: bool = setting(False, "assistant on CPU: int8 linear layers (faster, less memory)", env="LLMB_CPU_INT8")
+    checkpoints: Path = setting(REPO / "checkpoints", "folder scanned for checkpoints and adapters; new training "
+                                "runs go here (default on a Space with persistent storage: /data/checkpoints)",
+                                env="LLMB_CHECKPOINTS")
+    data_dir: list = setting(help="folder the Train tab may read data from (several: --data-dir A B; default: "
+                                  "data/ and ../shared/data where they exist)", factory=list)
+    work_dir: Path = setting(REPO / "runs" / "app", "job state, uploads, LR finder plots and exports (default on "
+                             "a Space with persistent storage: /data/llmb)", env="LLMB_WORK_DIR")
+    allow_training: bool = setting(False, "allow training on a public Space (always allowed elsewhere)",
+                                   env="LLMB_ALLOW_TRAINING")
+    max_turns: int = setting(200, "messages a chat history may hold (an API client sends it back with each "
+                                  "message)", low=1, high=10**6, env="LLMB_MAX_TURNS")
+    uploads_mb: int = setting(50, "megabytes of uploads one browser may keep (and send in one request)", low=1,
+                              high=10**6, env="LLMB_UPLOADS_MB")
+    uploads_files: int = setting(20, "files one browser may keep uploaded (and send in one request)", low=1,
+                                 high=10**6, env="LLMB_UPLOADS_FILES")
+    on_space: bool = False  # SPACE_ID is set: a Hugging Face Space (not a flag)
+
+    @property
+    def data_dirs(self):
+        """The folders the Train tab may read data from."""
+        return [Path(d) for d in self.data_dir]
 
     @property
     def uploads(self):
@@ -111,47 +115,25 @@ def parse_args(argv=None, env=None):
     """AppConfig from flags, falling back to environment variables, then to the defaults."""
     env = os.environ if env is None else env
     storage = persistent_storage()
-    default_checkpoints = storage / "checkpoints" if storage else REPO / "checkpoints"
-    default_work = storage / "llmb" if storage else REPO / "runs" / "app"
-    default_data = [d for d in (REPO / "data", REPO.parent / "shared" / "data") if d.is_dir()]
-    env_data = [d for d in env.get("LLMB_DATA_DIRS", "").split(os.pathsep) if d]
-
-    p = argparse.ArgumentParser(prog="python app.py", description="llmb: story model, assistant and training in a browser.")
-    p.add_argument("--host", default=env.get("GRADIO_SERVER_NAME", "127.0.0.1"))
-    p.add_argument("--port", type=int, default=int(env.get("GRADIO_SERVER_PORT", 7860)))
-    p.add_argument("--share", action="store_true", help="ask Gradio for a public share link")
-    p.add_argument("--story-ckpt", default=env.get("LLMB_STORY_CKPT", str(REPO / "checkpoints" / "oz-story")))
-    p.add_argument("--base", default=env.get("LLMB_BASE", DEFAULT_BASE), help="hub id or local folder")
-    p.add_argument("--adapter", default=env.get("LLMB_ADAPTER", "auto"),
-                   help="LoRA adapter folder, 'none', or 'auto' (the newest adapter under the checkpoints folder)")
-    p.add_argument("--device", default=env.get("LLMB_DEVICE", "auto"), choices=["auto", "cpu", "cuda"])
-    p.add_argument("--cpu-int8", action="store_true", default=truthy(env.get("LLMB_CPU_INT8")),
-                   help="assistant on CPU: int8 linear layers (faster, less memory)")
-    p.add_argument("--checkpoints", default=env.get("LLMB_CHECKPOINTS", str(default_checkpoints)),
-                   help="folder scanned for checkpoints and adapters; new training runs go here")
-    p.add_argument("--data-dir", action="append", default=None,
-                   help="folder the Train tab may read data from (repeat for several)")
-    p.add_argument("--work-dir", default=env.get("LLMB_WORK_DIR", str(default_work)),
-                   help="job state, uploads and LR finder output")
-    p.add_argument("--allow-training", action="store_true", default=truthy(env.get("LLMB_ALLOW_TRAINING")),
-                   help="allow training on a public Space (always allowed elsewhere)")
-    p.add_argument("--max-turns", type=positive, default=env.get("LLMB_MAX_TURNS", 200),
-                   help="messages a chat history may hold (an API client sends it back with each message)")
-    p.add_argument("--uploads-mb", type=positive, default=env.get("LLMB_UPLOADS_MB", 50),
-                   help="megabytes of uploads one browser may keep (and send in one request)")
-    p.add_argument("--uploads-files", type=positive, default=env.get("LLMB_UPLOADS_FILES", 20),
-                   help="files one browser may keep uploaded (and send in one request)")
+    defaults = {"data_dir": [d for d in (REPO / "data", REPO.parent / "shared" / "data") if d.is_dir()]}
+    if storage:
+        defaults |= {"checkpoints": storage / "checkpoints", "work_dir": storage / "llmb"}
+    defaults["data_dir"] = [d for d in env.get("LLMB_DATA_DIRS", "").split(os.pathsep) if d] or defaults["data_dir"]
+    p = argparse.ArgumentParser(prog="python app.py", description="llmb: story model, assistant and training in a "
+                                "browser. Every flag with an environment variable (LLMB_DATA_DIRS: folders "
+                                "separated by the path separator) takes it when not given.")
+    add_arguments(p, AppConfig, skip=("on_space",), defaults=defaults)
+    try:
+        p.set_defaults(**{s.name: parse(s, env[s.env], s.env) for s in specs(AppConfig)
+                          if s.env and env.get(s.env, "").strip()})
+    except UserError as e:
+        p.error(str(e))
     args = p.parse_args(argv)
-
-    on_space = bool(env.get("SPACE_ID"))
-    return AppConfig(
-        host=args.host, port=args.port, share=args.share, story_ckpt=Path(args.story_ckpt).resolve(), base=args.base,
-        adapter=args.adapter, device=args.device, cpu_int8=args.cpu_int8, checkpoints=Path(args.checkpoints).resolve(),
-        data_dirs=[Path(d).resolve() for d in (args.data_dir or env_data or default_data)],
-        work_dir=Path(args.work_dir).resolve(),
-        on_space=on_space, allow_training=args.allow_training or not on_space,
-        max_turns=args.max_turns, uploads_mb=args.uploads_mb, uploads_files=args.uploads_files,
-    )
+    config = from_args(AppConfig, argparse.Namespace(**vars(args) | {"data_dir": args.data_dir or defaults["data_dir"]}))
+    config.data_dir = [Path(d).resolve() for d in config.data_dir]
+    config.on_space = bool(env.get("SPACE_ID"))
+    config.allow_training = config.allow_training or not config.on_space
+    return config
 
 
 def environment(env=None):

@@ -239,6 +239,28 @@ def test_flags_and_environment_variables(tmp_path):
     assert app_config.environment({})["GRADIO_ANALYTICS_ENABLED"] == "False"
 
 
+def test_app_flags_come_from_one_dataclass_with_their_environment_variables(tmp_path, capsys):
+    from llmb.settings import specs
+
+    for spec in specs(app_config.AppConfig):  # every flag has help; the help names its variable
+        assert spec.help or spec.name == "on_space"
+    with pytest.raises(SystemExit):
+        app_config.parse_args(["--help"], {})
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "--max-turns" in shown and "environment variable LLMB_MAX_TURNS" in shown
+    for bad, says in (({"LLMB_MAX_TURNS": "abc"}, "LLMB_MAX_TURNS must be a number (got 'abc')"),
+                      ({"LLMB_UPLOADS_MB": "0"}, "LLMB_UPLOADS_MB must be between 1 and"),
+                      ({"LLMB_CPU_INT8": "maybe"}, "LLMB_CPU_INT8 must be true or false")):
+        with pytest.raises(SystemExit) as exit_:
+            app_config.parse_args([], bad)
+        assert exit_.value.code == 2 and says in capsys.readouterr().err
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert app_config.parse_args(["--data-dir", str(a), "--data-dir", str(b)], {}).data_dirs == [a, b]
+    assert app_config.parse_args(["--data-dir", str(a), str(b)], {}).data_dirs == [a, b]
+    assert app_config.parse_args(["--max-turns", "7"], {"LLMB_MAX_TURNS": "9"}).max_turns == 7  # the flag wins
+    assert app_config.parse_args([], {"LLMB_MAX_TURNS": "9"}).max_turns == 9
+
+
 def test_training_is_off_on_a_public_space_unless_allowed():
     assert app_config.parse_args([], {}).allow_training
     assert not app_config.parse_args([], {"SPACE_ID": "me/llmb"}).allow_training
