@@ -8,7 +8,7 @@ took in this same run:
     python training/train_char.py --data tinyshakespeare.txt --out DIR --max-time 0.33*T - S  (ours)
     python -m llmb eval --ckpt DIR --data tinyshakespeare.txt
 
-With --max-time under 3 minutes our default depth (--n-layer auto) is 2 blocks, not nanoGPT's 4.
+With --max-time under 5 minutes our default depth (--n-layer auto) is 2 blocks, not nanoGPT's 4.
 
 Both final models are scored the same way on the same validation text (the last 10%), with
 non-overlapping windows of 64 characters; nanoGPT's own estimate (20 random batches) is printed

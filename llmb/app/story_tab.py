@@ -52,6 +52,17 @@ def stream(ctx, shown, checkpoint, prompt, settings, flag):
     yield {output: story, note: f"{done}. {extra}".strip(), status: ctx.stories.status(path)}
 
 
+def sampling_sliders():
+    """{API parameter name: widget} of the sampling settings, starting where `llmb sample` does."""
+    return {"max_new": slider(STORY_SAMPLING, "max_new_tokens", STORY_DEFAULTS.max_new_tokens,
+                              elem_id="story-max-new"),
+            "temperature": slider(STORY_SAMPLING, "temperature", STORY_DEFAULTS.temperature,
+                                  info="0 = always the likeliest"),
+            "top_k": slider(STORY_SAMPLING, "top_k", 0, info="0 = off"),  # the default, None, is off
+            "top_p": slider(STORY_SAMPLING, "top_p", STORY_DEFAULTS.top_p),
+            "seed": gr.Textbox("", label="Seed", info="empty = random")}  # a Number cannot be empty
+
+
 def build(ctx):
     """The tab's components and events; returns the checkpoint picker (the Train tab refreshes it)."""
     found = story_checkpoints(ctx.config)
@@ -70,13 +81,7 @@ def build(ctx):
             with gr.Column(scale=1):
                 ckpt = gr.Dropdown(list(found), value=first, label="Checkpoint", allow_custom_value=True,
                                    info="story checkpoints under checkpoints/", elem_id="story-ckpt")
-                max_new = slider(STORY_SAMPLING, "max_new_tokens", STORY_DEFAULTS.max_new_tokens,
-                                 elem_id="story-max-new")
-                temperature = slider(STORY_SAMPLING, "temperature", STORY_DEFAULTS.temperature,
-                                     info="0 = always the likeliest")
-                top_k = slider(STORY_SAMPLING, "top_k", 0, info="0 = off")  # the default, None, is off
-                top_p = slider(STORY_SAMPLING, "top_p", STORY_DEFAULTS.top_p)
-                seed = gr.Textbox("", label="Seed", info="empty = random")  # a Number cannot be empty
+                sampling = sampling_sliders()
 
     def problem(line, inputs, theirs):
         """The note says what went wrong; the model's status is refreshed when the input was at fault."""
@@ -95,8 +100,7 @@ def build(ctx):
         ctx.stop_flags.stop(call_key(request, "story"))
 
     while_running([generate.click], [generate], write,
-                  inputs_kwargs=dict(checkpoint=ckpt, prompt=prompt, max_new=max_new, temperature=temperature,
-                                     top_k=top_k, top_p=top_p, seed=seed),
+                  inputs_kwargs=dict(checkpoint=ckpt, prompt=prompt, **sampling),
                   outputs=[output, note, status], api_name="story",
                   concurrency_limit=None)  # its own lane (common.LANES) bounds it
     stop.click(stop_writing, None, None, api_name="story_stop", concurrency_limit=None, queue=False)

@@ -18,7 +18,7 @@ RUNTIME = GB // 2  # Python, torch and the data, before any model
 
 # --n-layer auto: the depth for the run's length. In a short --max-time run, twice the steps of a 2-block model
 # reach a lower loss than the steps of the default 4 blocks (tinyshakespeare: docs/results.md).
-SHORT_RUN_S = 180.0
+SHORT_RUN_S = 300.0
 
 # What --resume may change: how long to train, how often to look, where and how it shows.
 # Any other setting is part of the run (the model, the data, the optimizer): changing it is refused.
