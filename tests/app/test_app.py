@@ -313,6 +313,8 @@ def test_train_start_refuse_second_stop_and_find_the_checkpoint(app, client):
     ("bad9", ["data/../../../etc"], {}, "is not one of the data sources"),
     ("bad10", [], {}, "pick or upload training data first"),
     ("bad11", [5], {}, "data must be a list of the Data picker's names"),
+    ("bad12", None, {"story_n_layer": 10**400}, "Layers must be a whole number from 1 to 64 or 'auto' (got"),
+    ("bad13", None, {"story_n_layer": "deep"}, "Layers must be a whole number from 1 to 64 or 'auto' (got 'deep')"),
 ])
 def test_train_bad_input_gives_a_message(app, client, name, data, changes, expected):
     values = TINY_TRAIN | changes

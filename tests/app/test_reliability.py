@@ -790,7 +790,7 @@ MALFORMED = [
     ("/chat_regenerate", {"history": "hello"}, "history: must be a list"),
     ("/train_start", {"kind": "lr-find", "data": [WIZARD]}, "kind: must be one of story, qlora (got 'lr-find')"),
     ("/train_start", {"kind": 3, "data": [WIZARD]}, "kind: must be one of story, qlora (got '3')"),
-    ("/train_start", {"kind": "story", "story_n_layer": 10**400}, "story_n_layer: must be a number of at most 308"),
+    ("/train_start", {"kind": "story", "story_n_head": 10**400}, "story_n_head: must be a number of at most 308"),
     ("/lr_find", {"lr_steps": "nan", "data": [WIZARD]}, "lr_steps: must be a number (got 'nan')"),
     ("/story", {"checkpoint": "tiny-story", "max_new": 10**400}, "max_new: must be a number of at most 308 digits"),
 ]
