@@ -11,10 +11,19 @@ holds what the command itself writes; anything else is refused in one line sayin
 Reading a folder's kind imports nothing heavy, so the app can list its pickers before torch loads.
 """
 
+import functools
+import hashlib
 import json
 import os
 import re
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+
+try:
+    import fcntl  # not on Windows: there two runs into one folder are not caught
+except ImportError:
+    fcntl = None
 
 from llmb.errors import UserError
 
@@ -174,3 +183,45 @@ def saved_step(path):
         return config["step"]
     steps = [int(p.name.split("-")[1]) for p in path.glob("checkpoint-*") if ADAPTER_CHECKPOINT.match(p.name)]
     return max(steps) if steps else None
+
+
+@contextmanager
+def claim(path, flag="--out"):
+    """Hold the folder `path` for this process while the block runs: a second process that claims it
+    meanwhile is refused (two trainers writing one folder would mix or destroy both runs).
+
+    The lock is a file in the system's temporary folder named after the folder's absolute path, held
+    with flock: the kernel releases it when the process ends, kill -9 included. Only the first process
+    of a multi-process run (RANK 0) claims; a process may claim a folder again while it holds it.
+    """
+    key = str(Path(path).expanduser().resolve())
+    if fcntl is None or int(os.environ.get("RANK", "0")) != 0 or key in _HELD:
+        yield
+        return
+    locks = Path(tempfile.gettempdir()) / "llmb-locks"
+    locks.mkdir(mode=0o700, exist_ok=True)
+    fd = os.open(locks / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"another run is writing to {path} right now; wait until it ends (or stop it), "
+                        f"or give another {flag}") from None
+    _HELD.add(key)
+    try:
+        yield
+    finally:
+        _HELD.discard(key)
+        os.close(fd)  # releases the lock
+
+
+_HELD = set()  # the folders this process holds
+
+
+def one_writer(train):
+    """Decorator for a trainer train(cfg, ...): it holds cfg.out while it runs (claim)."""
+    @functools.wraps(train)
+    def holding(cfg, *args, **kwargs):
+        with claim(cfg.out):
+            return train(cfg, *args, **kwargs)
+    return holding

@@ -32,7 +32,7 @@ from llmb.assistant.loading import compute_dtype, load_base_model, load_tokenize
 from llmb.device import resolve_device
 from llmb.errors import UserError
 from llmb.fileio import save_dir_atomically, sync_folder, write_error, write_json
-from llmb.folders import JOB_LOG, check_out_folder
+from llmb.folders import JOB_LOG, check_out_folder, one_writer
 from llmb.runlog import NEW_PROGRESS, PROGRESS, MetricsLog, StopSignal, make_summary, trim_metrics, write_progress, write_summary
 
 
@@ -466,6 +466,7 @@ def loop(run, log, stop, evals, out):
     return step, train_loss, val_loss
 
 
+@one_writer
 def train(cfg: TrainConfig):
     """Fine-tune cfg.base with LoRA on cfg.data; returns the summary dict (also in out/summary.json)."""
     from accelerate import Accelerator

@@ -140,6 +140,11 @@ class TimeBudget:
         total = self.agree(plan_steps(step, step_time, eval_cost, time_left, self.eval_interval))
         return min(total, self.max_iters or total)
 
+    def due(self, now):
+        """Time to plan again without an eval: 2% of the budget (at least 0.5 s) since the last plan. A run
+        that evaluates rarely would otherwise keep a plan made on a busy start, and end far too early."""
+        return bool(self.agree(int(now - self.plan_from[0] >= max(0.5, 0.02 * self.seconds))))
+
     def planned(self, step):
         """Remember when the schedule was planned: the next replan measures the speed from here."""
         self.plan_from = (time.perf_counter(), step, self.eval_time)

@@ -27,7 +27,7 @@ import torch
 
 from llmb.device import resolve_device
 from llmb.errors import UserError
-from llmb.folders import check_out_folder, is_story_checkpoint
+from llmb.folders import check_out_folder, is_story_checkpoint, one_writer
 from llmb.runlog import MetricsLog, StopSignal, trim_metrics, write_summary
 from llmb.settings import check
 from llmb.story.batches import Data, bits_per_char, bpc_label, evaluate, get_batch, prepare_data
@@ -328,6 +328,7 @@ def save(run):
 
 # ---------------------------------------------------------------------------------- the loop
 
+@one_writer
 def train(cfg, log=print):
     """Train a story model as `cfg` says; returns (model, summary), the summary also in summary.json."""
     run = prepare(cfg, log)
@@ -366,7 +367,8 @@ def loop(run):
                 log_record(run, record)
             if done or stopped_by:
                 return stopped_by or "done"
-            if evaluate_now and budget is not None and budget.plan_from is not None:
+            if budget is not None and budget.plan_from is not None and (
+                    evaluate_now or (run.step % cfg.log_interval == 0 and budget.due(now))):
                 replan(run)
 
 
@@ -399,7 +401,8 @@ def calibrate(run, now):
 
 
 def replan(run):
-    """--max-time, at each eval: plan the rest again from the speed measured since the last plan."""
+    """--max-time, at each eval (and at a log step once 2% of the time went by without a plan): plan the
+    rest again from the speed measured since the last plan."""
     new_plan = run.budget.replan(run.schedule, run.step)
     if new_plan is None:
         return

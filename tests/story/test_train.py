@@ -168,6 +168,26 @@ def test_max_time_replans_when_the_machine_speeds_up(corpus, tmp_path, monkeypat
     assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))
 
 
+def test_max_time_replans_without_evals_when_the_machine_speeds_up(corpus, tmp_path, monkeypatch):
+    """With evals rare, a plan made on a busy start ended a 30 s run in 15 s: it replans between evals too."""
+    import llmb.story.train as story_train
+
+    real_step = story_train.train_step
+
+    def busy_then_quiet(run):
+        if run.step < 60:
+            time.sleep(0.03)
+        return real_step(run)
+
+    monkeypatch.setattr(story_train, "train_step", busy_then_quiet)
+    cfg = TrainConfig(data=[str(corpus)], out=str(tmp_path / "drift"), max_time=6.0, eval_interval=100000,
+                      eval_iters=1, log_interval=1, sample_chars=0, **TINY)
+    _, summary = train(cfg, **QUIET)
+    plans = [r["total_steps"] for r in read_metrics(tmp_path / "drift" / "metrics.jsonl") if r["total_steps"]]
+    assert plans[-1] > 1.5 * plans[0], f"the schedule was not lengthened: {plans[0]} -> {plans[-1]}"
+    assert 0.75 * 6.0 <= summary["elapsed_s"] <= 6.0 + 1.0, "the time was used, not overrun"
+
+
 @pytest.mark.parametrize("tokenizer, lossless", [("bpe", True), ("wordpiece", False)])
 def test_subword_runs_report_bits_per_character_and_say_when_lossy(corpus, tmp_path, tokenizer, lossless):
     messages = []
@@ -267,3 +287,25 @@ def test_every_process_stops_for_the_same_reason_a_signal_first(monkeypatch, min
 
     monkeypatch.setattr(story_train, "max_over_processes", max_with_the_other_process)
     assert story_train.agreed_stop(None, mine) == both
+
+
+def test_a_second_run_into_the_same_out_is_refused_while_the_first_writes(corpus, tmp_path):
+    """Two trainers writing one folder mixed their checkpoints and metrics; with --overwrite both runs were lost."""
+    common = ["--data", corpus, "--n-layer", 2, "--n-head", 2, "--n-embd", 32, "--block-size", 32,
+              "--batch-size", 16, "--max-iters", 100000, "--eval-interval", 5, "--eval-iters", 1, "--log-interval", 1,
+              "--no-progress"]
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "training/train_char.py", "--out", str(out), *map(str, common)],
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (out / "model.safetensors").exists():
+        time.sleep(0.05)
+    for extra in ([], ["--overwrite"], ["--resume"]):
+        second = run_cli("training/train_char.py", "--out", out, *common, *extra)
+        assert second.returncode == 2 and second.stderr.strip().splitlines() == [
+            f"error: another run is writing to {out} right now; wait until it ends (or stop it), or give another --out"]
+    first.kill()  # kill -9: the kernel lets go of the folder
+    first.communicate(timeout=60)
+    resumed = run_cli("training/train_char.py", "--out", out, "--resume", *common[:-8], "--max-iters", 3,
+                      "--eval-interval", 5, "--eval-iters", 1, "--no-progress")
+    assert "error: another run" not in resumed.stderr
