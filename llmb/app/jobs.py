@@ -192,6 +192,8 @@ class JobManager:
         why = exit_reason(job["log"], code)
         if job["status"] == "stopping":
             return ended | {"status": "stopped", "error": stopped_unsaved(job, why)}
+        if job["kind"] in ("story", "qlora") and saved_step(job["out"]) is not None:  # killed: say what is kept
+            return ended | {"status": "failed", "error": stopped_unsaved(job, why)}
         return ended | {"status": "failed", "error": why}
 
     def _escalate(self, job):

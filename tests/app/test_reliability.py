@@ -10,6 +10,7 @@ import asyncio
 import errno
 import json
 import os
+import signal
 import re
 import threading
 import time
@@ -114,6 +115,22 @@ def test_stop_three_times_says_which_checkpoint_is_kept(tmp_path, monkeypatch):
         manager.stop()
     job = manager.wait(10)
     assert job["status"] == "stopped" and job["error"] == (
+        "stopped at step 37 (killed by signal 9 (SIGKILL)); the checkpoint of step 30 is kept: run the command above "
+        "with --resume to go on")
+    TRIED["faults injected"] += 1
+
+
+def test_a_run_killed_from_outside_says_which_checkpoint_is_kept(tmp_path, monkeypatch):
+    """kill -9 of the trainer (not through Stop) said only "killed by signal 9", though step 30 was saved."""
+    fake_trainer(tmp_path, monkeypatch, SAVES_THEN_HANGS)
+    manager = JobManager(tmp_path / "job.json")
+    manager.start(order(tmp_path))
+    deadline = time.time() + 10
+    while "training" not in jobs.log_tail(manager.current()) and time.time() < deadline:
+        time.sleep(0.1)
+    os.kill(manager.current()["pid"], signal.SIGKILL)
+    job = manager.wait(10)
+    assert job["status"] == "failed" and job["error"] == (
         "stopped at step 37 (killed by signal 9 (SIGKILL)); the checkpoint of step 30 is kept: run the command above "
         "with --resume to go on")
     TRIED["faults injected"] += 1
