@@ -129,7 +129,8 @@ def parse_args(argv=None, env=None):
     except UserError as e:
         p.error(str(e))
     args = p.parse_args(argv)
-    config = from_args(AppConfig, argparse.Namespace(**vars(args) | {"data_dir": args.data_dir or defaults["data_dir"]}))
+    args.data_dir = args.data_dir or defaults["data_dir"]  # the flag replaces the default folders, not adds to them
+    config = from_args(AppConfig, args)
     config.data_dir = [Path(d).resolve() for d in config.data_dir]
     config.on_space = bool(env.get("SPACE_ID"))
     config.allow_training = config.allow_training or not config.on_space

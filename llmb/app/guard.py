@@ -128,6 +128,11 @@ class CallCheck:
             if len(body) > MAX_BODY:
                 return await answer(send, *refusal([("data", f"the call is over {MAX_BODY // 2**20} MB")], 413))
         fn, problems = self.problems(body, match["api"], v2="/call/v2/" in scope["path"])
+        if fn is None and match["api"] and not problems:  # Gradio answered it with a 500 and a traceback
+            name = match["api"][:60]
+            print(f"llmb: refused a call to /{name}: no such endpoint", flush=True)
+            return await answer(send, *refusal([("api_name", f"no endpoint named {name!r}; the app's endpoints "
+                                                             "are listed at /?view=api")], 404))
         if problems:
             print(f"llmb: refused a call to /{getattr(fn, 'api_name', None) or match['api'] or 'the queue'}: "
                   + "; ".join(f"{n} {w}" for n, w in problems)[:300], flush=True)
@@ -151,7 +156,7 @@ class CallCheck:
             return None, [("data", "the call's body must be JSON")]
         fn = find_fn(self.demo, body, api)
         if fn is None:
-            return None, []  # Gradio answers an unknown endpoint itself
+            return None, []  # an unknown endpoint (refused by the caller), or the queue's own calls
         data = body if v2 else body.get("data") if isinstance(body, dict) else None
         if v2 and isinstance(data, dict):
             data = {k: v for k, v in data.items() if k != "oauth_token"}

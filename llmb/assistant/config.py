@@ -70,14 +70,15 @@ class ChatSampling(SamplingRules):
     """
 
     temperature: float = setting(0.7, "divides the logits: below 1 surer, above 1 wilder; 0 = greedy (always the "
-                                      "likeliest)", low=0, label="Temperature", app_range=(0, 2),
+                                      "likeliest), else at least 0.01", low=0, label="Temperature", app_range=(0, 2),
                                  called="temperature (0 = greedy)")
     top_p: float | None = setting(0.9, "sample from the likeliest tokens that together reach this probability "
-                                       "(1 = all)", low=0, high=1, label="Top-p", app_range=(0.05, 1),
+                                       "(1 = all; more than 0)", low=0, high=1, label="Top-p", app_range=(0.05, 1),
                                   called="top-p")
     top_k: int | None = setting(50, "sample from the k likeliest tokens only (0 = from all)", low=0, label="Top-k",
                                 app_range=(0, 200), called="top-k")
-    repetition_penalty: float | None = setting(1.1, "makes tokens already in the text less likely (1 = off)",
+    repetition_penalty: float | None = setting(1.1, "makes tokens already in the text less likely (1 = off; more "
+                                                    "than 0)",
                                                low=0, label="Repetition penalty", app_range=(1, 2),
                                                called="repetition penalty")
     max_new_tokens: int = setting(256, "longest answer in tokens", low=1, high=MAX_NEW_TOKENS,

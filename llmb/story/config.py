@@ -98,7 +98,8 @@ class TrainConfig:
             raise UserError(f"--n-embd {self.n_embd} must split into --n-head {self.n_head} heads of even width")
         if self.resume and self.overwrite:
             raise UserError("--resume continues the run in --out, --overwrite replaces it: give one of them")
-        if self.device != "cuda" and self.n_layer != "auto":  # on a GPU the trainer checks the GPU's memory once it has one
+        # on a GPU the trainer checks the GPU's memory once it has one; on --resume, auto is the saved depth
+        if self.device != "cuda" and self.n_layer != "auto":
             check_memory(self, ram_bytes(), "this machine's memory")
 
     def model_settings(self):
@@ -121,12 +122,12 @@ class StorySampling(SamplingRules):
                                   high=MAX_NEW_TOKENS, label="Max new characters", app_range=(1, 2000),
                                   called="max new tokens")
     temperature: float = setting(0.8, "divides the logits: below 1 surer, above 1 wilder; 0 = greedy (always the "
-                                      "likeliest)", low=0, label="Temperature", app_range=(0, 2),
+                                      "likeliest), else at least 0.01", low=0, label="Temperature", app_range=(0, 2),
                                  called="temperature (0 = greedy)")
     top_k: int | None = setting(None, "sample from the k likeliest tokens only (default: from all)", low=1,
                                 label="Top-k", app_range=(0, 200), called="top-k")
     top_p: float | None = setting(1.0, "sample from the likeliest tokens that together reach this probability "
-                                       "(1 = all)", low=0, high=1, label="Top-p", app_range=(0.05, 1),
+                                       "(1 = all; more than 0)", low=0, high=1, label="Top-p", app_range=(0.05, 1),
                                   called="top-p")
     seed: int | None = setting(None, "random seed: the same seed writes the same text (default: a new one each "
                                      "time)", low=SEED_RANGE[0], high=SEED_RANGE[1], label="Seed",

@@ -855,6 +855,18 @@ def test_a_raw_http_call_of_the_wrong_shape_gets_a_message(app, route, body, mes
     TRIED["bad inputs"] += 1
 
 
+@pytest.mark.slow
+def test_a_call_to_an_endpoint_that_does_not_exist_is_a_404_with_its_name(app):
+    """Gradio answered it with a 500 and an ASGI traceback in the log."""
+    import httpx
+
+    start = len(app.log_text())
+    reply = httpx.post(f"{app.url}gradio_api/call/nonexistent", json={"data": [1]}, timeout=30)
+    assert reply.status_code == 404 and "no endpoint named 'nonexistent'" in reply.json()["error"], reply.text
+    assert len(lines_since(app, start)) <= 1 and "Traceback" not in app.log_text()[start:]
+    TRIED["bad inputs"] += 1
+
+
 # ------------------------------------------------------------------ 17. total limits on uploads
 
 def test_a_browser_keeps_at_most_its_quota_of_uploads(tmp_path):
