@@ -206,8 +206,8 @@ def parse(spec, value, label=None):
         if not items and (spec.required or spec.default):
             raise UserError(f"{name} needs at least one value")
         return [str(item) for item in items]
-    if isinstance(value, str) and value.strip() in spec.words:
-        return value.strip()
+    if isinstance(value, str) and value.strip().lower() in spec.words:  # "auto", " Auto " alike
+        return value.strip().lower()
     if spec.kind is Path:
         return Path(value).expanduser().resolve()
     if spec.kind is str:

@@ -19,6 +19,7 @@ import argparse
 import functools
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +133,10 @@ def parse_args(argv=None, env=None):
     args.data_dir = args.data_dir or defaults["data_dir"]  # the flag replaces the default folders, not adds to them
     config = from_args(AppConfig, args)
     config.data_dir = [Path(d).resolve() for d in config.data_dir]
+    for folder in config.data_dir:
+        if not folder.is_dir():
+            print(f"warning: the data folder {folder} does not exist; the Train tab offers nothing from it",
+                  file=sys.stderr)
     config.on_space = bool(env.get("SPACE_ID"))
     config.allow_training = config.allow_training or not config.on_space
     return config

@@ -229,8 +229,9 @@ def restore(run, state):
     if total is None and run.budget is None:  # stopped while --max-time was measuring; resumed with --max-iters only
         total = cfg.max_iters
     if total is not None and run.step >= total:
-        raise UserError(f"the run in {run.out} already finished ({run.step} steps); give a larger --max-iters "
-                        "to train on, or start a new run in another --out")
+        raise UserError(f"the run in {run.out} already finished ({run.step} steps); give --max-iters above "
+                        f"{run.step} to train on (its learning-rate schedule is lengthened; more --max-time alone "
+                        "cannot reopen a finished schedule), or start a new run in another --out")
     if total is not None:
         run.schedule.plan(total, run.step)
     else:  # stopped while --max-time was still measuring: measure again from here

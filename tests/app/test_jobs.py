@@ -259,6 +259,8 @@ def test_app_flags_come_from_one_dataclass_with_their_environment_variables(tmp_
     assert app_config.parse_args(["--data-dir", str(a), str(b)], {}).data_dirs == [a, b]
     assert app_config.parse_args(["--max-turns", "7"], {"LLMB_MAX_TURNS": "9"}).max_turns == 7  # the flag wins
     assert app_config.parse_args([], {"LLMB_MAX_TURNS": "9"}).max_turns == 9
+    app_config.parse_args(["--data-dir", str(tmp_path / "typo")], {})  # a folder that is not there: said at start
+    assert f"warning: the data folder {tmp_path / 'typo'} does not exist" in capsys.readouterr().err
 
 
 def test_training_is_off_on_a_public_space_unless_allowed():

@@ -35,6 +35,7 @@ def test_auto_depth_is_two_blocks_for_a_short_time_budget_only(max_time, depth):
     cfg = check(TrainConfig(data=["x"], max_iters=None if max_time else 100, max_time=max_time))
     assert cfg.n_layer == depth
     assert check(TrainConfig(data=["x"], max_time=max_time or 60, n_layer=5)).n_layer == 5  # given: kept
+    assert check(TrainConfig(data=["x"], max_time=max_time or 60, n_layer=" AUTO ")).n_layer in (2, 4)
 
 
 def test_auto_depth_on_resume_is_the_saved_runs_and_a_given_one_must_match():
