@@ -116,10 +116,10 @@ def parse_args(argv=None, env=None):
     """AppConfig from flags, falling back to environment variables, then to the defaults."""
     env = os.environ if env is None else env
     storage = persistent_storage()
-    defaults = {"data_dir": [d for d in (REPO / "data", REPO.parent / "shared" / "data") if d.is_dir()]}
+    defaults = {"data_dir": [d for d in env.get("LLMB_DATA_DIRS", "").split(os.pathsep) if d]
+                or [d for d in (REPO / "data", REPO.parent / "shared" / "data") if d.is_dir()]}
     if storage:
         defaults |= {"checkpoints": storage / "checkpoints", "work_dir": storage / "llmb"}
-    defaults["data_dir"] = [d for d in env.get("LLMB_DATA_DIRS", "").split(os.pathsep) if d] or defaults["data_dir"]
     p = argparse.ArgumentParser(prog="python app.py", description="llmb: story model, assistant and training in a "
                                 "browser. Every flag with an environment variable (LLMB_DATA_DIRS: folders "
                                 "separated by the path separator) takes it when not given.")

@@ -103,14 +103,20 @@ time.sleep(120)
 """
 
 
-def test_stop_three_times_says_which_checkpoint_is_kept(tmp_path, monkeypatch):
-    """Killed before its final save, a run that saved at step 30 keeps that checkpoint: the page says so."""
+def saved_at_30_and_hanging(tmp_path, monkeypatch):
+    """A job whose trainer saved at step 30, logged up to 37 and now hangs ignoring SIGINT and SIGTERM."""
     fake_trainer(tmp_path, monkeypatch, SAVES_THEN_HANGS)
     manager = JobManager(tmp_path / "job.json")
     manager.start(order(tmp_path))
     deadline = time.time() + 10
     while "training" not in jobs.log_tail(manager.current()) and time.time() < deadline:
         time.sleep(0.1)
+    return manager
+
+
+def test_stop_three_times_says_which_checkpoint_is_kept(tmp_path, monkeypatch):
+    """Killed before its final save, a run that saved at step 30 keeps that checkpoint: the page says so."""
+    manager = saved_at_30_and_hanging(tmp_path, monkeypatch)
     for _ in range(3):
         manager.stop()
     job = manager.wait(10)
@@ -122,12 +128,7 @@ def test_stop_three_times_says_which_checkpoint_is_kept(tmp_path, monkeypatch):
 
 def test_a_run_killed_from_outside_says_which_checkpoint_is_kept(tmp_path, monkeypatch):
     """kill -9 of the trainer (not through Stop) said only "killed by signal 9", though step 30 was saved."""
-    fake_trainer(tmp_path, monkeypatch, SAVES_THEN_HANGS)
-    manager = JobManager(tmp_path / "job.json")
-    manager.start(order(tmp_path))
-    deadline = time.time() + 10
-    while "training" not in jobs.log_tail(manager.current()) and time.time() < deadline:
-        time.sleep(0.1)
+    manager = saved_at_30_and_hanging(tmp_path, monkeypatch)
     os.kill(manager.current()["pid"], signal.SIGKILL)
     job = manager.wait(10)
     assert job["status"] == "failed" and job["error"] == (

@@ -141,9 +141,8 @@ def test_max_time_plans_the_schedule_inside_its_warm_up_and_stops_on_time(corpus
     assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))  # ... then anneals: one-cycle never restarts
 
 
-def test_max_time_replans_when_the_machine_speeds_up(corpus, tmp_path, monkeypatch):
-    """The first 60 steps are slowed down (a busy machine), so the first plan is far too short: the
-    plans at each eval lengthen the schedule to fill the time, and the lr still rises once, then falls."""
+def busy_for_60_steps(monkeypatch):
+    """Slow the first 60 steps down (a busy machine), so a --max-time run's first plan is far too short."""
     import llmb.story.train as story_train
 
     real_step = story_train.train_step
@@ -154,6 +153,12 @@ def test_max_time_replans_when_the_machine_speeds_up(corpus, tmp_path, monkeypat
         return real_step(run)
 
     monkeypatch.setattr(story_train, "train_step", busy_then_quiet)
+
+
+def test_max_time_replans_when_the_machine_speeds_up(corpus, tmp_path, monkeypatch):
+    """The first 60 steps are slowed down (a busy machine), so the first plan is far too short: the
+    plans at each eval lengthen the schedule to fill the time, and the lr still rises once, then falls."""
+    busy_for_60_steps(monkeypatch)
     cfg = TrainConfig(data=[str(corpus)], out=str(tmp_path / "drift"), max_time=6.0, eval_interval=25,
                       eval_iters=1, log_interval=1, sample_chars=0, **TINY)
     _, summary = train(cfg, **QUIET)
@@ -170,16 +175,7 @@ def test_max_time_replans_when_the_machine_speeds_up(corpus, tmp_path, monkeypat
 
 def test_max_time_replans_without_evals_when_the_machine_speeds_up(corpus, tmp_path, monkeypatch):
     """With evals rare, a plan made on a busy start ended a 30 s run in 15 s: it replans between evals too."""
-    import llmb.story.train as story_train
-
-    real_step = story_train.train_step
-
-    def busy_then_quiet(run):
-        if run.step < 60:
-            time.sleep(0.03)
-        return real_step(run)
-
-    monkeypatch.setattr(story_train, "train_step", busy_then_quiet)
+    busy_for_60_steps(monkeypatch)
     cfg = TrainConfig(data=[str(corpus)], out=str(tmp_path / "drift"), max_time=6.0, eval_interval=100000,
                       eval_iters=1, log_interval=1, sample_chars=0, **TINY)
     _, summary = train(cfg, **QUIET)
