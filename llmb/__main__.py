@@ -2,6 +2,8 @@
 
 Each command lives beside the code it drives and registers itself here:
 story model commands in `llmb.story.cli`, assistant commands in `llmb.assistant.cli`.
+The trainers are commands too (`llmb train-story`, `llmb train-assistant`), so an installed llmb
+trains without the repository; `training/*.py` are the same commands as scripts.
 """
 
 import argparse
@@ -10,11 +12,19 @@ import sys
 from llmb.errors import UserError
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one `error:` line (no usage block), like every other problem."""
+
+    def error(self, message):
+        print(f"error: {message} (see: {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser():
     from llmb.assistant import cli as cli_assistant
     from llmb.story import cli as cli_story
 
-    parser = argparse.ArgumentParser(prog="python -m llmb", description="LLM basics: story model and assistant.")
+    parser = Parser(prog="python -m llmb", description="LLM basics: story model and assistant.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     cli_story.register(sub)
     cli_assistant.register(sub)
@@ -22,6 +32,10 @@ def build_parser():
 
 
 def main(argv=None):
+    if (argv if argv is not None else sys.argv[1:])[:1] in (["train-story"], ["train-assistant"]):
+        from llmb.runlog import listen_for_stop
+
+        listen_for_stop()  # first thing in a trainer: a Stop while it starts is kept, even under nohup
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0

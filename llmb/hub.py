@@ -1,5 +1,7 @@
-"""Share a trained model on the Hugging Face hub: a LoRA adapter, a merged model or a story checkpoint.
+"""The Hugging Face hub: data sets as training data, and sharing a trained model (a LoRA adapter, a merged
+model or a story checkpoint).
 
+    load_hub_dataset("timdettmers/openassistant-guanaco")   # {split: [(row number, row), ...]}
     push("checkpoints/phi2-guanaco", "you/phi2-guanaco-qlora")
 
 A model card (README.md: base, data, steps, final losses from summary.json) is written into
@@ -41,6 +43,41 @@ def hub_offline():
 
     return bool(huggingface_hub.constants.HF_HUB_OFFLINE) or \
         os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "TRUE", "ON", "YES")
+
+
+HUB_PREFIX = "hf:"  # `hf:owner/name` always names a Hub data set, never a local path
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+
+
+def hub_dataset_id(source):
+    """The Hub data set that `source` names, or None for a local path.
+
+    `hf:owner/name` always names the Hub; a plain `owner/name` does where no such file or folder exists
+    and it does not end like a data file (.txt, .jsonl, ...)."""
+    text = str(source)
+    if text.startswith(HUB_PREFIX):
+        name = text[len(HUB_PREFIX):]
+        if not HUB_ID.match(name):
+            raise UserError(f"{text[:80]!r} is not a Hugging Face data set name (hf:owner/name)")
+        return name
+    if HUB_ID.match(text) and not Path(text).exists() and not text.lower().endswith(LOCAL_SUFFIXES):
+        return text
+    return None
+
+
+def load_hub_dataset(name):
+    """A data set on the Hugging Face hub: {split: [(row number, row), ...]}; one clear line if it cannot load."""
+    import datasets
+
+    if Path(name).exists():  # load_dataset would read the local folder: `hf:` never names one
+        raise UserError(f"{name} is a local path here, not a Hugging Face data set; pass it without hf:")
+    try:
+        ds = datasets.load_dataset(name)
+    except Exception as e:  # offline, unknown id, no network: one clear line
+        raise UserError(f"{name} is not a local file or folder, and loading it as a Hugging Face data set failed "
+                        f"({type(e).__name__}); check the path, or the name and your network") from None
+    return {split: list(enumerate(ds[split], 1)) for split in ds}
 
 
 def model_kind(path):

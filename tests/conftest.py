@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# Real data lives beside the checkout (../shared/data), never in the repo.
-SHARED_DATA = Path(os.environ.get("LLMB_SHARED_DATA", REPO.parent / "shared" / "data"))
+# The real public data shipped in the repository (data/README.md says where each file comes from).
+DATA = REPO / "data"
 
 # Tiny models run fastest on one thread, and the tests then do not fight each other for cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -16,10 +16,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
 @pytest.fixture(scope="session")
-def shared_data():
-    if not SHARED_DATA.is_dir():
-        pytest.fail(f"shared data not found at {SHARED_DATA}; set LLMB_SHARED_DATA")
-    return SHARED_DATA
+def repo_data():
+    return DATA
 
 
 # ---------------------------------------------------------------------------
@@ -30,32 +28,32 @@ def shared_data():
 TINY_PHI = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
 
 
-def tiny_phi_config(shared_data, **overrides):
+def tiny_phi_config(repo_data, **overrides):
     import json
 
     from transformers import PhiConfig
 
-    real = json.loads((shared_data / "phi-2-tokenizer" / "config.json").read_text())
+    real = json.loads((repo_data / "phi-2-tokenizer" / "config.json").read_text())
     for key in ("auto_map", "_name_or_path", "architectures", "transformers_version", "torch_dtype"):
         real.pop(key, None)
     return PhiConfig(**(real | TINY_PHI | overrides))
 
 
 @pytest.fixture(scope="session")
-def tiny_phi(tmp_path_factory, shared_data):
+def tiny_phi(tmp_path_factory, repo_data):
     """Folder with a tiny random PhiForCausalLM + the real Phi-2 tokenizer; pass it as --base."""
     import torch
     from transformers import AutoTokenizer, PhiForCausalLM
 
     path = tmp_path_factory.mktemp("tiny-phi")
     torch.manual_seed(0)
-    PhiForCausalLM(tiny_phi_config(shared_data)).save_pretrained(path)
-    AutoTokenizer.from_pretrained(shared_data / "phi-2-tokenizer").save_pretrained(path)
+    PhiForCausalLM(tiny_phi_config(repo_data)).save_pretrained(path)
+    AutoTokenizer.from_pretrained(repo_data / "phi-2-tokenizer").save_pretrained(path)
     return path
 
 
 @pytest.fixture(scope="session")
-def tiny_phi_adapter(tmp_path_factory, tiny_phi, shared_data):
+def tiny_phi_adapter(tmp_path_factory, tiny_phi, repo_data):
     """A LoRA adapter dir trained for 30 steps (fp32, CPU) on 8 real guanaco rows: train_qlora.py's --out."""
     import torch
 
@@ -63,7 +61,7 @@ def tiny_phi_adapter(tmp_path_factory, tiny_phi, shared_data):
     from llmb.assistant.train import train
 
     work = tmp_path_factory.mktemp("tiny-phi-adapter")
-    rows = (shared_data / "guanaco" / "openassistant_best_replies_eval.jsonl").read_text(encoding="utf-8").splitlines()
+    rows = (repo_data / "guanaco" / "openassistant_best_replies_eval.jsonl").read_text(encoding="utf-8").splitlines()
     data = work / "train.jsonl"
     data.write_text("\n".join(rows[:8]) + "\n", encoding="utf-8")
     threads = torch.get_num_threads()
@@ -89,14 +87,14 @@ def small_assistant():
 
 
 @pytest.fixture(scope="session")
-def small_adapter(tmp_path_factory, small_assistant, shared_data):
+def small_adapter(tmp_path_factory, small_assistant, repo_data):
     """A LoRA adapter really trained on the small assistant: 8 steps on 32 guanaco rows (seq 96), its own
     chat template as the format. Returns (adapter dir, held-out eval file of 8 rows it never saw)."""
     from llmb.assistant.config import TrainConfig
     from llmb.assistant.train import train
 
     work = tmp_path_factory.mktemp("small-adapter")
-    g = shared_data / "guanaco"
+    g = repo_data / "guanaco"
     (work / "train.jsonl").write_text(
         "\n".join((g / "guanaco-llama2-1k_train.jsonl").read_text(encoding="utf-8").splitlines()[:32]) + "\n")
     (work / "eval.jsonl").write_text(

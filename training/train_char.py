@@ -1,14 +1,12 @@
-"""Train the character-level story model on a folder of books.
+"""Train the character-level story model on a folder of books: the same as `llmb train-story`.
 
-    python training/train_char.py --data path/to/books --out checkpoints/my-story --max-time 600
-
-Ctrl-C saves and exits; --resume continues (same flags; only how long and how often may change);
---overwrite replaces a run already in --out. Several processes: accelerate launch training/train_char.py ...
+    python training/train_char.py --data data/books/oz --out checkpoints/my-story --max-time 600
+    python training/train_char.py --help
 """
 
 import sys
 
-from llmb.story.cli import train_main
+from llmb.__main__ import main
 
 if __name__ == "__main__":
-    sys.exit(train_main(description=__doc__))
+    sys.exit(main(["train-story", *sys.argv[1:]]))

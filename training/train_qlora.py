@@ -1,15 +1,12 @@
-"""Fine-tune a causal LM (Phi-2 by default) with QLoRA on chat data (openassistant-guanaco by default).
+"""Fine-tune the assistant with LoRA (QLoRA on a GPU) on chat data: the same as `llmb train-assistant`.
 
     python training/train_qlora.py --out checkpoints/phi2-guanaco --max-steps 500
-    python training/train_qlora.py --base checkpoints/smollm2-135m-instruct --quant none --device cpu --out ...
-    accelerate launch training/train_qlora.py --out ...      # several GPUs
-
-Ctrl-C saves the adapter and stops; --resume continues from the last checkpoint.
+    python training/train_qlora.py --help
 """
 
 import sys
 
-from llmb.assistant.cli import train_main
+from llmb.__main__ import main
 
 if __name__ == "__main__":
-    sys.exit(train_main(description=__doc__))
+    sys.exit(main(["train-assistant", *sys.argv[1:]]))

@@ -28,6 +28,7 @@ from llmb.assistant.config import DEFAULT_BASE
 from llmb.assistant.gguf import SMALL_NAME
 from llmb.errors import UserError
 from llmb.folders import is_adapter, is_base_model, is_story_checkpoint
+from llmb.hub import HUB_PREFIX, hub_dataset_id
 from llmb.settings import add_arguments, from_args, parse, setting, specs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,7 +64,7 @@ class AppConfig:
                                 "runs go here (default on a Space with persistent storage: /data/checkpoints)",
                                 env="LLMB_CHECKPOINTS")
     data_dir: list = setting(help="folder the Train tab may read data from (several: --data-dir A B; default: "
-                                  "data/ and ../shared/data where they exist)", factory=list)
+                                  "the repository's data/, which ships public books and chats)", factory=list)
     work_dir: Path = setting(REPO / "runs" / "app", "job state, uploads, LR finder plots and exports (default on "
                              "a Space with persistent storage: /data/llmb)", env="LLMB_WORK_DIR")
     allow_training: bool = setting(False, "allow training on a public Space (always allowed elsewhere)",
@@ -117,7 +118,7 @@ def parse_args(argv=None, env=None):
     env = os.environ if env is None else env
     storage = persistent_storage()
     defaults = {"data_dir": [d for d in env.get("LLMB_DATA_DIRS", "").split(os.pathsep) if d]
-                or [d for d in (REPO / "data", REPO.parent / "shared" / "data") if d.is_dir()]}
+                or [d for d in [REPO / "data"] if d.is_dir()]}
     if storage:
         defaults |= {"checkpoints": storage / "checkpoints", "work_dir": storage / "llmb"}
     p = argparse.ArgumentParser(prog="python app.py", description="llmb: story model, assistant and training in a "
@@ -360,17 +361,19 @@ def resolve_data(config, labels, uploads_key=None):
     if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
         raise UserError("data must be a list of the Data picker's names")
     known = dict(data_choices(config, uploads_key))
-    missing = [x for x in labels if x not in known]
+    missing = [x for x in labels if x not in known and not x.startswith(HUB_PREFIX)]
     if missing:
-        raise UserError(f"{missing[0]!r} is not one of the data sources in the allowed data folders")
-    return [str(inside(known[x], [root for _, root in config.data_roots(uploads_key)])) for x in labels]
+        raise UserError(f"{missing[0][:80]!r} is not one of the data sources in the allowed data folders (nor a "
+                        f"Hugging Face data set written {HUB_PREFIX}owner/name)")
+    roots = [root for _, root in config.data_roots(uploads_key)]
+    return [f"{HUB_PREFIX}{hub_dataset_id(x)}" if x not in known else str(inside(known[x], roots)) for x in labels]
 
 
 def public_text(config, text):
     """`text` (a command line, a log line, an error) as the page may show it: no server path, no uploads key.
 
     A browser's uploads folder becomes `uploads` (its key is what guards it), a data folder its path
-    relative to the repository where it is in it or beside it (`../shared/data`: the shown command runs
+    relative to the repository where it is in it or beside it (`data/books/oz`: the shown command runs
     as it is), else its name (as in the Data picker), the checkpoints folders `checkpoints`, the
     repository's own paths relative, and any other absolute path `.../` and its last part.
     """
@@ -386,7 +389,7 @@ def public_text(config, text):
 @functools.lru_cache(maxsize=64)
 def near_repo(folder):
     """`folder` relative to the repository if it is in it or in a folder beside it (`data`,
-    `../shared/data`, also where `../shared` is a link); else None."""
+    `../my-books`, also where a folder beside it is a link); else None."""
     folder = Path(folder).resolve()
     for top in [REPO, *sorted(REPO.parent.iterdir())]:
         try:

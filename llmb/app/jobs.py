@@ -7,8 +7,8 @@
     progress(job)          # step, total, tokens/s, ETA, losses, latest sample (from metrics.jsonl)
     manager.stop()         # SIGINT: the trainer finishes its step, saves and exits; again: SIGTERM, then SIGKILL
 
-A job runs the same command a user would type (`training/train_char.py`, `training/train_qlora.py`,
-`python -m llmb lr-find`, `python -m llmb export-gguf`), built from its config dataclass by `llmb.settings.to_argv`;
+A job runs the same command a user would type (`python -m llmb train-story`, `... train-assistant`,
+`... lr-find`, `... export-gguf`), built from its config dataclass by `llmb.settings.to_argv`;
 `command_line(order)` shows it. The state file is written before the trainer starts, and is what
 lets a page reload, a second browser or a restarted app re-attach to a job that is still running.
 The LR finder and the GGUF export are jobs too, so they cannot run beside a training run and Stop stops them.
@@ -38,8 +38,7 @@ from llmb.story.config import LR_FIND_SETTINGS
 from llmb.story.config import TrainConfig as StoryConfig
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPTS = {"story": [str(REPO / "training" / "train_char.py")], "qlora": [str(REPO / "training" / "train_qlora.py")],
-           "lr-find": ["-m", "llmb", "lr-find"], "export-gguf": ["-m", "llmb", "export-gguf"]}
+COMMANDS = {"story": "train-story", "qlora": "train-assistant", "lr-find": "lr-find", "export-gguf": "export-gguf"}
 CONFIGS = {"story": StoryConfig, "qlora": QLoRAConfig, "lr-find": StoryConfig, "export-gguf": ExportConfig}
 RUNNING = ("starting", "running", "stopping")
 GRACE_S = 30.0  # after Stop: SIGINT, then SIGTERM after GRACE_S, then SIGKILL after 2 x GRACE_S
@@ -77,21 +76,18 @@ def job_order(kind, values, num_iters=100):
 def command(order):
     """The job's command line as a list (what Popen runs)."""
     skip = [f for f in asdict(order.config) if f not in LR_FIND_SETTINGS] if order.kind == "lr-find" else ()
-    cmd = [sys.executable, *SCRIPTS[order.kind], *to_argv(order.config, skip=skip)]
+    cmd = [sys.executable, "-m", "llmb", COMMANDS[order.kind], *to_argv(order.config, skip=skip)]
     return cmd + (["--num-iters", str(order.num_iters)] if order.kind == "lr-find" else [])
 
 
 def command_line(order):
-    """The same command as a user would type it in the repository folder."""
-    cmd = command(order)
-    cmd[0] = "python"
-    if Path(cmd[1]).is_relative_to(REPO):
-        cmd[1] = str(Path(cmd[1]).relative_to(REPO))
-    return shlex.join(cmd)
+    """The same command as a user would type it (in the repository folder, or anywhere llmb is installed)."""
+    return shlex.join(["python", *command(order)[1:]])
 
 
 def child_environment():
-    """The trainer's environment: unbuffered logs, and the repo on the path (a Space does not pip-install it)."""
+    """The trainer's environment: unbuffered logs, and this llmb on the path (a Space does not pip-install it,
+    and `python app.py` may be started from another folder)."""
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     return os.environ | {"PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
 

@@ -1,5 +1,5 @@
-"""Assistant commands: chat, chat-eval, merge, push, import-gguf, export-gguf, get-small-assistant, and the QLoRA
-trainer's command line. Heavy imports live inside the functions so --help is fast."""
+"""Assistant commands: train-assistant, chat, chat-eval, merge, push, import-gguf, export-gguf,
+get-small-assistant. Heavy imports live inside the functions so --help is fast."""
 
 import argparse
 import sys
@@ -10,11 +10,28 @@ from llmb.quantize import PRECISIONS
 from llmb.settings import add_arguments, from_args
 
 
+TRAIN_HELP = """Fine-tune a causal LM (Phi-2 by default) with LoRA (QLoRA: a 4-bit base on a GPU) on chat data.
+
+    llmb train-assistant --out checkpoints/phi2-guanaco --max-steps 500
+    llmb train-assistant --base checkpoints/smollm2-135m-instruct --quant none --device cpu --out ...
+    accelerate launch -m llmb train-assistant --out ...      # several GPUs
+
+Ctrl-C saves the adapter and stops; --resume continues from the last checkpoint.
+"""
+
+
 def register(sub):
     """One parser per command, in --help's order: long because it lists them all, each a few plain lines."""
+    from llmb.assistant.config import TrainConfig
+
+    p = sub.add_parser("train-assistant", help="fine-tune the assistant with LoRA on chat data",
+                       description=TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p, TrainConfig)
+    p.set_defaults(func=cmd_train)
+
     p = sub.add_parser("chat", help="chat with a base model (Phi-2 by default), optionally with a LoRA adapter")
     p.add_argument("--base", default=DEFAULT_BASE, help="hub id or local folder of the base model")
-    p.add_argument("--adapter", help="LoRA adapter dir (the --out of training/train_qlora.py)")
+    p.add_argument("--adapter", help="LoRA adapter dir (the --out of llmb train-assistant)")
     p.add_argument("--quant", default="none", choices=["4bit", "8bit", "none"], help="load the base quantized (bitsandbytes)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="weights while answering; auto: int8 linear layers on a CPU (decoding reads every weight "
@@ -72,24 +89,11 @@ def register(sub):
     p.set_defaults(func=cmd_push)
 
 
-def train_main(argv=None, description=None):
-    """`training/train_qlora.py`: the flags are generated from llmb.assistant.config.TrainConfig."""
+def cmd_train(args):
     from llmb.assistant.config import TrainConfig
-    from llmb.errors import UserError
-    from llmb.runlog import listen_for_stop
-    from llmb.settings import add_arguments, from_args
+    from llmb.assistant.train import train
 
-    listen_for_stop()  # first thing: a Stop while the model loads is kept, even under nohup
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p, TrainConfig)
-    args = p.parse_args(argv)
-    try:
-        from llmb.assistant.train import train
-
-        summary = train(from_args(TrainConfig, args))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    summary = train(from_args(TrainConfig, args))
     if summary:  # only the main process has one
         how = "done" if summary["stopped_by"] == "done" else f"stopped by {summary['stopped_by']}"
         losses = "".join(f", {name} {summary[key]:.4f}" for name, key in
@@ -97,8 +101,7 @@ def train_main(argv=None, description=None):
         print(f"{how}: {summary['steps']} steps{losses}; adapter in {args.out}")
         if summary["stopped_by"] != "done" and summary.get("saved_step"):
             print(f"the checkpoint of step {summary['saved_step']} is kept; resume with: "
-                  f"python training/train_qlora.py ... --out {args.out} --resume")
-    return 0
+                  f"llmb train-assistant ... --out {args.out} --resume")
 
 
 def cmd_chat(args):

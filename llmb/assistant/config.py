@@ -19,7 +19,8 @@ DEFAULT_TARGETS = ["all-linear"]
 @dataclass
 class TrainConfig:
     base: str = setting(DEFAULT_BASE, "hub id or local folder of the base model")
-    data: list = setting(help="hub dataset ids and/or .jsonl/.json/.parquet files", factory=lambda: [DEFAULT_DATA])
+    data: list = setting(help=".jsonl/.json/.parquet chat files and/or Hugging Face data sets (owner/name or "
+                         "hf:owner/name)", factory=lambda: [DEFAULT_DATA])
     out: str = setting("checkpoints/phi2-guanaco", "output folder: the adapter, metrics.jsonl, summary.json, "
                        "checkpoints", required=True)
     quant: str = setting("4bit", "load the base quantized: 4bit (QLoRA, NF4), 8bit or none (needs a GPU for 4/8 bit)",

@@ -167,27 +167,17 @@ def rows_to_conversations(rows, source, where="line"):
     return conversations, bad
 
 
-def load_hub(name):
-    """A dataset on the Hugging Face hub: returns {split: rows}."""
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(name)
-    except Exception as e:  # offline, unknown id, no network: one clear line
-        raise UserError(f"cannot load dataset '{name}' from the Hugging Face hub ({type(e).__name__}); "
-                        "check the name and your network, or pass a local .jsonl/.json/.parquet file") from None
-    return {split: list(enumerate(ds[split], 1)) for split in ds}
-
-
 def load_conversations(source):
     """A local file or a hub dataset id -> (train conversations, eval conversations or None, bad rows)."""
-    path = Path(source)
-    if path.is_file():
+    from llmb.hub import hub_dataset_id, load_hub_dataset
+
+    name, path = hub_dataset_id(source), Path(source)
+    if name is None and path.is_file():
         convs, bad = rows_to_conversations(read_rows(path), str(path), "line" if path.suffix != ".parquet" else "row")
         return convs, None, bad
-    if path.suffix.lower() in (".jsonl", ".json", ".parquet") or path.exists():
+    if name is None:
         raise UserError(f"data file not found: {source}")
-    splits = load_hub(source)
+    source, splits = name, load_hub_dataset(name)
     train, bad = rows_to_conversations(splits.get("train", []), f"{source}[train]", "row")
     test = None
     if "test" in splits:

@@ -90,5 +90,5 @@ def load_base_model(base, quant="none", device="cpu", dtype=None):
 def load_adapter(model, adapter):
     from peft import PeftModel
 
-    require(adapter, "adapter", "pass the --out folder of training/train_qlora.py")
+    require(adapter, "adapter", "pass the --out folder of llmb train-assistant")
     return PeftModel.from_pretrained(model, adapter)

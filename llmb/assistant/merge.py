@@ -32,7 +32,7 @@ def merged(base, adapter, dtype="bfloat16"):
     import torch
     from peft import PeftModel
 
-    require(adapter, "adapter", "pass the --out folder of training/train_qlora.py")
+    require(adapter, "adapter", "pass the --out folder of llmb train-assistant")
     if dtype not in ("bfloat16", "float32"):
         raise UserError(f"merge dtype must be bfloat16 or float32 (Phi-2 overflows in float16), got {dtype}")
     model = load_base_model(base, "none", "cpu", getattr(torch, dtype))

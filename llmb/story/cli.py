@@ -1,4 +1,4 @@
-"""Story model command line: `python -m llmb sample|eval|lr-find` and `training/train_char.py`.
+"""Story model commands: `llmb train-story|sample|eval|lr-find` (`training/train_char.py` is `llmb train-story`).
 
 The trainer's flags are generated from llmb.story.config.TrainConfig (lr-find takes the model's share),
 `sample`'s from StorySampling.
@@ -15,29 +15,20 @@ from llmb.settings import add_arguments, from_args
 EVAL_SETTINGS = ("data", "val_fraction", "batch_size", "device")
 
 
-def train_parser(description=None):
-    """The trainer's command line (`training/train_char.py`), generated from TrainConfig's fields."""
+TRAIN_HELP = """Train the character-level story model on a folder of books.
+
+    llmb train-story --data data/books/oz --out checkpoints/my-story --max-time 600
+
+Ctrl-C saves and exits; --resume continues (same flags; only how long and how often may change);
+--overwrite replaces a run already in --out. Several processes: accelerate launch -m llmb train-story ...
+"""
+
+
+def cmd_train(args):
     from llmb.story.config import TrainConfig
+    from llmb.story.train import train
 
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p, TrainConfig)
-    return p
-
-
-def train_main(argv=None, description=None):
-    from llmb.runlog import listen_for_stop
-    from llmb.story.config import TrainConfig
-
-    listen_for_stop()  # first thing: a Stop while the data loads is kept, even under nohup
-    args = train_parser(description).parse_args(argv)
-    try:
-        from llmb.story.train import train
-
-        train(from_args(TrainConfig, args))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    train(from_args(TrainConfig, args))
 
 
 def cmd_sample(args):
@@ -83,6 +74,11 @@ def cmd_lr_find(args):
 def register(sub):
     from llmb.quantize import PRECISIONS
     from llmb.story.config import LR_FIND_SETTINGS, StorySampling, TrainConfig
+
+    p = sub.add_parser("train-story", help="train the character-level story model on a folder of books",
+                       description=TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p, TrainConfig)
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="continue a prompt with a story model (streams)")
     p.add_argument("--ckpt", required=True, metavar="DIR", help="checkpoint folder (a training --out)")

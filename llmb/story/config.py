@@ -43,7 +43,8 @@ def auto_depth(max_time):
 @dataclass
 class TrainConfig:
     # data and output
-    data: list = setting(help="text files and/or folders of .txt books (read in sorted order)", factory=list,
+    data: list = setting(help="text files and/or folders of .txt books (read in sorted order), or Hugging Face data "
+                         "sets (owner/name or hf:owner/name: the train split's text column)", factory=list,
                          required=True)
     out: str = setting("checkpoints/story", "checkpoint folder (config, weights, tokenizer, metrics)", required=True)
     tokenizer: str = setting("char", "char; bpe (byte-level, lossless) or wordpiece (lossy: drops whitespace), "

@@ -1,4 +1,4 @@
-"""Corpus intake: a folder of books (or files, or several of both) becomes clean text.
+"""Corpus intake: a folder of books (or files, or several of both, or a Hugging Face data set) becomes clean text.
 
 Each book is decoded (UTF-8, else cp1252/latin-1 with a warning), its line endings made
 LF, and its Project Gutenberg header and licence cut off where the markers are present.
@@ -110,5 +110,29 @@ def find_files(paths):
     return files
 
 
+def hub_book(name):
+    """A Hugging Face data set as one book: the train split's text column, rows joined by newlines."""
+    from llmb.hub import load_hub_dataset
+
+    rows = [row for _, row in load_hub_dataset(name).get("train", [])]
+    column = "text" if rows and "text" in rows[0] else next((k for k, v in (rows or [{}])[0].items()
+                                                              if isinstance(v, str)), None)
+    if column is None:
+        raise UserError(f"the Hugging Face data set {name} has no train split with a text column")
+    text = "\n".join(str(row[column]) for row in rows if row.get(column))
+    if not text.strip():
+        raise UserError(f"the Hugging Face data set {name} has no text in its {column!r} column")
+    return Book(name, text.replace("\r\n", "\n") + "\n", "utf-8")
+
+
 def load_corpus(paths):
-    return Corpus([read_book(f) for f in find_files(paths)])
+    """Books from files and folders (see find_files) and Hugging Face data sets (`owner/name` or `hf:owner/name`),
+    in the order given."""
+    from llmb.hub import hub_dataset_id
+
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths or [])
+    books = []
+    for path in paths or find_files(paths):  # find_files says what to do when nothing is given
+        name = hub_dataset_id(path)
+        books += [hub_book(name)] if name else [read_book(f) for f in find_files([path])]
+    return Corpus(books)

@@ -29,7 +29,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def make_story_checkpoint(out, shared_data):
+def make_story_checkpoint(out, repo_data):
     """A 30-step story model: enough to load and sample, trained in a few seconds."""
     import torch
 
@@ -38,20 +38,20 @@ def make_story_checkpoint(out, shared_data):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        train(TrainConfig(data=[str(shared_data / BOOK)], out=str(out), max_iters=30, eval_interval=30,
+        train(TrainConfig(data=[str(repo_data / BOOK)], out=str(out), max_iters=30, eval_interval=30,
                           eval_iters=2, progress=False, **TINY_STORY), log=lambda *a: None)
     finally:
         torch.set_num_threads(threads)
     return out
 
 
-def app_folders(root, shared_data, adapter=None):
+def app_folders(root, repo_data, adapter=None):
     """checkpoints/ (a story model, and the adapter if given), data/ (one book, one chat file), work/."""
     ckpts, data = root / "checkpoints", root / "data"
     (data / "books").mkdir(parents=True)
-    shutil.copy(shared_data / BOOK, data / "books" / "wizard.txt")
-    shutil.copy(shared_data / "guanaco" / "openassistant_best_replies_eval.jsonl", data / "chats.jsonl")
-    make_story_checkpoint(ckpts / "tiny-story", shared_data)
+    shutil.copy(repo_data / BOOK, data / "books" / "wizard.txt")
+    shutil.copy(repo_data / "guanaco" / "openassistant_best_replies_eval.jsonl", data / "chats.jsonl")
+    make_story_checkpoint(ckpts / "tiny-story", repo_data)
     if adapter is not None:
         shutil.copytree(adapter, ckpts / "tiny-adapter")
     return ckpts, data, root / "work"

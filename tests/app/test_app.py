@@ -18,9 +18,9 @@ SAMPLING = dict(temperature=0.7, top_p=0.9, top_k=50, repetition_penalty=1.1, ma
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, shared_data, tiny_phi, tiny_phi_adapter):
+def app(tmp_path_factory, repo_data, tiny_phi, tiny_phi_adapter):
     root = tmp_path_factory.mktemp("app")
-    ckpts, data, work = app_folders(root, shared_data, adapter=tiny_phi_adapter)
+    ckpts, data, work = app_folders(root, repo_data, adapter=tiny_phi_adapter)
     app = launch_app(root, ["--checkpoints", ckpts, "--story-ckpt", ckpts / "tiny-story", "--base", tiny_phi,
                             "--data-dir", data, "--work-dir", work, "--device", "cpu"])
     app.ckpts, app.data, app.work = ckpts, data, work
@@ -276,7 +276,7 @@ def test_train_start_refuse_second_stop_and_find_the_checkpoint(app, client):
     message, command, status = client.predict(kind="story", name="run1", data=[WIZARD], **TINY_TRAIN,
                                               api_name="/train_start")
     assert message == "started `run1`"
-    assert command["value"].startswith("python training/train_char.py --data ") and "--max-iters 100000" in \
+    assert command["value"].startswith("python -m llmb train-story --data ") and "--max-iters 100000" in \
         command["value"]
     assert str(app.data) not in status, "the page shows run names, not server paths"
     refused = client.predict(kind="story", name="run2", data=[WIZARD], **TINY_TRAIN, api_name="/train_start")[0]

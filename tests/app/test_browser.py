@@ -25,9 +25,9 @@ TINY_MODEL = {"n-layer": "2", "n-head": "2", "n-embd": "32", "block-size": "32",
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, shared_data, tiny_phi):
+def app(tmp_path_factory, repo_data, tiny_phi):
     root = tmp_path_factory.mktemp("browser-app")
-    ckpts, data, work = app_folders(root, shared_data)
+    ckpts, data, work = app_folders(root, repo_data)
     app = launch_app(root, ["--checkpoints", ckpts, "--story-ckpt", ckpts / "tiny-story", "--base", tiny_phi,
                             "--adapter", "none", "--data-dir", data, "--work-dir", work, "--device", "cpu"])
     app.ckpts, app.work, app.base_name = ckpts, work, tiny_phi.name
@@ -138,7 +138,7 @@ def test_train_live_progress_reattach_after_reload_stop_and_pick(page, app):
     page.locator("#train-name textarea, #train-name input").first.fill("browser-run")
     page.locator("#train-start").click()
     wait_for_text(page, "#train-message", "started browser-run")
-    wait_for_text(page, "#train-command", "python training/train_char.py")
+    wait_for_text(page, "#train-command", "python -m llmb train-story")
     wait_for_text(page, "#train-status", "tokens/s")  # the timer brought the first metrics
     plot = page.locator("#train-plot")
     page.wait_for_function("document.querySelectorAll('#train-plot svg path, #train-plot canvas').length > 0")

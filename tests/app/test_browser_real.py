@@ -18,10 +18,10 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def small_adapter(tmp_path_factory, small_assistant, shared_data):
+def small_adapter(tmp_path_factory, small_assistant, repo_data):
     """A LoRA adapter on the small real model: 12 steps on 8 guanaco rows, trained as a user would (the CLI)."""
     work = tmp_path_factory.mktemp("small-adapter")
-    rows = (shared_data / "guanaco" / "openassistant_best_replies_eval.jsonl").read_text(encoding="utf-8").splitlines()
+    rows = (repo_data / "guanaco" / "openassistant_best_replies_eval.jsonl").read_text(encoding="utf-8").splitlines()
     (work / "train.jsonl").write_text("\n".join(rows[:8]) + "\n", encoding="utf-8")
     flags = dict(base=small_assistant, data=work / "train.jsonl", out=work / "adapter", quant="none", max_steps=12,
                  max_seq_len=64, batch_size=2, grad_accum=1, lr=5e-3, eval_steps=12, save_steps=12, eval_split=0.25,

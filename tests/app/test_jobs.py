@@ -16,8 +16,8 @@ from tests.app.app_server import BOOK
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=16, eval_interval=10, eval_iters=2)
 
 
-def story_spec(shared_data, out, **params):
-    return job_order("story", {"data": [str(shared_data / BOOK)], "out": str(out)} | TINY | {"max_iters": 100_000}
+def story_spec(repo_data, out, **params):
+    return job_order("story", {"data": [str(repo_data / BOOK)], "out": str(out)} | TINY | {"max_iters": 100_000}
                     | params)
 
 
@@ -36,14 +36,14 @@ def saved_a_checkpoint(out):
 
 # ----------------------------------------------------------------------------------- specs
 
-def test_command_line_is_what_a_user_would_type(tmp_path, shared_data):
-    line = command_line(story_spec(shared_data, tmp_path / "run", lr="auto"))
-    assert line.startswith(f"python training/train_char.py --data {shared_data / BOOK} --out {tmp_path / 'run'} ")
+def test_command_line_is_what_a_user_would_type(tmp_path, repo_data):
+    line = command_line(story_spec(repo_data, tmp_path / "run", lr="auto"))
+    assert line.startswith(f"python -m llmb train-story --data {repo_data / BOOK} --out {tmp_path / 'run'} ")
     assert "--n-layer 2" in line and "--lr auto" in line and "--max-iters 100000" in line
     assert line.endswith(" --no-progress"), "the log gets one line per eval, not a progress bar"
     qlora = command_line(job_order("qlora", {"data": ["chats.jsonl"], "out": "out", "base": "some/model",
                                             "max_steps": 10, "quant": "none"}))
-    assert qlora == "python training/train_qlora.py --base some/model --data chats.jsonl --out out --quant none " \
+    assert qlora == "python -m llmb train-assistant --base some/model --data chats.jsonl --out out --quant none " \
                     "--max-steps 10"
     lr_find = command_line(job_order("lr-find", {"data": ["a.txt"], "out": "o", "n_layer": 2, "max_iters": 5}, 20))
     assert lr_find == "python -m llmb lr-find --data a.txt --out o --n-layer 2 --no-progress --num-iters 20"
@@ -69,9 +69,9 @@ def test_the_trainer_finds_the_repository_without_an_install():
     ({"lora_r": 8}, "'lora_r' is not a setting of TrainConfig"),
     ({"max_iters": None}, "say how long to train"),
 ])
-def test_bad_settings_are_refused_before_starting(tmp_path, shared_data, params, message):
+def test_bad_settings_are_refused_before_starting(tmp_path, repo_data, params, message):
     with pytest.raises(UserError, match=message):
-        story_spec(shared_data, tmp_path / "run", **params)
+        story_spec(repo_data, tmp_path / "run", **params)
 
 
 def test_empty_data_and_unknown_kind_are_refused(tmp_path):
@@ -86,13 +86,13 @@ def test_empty_data_and_unknown_kind_are_refused(tmp_path):
 # ------------------------------------------------------------------------------- running jobs
 
 @pytest.mark.slow
-def test_start_refuse_a_second_and_stop_gracefully(tmp_path, shared_data):
+def test_start_refuse_a_second_and_stop_gracefully(tmp_path, repo_data):
     manager = JobManager(tmp_path / "job.json")
-    job = manager.start(story_spec(shared_data, tmp_path / "run1"))
+    job = manager.start(story_spec(repo_data, tmp_path / "run1"))
     assert job["status"] == "running" and json.loads((tmp_path / "job.json").read_text())["pid"] == job["pid"]
     try:
         with pytest.raises(UserError, match=r"already running \(run1"):
-            manager.start(story_spec(shared_data, tmp_path / "run2"))
+            manager.start(story_spec(repo_data, tmp_path / "run2"))
         assert not (tmp_path / "run2").exists()
         wait_until(saved_a_checkpoint(tmp_path / "run1"))
         p = progress(manager.current())
@@ -107,20 +107,20 @@ def test_start_refuse_a_second_and_stop_gracefully(tmp_path, shared_data):
     assert meta["step"] == job["summary"]["steps"]
     assert manager.stop() is None, "nothing left to stop"
     with pytest.raises(UserError, match="already exists"):
-        manager.start(story_spec(shared_data, tmp_path / "run1"))
+        manager.start(story_spec(repo_data, tmp_path / "run1"))
 
 
 @pytest.mark.slow
-def test_a_new_manager_reattaches_from_the_state_file(tmp_path, shared_data):
+def test_a_new_manager_reattaches_from_the_state_file(tmp_path, repo_data):
     first = JobManager(tmp_path / "job.json")
-    job = first.start(story_spec(shared_data, tmp_path / "run"))
+    job = first.start(story_spec(repo_data, tmp_path / "run"))
     try:
         wait_until(saved_a_checkpoint(tmp_path / "run"))
         # a page reload, a second browser or a restarted app: only the state file is shared
         second = JobManager(tmp_path / "job.json")
         assert second.current()["status"] == "running" and second.current()["pid"] == job["pid"]
         with pytest.raises(UserError, match="already running"):
-            second.start(story_spec(shared_data, tmp_path / "other"))
+            second.start(story_spec(repo_data, tmp_path / "other"))
         assert second.stop()["signals"] == ["SIGINT"]
     finally:
         if first.current()["status"] == "running":
@@ -269,7 +269,7 @@ def test_training_is_off_on_a_public_space_unless_allowed():
     assert app_config.parse_args([], {"SPACE_ID": "me/llmb", "LLMB_ALLOW_TRAINING": "1"}).allow_training
 
 
-def test_pickers_find_checkpoints_adapters_and_data(tmp_path, shared_data):
+def test_pickers_find_checkpoints_adapters_and_data(tmp_path, repo_data):
     ckpts = tmp_path / "checkpoints"
     (ckpts / "story-a").mkdir(parents=True)  # what makes a story checkpoint (llmb.folders), without training one
     (ckpts / "story-a" / "config.json").write_text('{"llmb": "story"}')

@@ -18,11 +18,11 @@ GUANACO_TRAIN = "guanaco/guanaco-llama2-1k_train.jsonl"  # the shipped chat file
 
 
 @pytest.fixture
-def config(tmp_path, shared_data):
+def config(tmp_path, repo_data):
     data = tmp_path / "data"
     (data / "guanaco").mkdir(parents=True)
-    shutil.copy(shared_data / "books" / "oz" / "01_the_wonderful_wizard_of_oz.txt", data / "wizard.txt")
-    shutil.copy(shared_data / GUANACO_TRAIN, data / GUANACO_TRAIN)
+    shutil.copy(repo_data / "books" / "oz" / "01_the_wonderful_wizard_of_oz.txt", data / "wizard.txt")
+    shutil.copy(repo_data / GUANACO_TRAIN, data / GUANACO_TRAIN)
     return app_config.parse_args(["--checkpoints", str(tmp_path / "ckpts"), "--data-dir", str(data),
                                   "--work-dir", str(tmp_path / "work"), "--story-ckpt", str(tmp_path / "none")])
 

@@ -395,11 +395,11 @@ def test_symlinks_inside_a_data_folder_are_refused(tmp_path):
     TRIED["bad inputs"] += 1
 
 
-def test_tokenizer_files_are_not_offered_as_books_and_any_case_of_txt_is(tmp_path, shared_data):
+def test_tokenizer_files_are_not_offered_as_books_and_any_case_of_txt_is(tmp_path, repo_data):
     import shutil
 
     data = tmp_path / "data"
-    shutil.copytree(shared_data / "phi-2-tokenizer", data / "phi-2-tokenizer")
+    shutil.copytree(repo_data / "phi-2-tokenizer", data / "phi-2-tokenizer")
     (data / "Book.TXT").write_text("A book.")
     config = app_config.parse_args(["--data-dir", str(data), "--work-dir", str(tmp_path / "work")], {})
     assert [label for label, _ in app_config.data_choices(config)] == ["data/Book.TXT"]
@@ -462,9 +462,9 @@ def test_first_look_of_the_page(tmp_path):
 # ------------------------------------------------------------------ the server: 2, 3, 4, 11
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, shared_data):  # the tests that use it are marked slow (a server and a story model)
+def app(tmp_path_factory, repo_data):  # the tests that use it are marked slow (a server and a story model)
     root = tmp_path_factory.mktemp("reliability")
-    ckpts, data, work = app_folders(root, shared_data)
+    ckpts, data, work = app_folders(root, repo_data)
     app = launch_app(root, ["--checkpoints", ckpts, "--story-ckpt", ckpts / "tiny-story", "--base", "microsoft/phi-2",
                             "--adapter", "none", "--data-dir", data, "--work-dir", work, "--device", "cpu"],
                      env={"GRADIO_TEMP_DIR": str(root / "gradio-cache")})
@@ -733,7 +733,7 @@ def test_the_page_shows_names_never_server_paths_or_uploads_keys(tmp_path):
                                     "--checkpoints", str(tmp_path / "ckpts")], {})
     key = upload_key(None)
     diary = config.uploads / key / "private_diary.txt"
-    command = (f"python training/train_char.py --data {diary} {data}/books/oz --out {tmp_path}/ckpts/run1 "
+    command = (f"python -m llmb train-story --data {diary} {data}/books/oz --out {tmp_path}/ckpts/run1 "
                f"--base {REPO}/checkpoints/small")
     log = f'corpus: runs/app/uploads/{key}/private_diary.txt\n  File "/usr/lib/python3/site-packages/torch/nn.py"'
     shown = app_config.public_text(config, command) + app_config.public_text(config, log)
@@ -743,16 +743,14 @@ def test_the_page_shows_names_never_server_paths_or_uploads_keys(tmp_path):
     TRIED["bad inputs"] += 1
 
 
-def test_the_shown_command_runs_as_it_is_for_data_beside_the_repository(tmp_path):
-    """Data in the repository or beside it is shown by its relative path, so the command can be pasted."""
+def test_the_shown_command_runs_as_it_is_for_data_in_the_repository(tmp_path):
+    """The shipped data is shown by its path in the repository, so the command can be pasted there."""
     from llmb.app.jobs import REPO
 
-    beside = REPO.parent / "shared" / "data"
-    config = app_config.parse_args(["--data-dir", str(beside), "--data-dir", str(REPO / "data"),
-                                    "--work-dir", str(tmp_path / "work")], {})
-    shared, data = config.data_dirs  # as the app holds them (resolved), and so names them in a job's command
-    shown = app_config.public_text(config, f"--data {shared}/books/oz {data}/a.txt --out {REPO}/checkpoints/r")
-    assert shown == "--data ../shared/data/books/oz data/a.txt --out checkpoints/r"
+    config = app_config.parse_args(["--work-dir", str(tmp_path / "work")], {})
+    [data] = config.data_dirs  # as the app holds it (resolved), and so names it in a job's command
+    shown = app_config.public_text(config, f"--data {data}/books/oz {data}/a.txt --out {REPO}/checkpoints/r")
+    assert shown == "--data data/books/oz data/a.txt --out checkpoints/r"
 
 
 @pytest.mark.slow

@@ -18,13 +18,13 @@ from llmb.errors import UserError
 
 
 @pytest.fixture(scope="module")
-def tokenizer(shared_data):
-    return AutoTokenizer.from_pretrained(shared_data / "phi-2-tokenizer")
+def tokenizer(repo_data):
+    return AutoTokenizer.from_pretrained(repo_data / "phi-2-tokenizer")
 
 
 @pytest.fixture(scope="module")
-def guanaco_rows(shared_data):
-    path = shared_data / "guanaco" / "openassistant_best_replies_eval.jsonl"
+def guanaco_rows(repo_data):
+    path = repo_data / "guanaco" / "openassistant_best_replies_eval.jsonl"
     return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines()]
 
 
@@ -32,8 +32,8 @@ def render_guanaco(turns):
     return "".join(f"### {'Human' if t.role == 'user' else 'Assistant'}: {t.content}" for t in turns)
 
 
-def test_guanaco_file_parses_to_alternating_turns(shared_data, guanaco_rows):
-    convs, evals, bad = load_conversations(shared_data / "guanaco" / "openassistant_best_replies_eval.jsonl")
+def test_guanaco_file_parses_to_alternating_turns(repo_data, guanaco_rows):
+    convs, evals, bad = load_conversations(repo_data / "guanaco" / "openassistant_best_replies_eval.jsonl")
     assert len(convs) == len(guanaco_rows) == 518 and evals is None and bad == []
     for text, turns in zip(guanaco_rows, convs):
         roles = [t.role for t in turns]
@@ -59,11 +59,11 @@ def load_chat_data_rows(rows, tmp_path=None):
     return rows_to_conversations(list(enumerate(rows, 1)), "rows")
 
 
-def test_llama2_parquet_and_jsonl_agree_and_keep_multiturn(shared_data):
-    a, _, bad_a = load_conversations(shared_data / "guanaco" / "guanaco-llama2-1k_train.parquet")
-    b, _, bad_b = load_conversations(shared_data / "guanaco" / "guanaco-llama2-1k_train.jsonl")
+def test_llama2_parquet_and_jsonl_agree_and_keep_multiturn(repo_data):
+    a, _, bad_a = load_conversations(repo_data / "guanaco" / "guanaco-llama2-1k_train.parquet")
+    b, _, bad_b = load_conversations(repo_data / "guanaco" / "guanaco-llama2-1k_train.jsonl")
     assert a == b and len(a) == 999
-    g = shared_data / "guanaco"
+    g = repo_data / "guanaco"
     assert bad_a == [f"{g / 'guanaco-llama2-1k_train.parquet'} row 900: empty assistant turn"]
     assert bad_b == [f"{g / 'guanaco-llama2-1k_train.jsonl'}:900: empty assistant turn"]
     assert sum(1 for c in a if sum(t.role == "user" for t in c) > 1) >= 350  # README: 353 multi-turn rows
@@ -105,8 +105,8 @@ def test_bad_rows_are_listed_with_line_numbers(tmp_path, capsys):
     assert "skipped 3 bad rows" in capsys.readouterr().out
 
 
-def test_real_bad_row_in_llama2_file(shared_data):
-    path = shared_data / "guanaco" / "guanaco-llama2-1k_train.jsonl"
+def test_real_bad_row_in_llama2_file(repo_data):
+    path = repo_data / "guanaco" / "guanaco-llama2-1k_train.jsonl"
     with pytest.raises(UserError, match=re.escape(f"{path}:900: empty assistant turn")):
         load_chat_data(path)
 
@@ -120,8 +120,8 @@ def test_unknown_format_and_missing_file(tmp_path):
         load_chat_data(tmp_path / "missing.jsonl")
 
 
-def test_eval_split_is_deterministic(shared_data):
-    convs, _, _ = load_conversations(shared_data / "guanaco" / "openassistant_best_replies_eval.jsonl")
+def test_eval_split_is_deterministic(repo_data):
+    convs, _, _ = load_conversations(repo_data / "guanaco" / "openassistant_best_replies_eval.jsonl")
     train1, eval1 = split_eval(convs, 0.1, seed=0)
     train2, eval2 = split_eval(convs, 0.1, seed=0)
     _, eval3 = split_eval(convs, 0.1, seed=1)
@@ -130,8 +130,8 @@ def test_eval_split_is_deterministic(shared_data):
     assert not any(c in train1 for c in eval1[:10])
 
 
-def test_separate_eval_file(shared_data):
-    g = shared_data / "guanaco"
+def test_separate_eval_file(repo_data):
+    g = repo_data / "guanaco"
     train, evals = load_chat_data(g / "guanaco-llama2-1k_train.parquet", eval_data=g / "openassistant_best_replies_eval.jsonl",
                                   skip_bad_rows=True)
     assert len(train) == 999 and len(evals) == 518

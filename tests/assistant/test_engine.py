@@ -59,8 +59,8 @@ def test_prompt_format_and_history_styles(engine):
     assert engine.prompt_ids(dicts, "And now?", system="Be brief.")[0] == ids
 
 
-def test_context_trimming_drops_oldest_turns_keeps_message(engine, shared_data):
-    rows = (shared_data / "guanaco" / "openassistant_best_replies_eval.jsonl").read_text(encoding="utf-8").splitlines()
+def test_context_trimming_drops_oldest_turns_keeps_message(engine, repo_data):
+    rows = (repo_data / "guanaco" / "openassistant_best_replies_eval.jsonl").read_text(encoding="utf-8").splitlines()
     texts = [json.loads(r)["text"].split("### Assistant:")[0].removeprefix("### Human: ")[:200] for r in rows[:12]]
     history = [(t, f"answer number {i}") for i, t in enumerate(texts)]
     full, none_dropped = engine.prompt_ids(history, "What now?", system="Be brief.", max_new_tokens=100)
@@ -198,8 +198,8 @@ def test_sampling_seed_is_reproducible(engine):
     assert engine.reply([], "Hi", seed=3, **kw) != engine.reply([], "Hi", seed=4, **kw)
 
 
-def test_cpu_int8_logits_close_to_fp32(tiny_phi, shared_data):
-    rows = (shared_data / "guanaco" / "openassistant_best_replies_eval.jsonl").read_text(encoding="utf-8").splitlines()
+def test_cpu_int8_logits_close_to_fp32(tiny_phi, repo_data):
+    rows = (repo_data / "guanaco" / "openassistant_best_replies_eval.jsonl").read_text(encoding="utf-8").splitlines()
     tok = AutoTokenizer.from_pretrained(tiny_phi)
     ids = torch.tensor([tok(json.loads(r)["text"])["input_ids"][:96] for r in rows[:6]])
     model = PhiForCausalLM.from_pretrained(tiny_phi).eval()

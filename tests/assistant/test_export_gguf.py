@@ -46,11 +46,11 @@ def random_ids(vocab, n=24, seed=0):
 # with random non-zero B (a fresh adapter is a no-op: B starts at zero).
 
 @pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory, shared_data):
+def tiny_llama(tmp_path_factory, repo_data):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     path = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(shared_data / "phi-2-tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(repo_data / "phi-2-tokenizer")
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
@@ -156,11 +156,11 @@ def test_tiny_phi_with_adapter_has_phi2_names_and_the_merged_weights(tiny_phi, t
     assert len(arrays) == len(weights)  # every weight, none twice
 
 
-def test_unsupported_architecture_is_one_error_line(tmp_path, shared_data):
+def test_unsupported_architecture_is_one_error_line(tmp_path, repo_data):
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50257)).save_pretrained(tmp_path / "gpt2")
-    AutoTokenizer.from_pretrained(shared_data / "phi-2-tokenizer").save_pretrained(tmp_path / "gpt2")
+    AutoTokenizer.from_pretrained(repo_data / "phi-2-tokenizer").save_pretrained(tmp_path / "gpt2")
     proc = subprocess.run([sys.executable, "-m", "llmb", "export-gguf", "--base", str(tmp_path / "gpt2"),
                            "--out", str(tmp_path / "x.gguf")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

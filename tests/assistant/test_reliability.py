@@ -23,7 +23,7 @@ def snapshot(folder):
 
 
 @pytest.fixture
-def probe(tmp_path, tiny_phi, tiny_phi_adapter, shared_data):
+def probe(tmp_path, tiny_phi, tiny_phi_adapter, repo_data):
     mine = tmp_path / "mine"  # a user's own files
     (mine / "sub").mkdir(parents=True)
     (mine / "thesis.txt").write_text("years of work")
@@ -35,7 +35,7 @@ def probe(tmp_path, tiny_phi, tiny_phi_adapter, shared_data):
         (story / name).write_text("weights")
     adapter = shutil.copytree(tiny_phi_adapter, tmp_path / "adapter")
     data = tmp_path / "data.jsonl"
-    rows = (shared_data / "guanaco" / "openassistant_best_replies_eval.jsonl").read_text().splitlines()[:8]
+    rows = (repo_data / "guanaco" / "openassistant_best_replies_eval.jsonl").read_text().splitlines()[:8]
     data.write_text("\n".join(rows) + "\n")
     (tmp_path / "four.gguf").write_bytes(b"GGUF")
     (tmp_path / "notes.txt").write_text("a file, not a folder")
@@ -96,11 +96,10 @@ BAD_INPUTS = [  # (what, command line, what the error line says)
 
 def cli(argv, capsys):
     from llmb.__main__ import main
-    from llmb.assistant.cli import train_main
 
     argv = [str(a) for a in argv]
     try:
-        code = train_main(argv[1:]) if argv[0] == "train" else main(argv)
+        code = main(["train-assistant", *argv[1:]] if argv[0] == "train" else argv)
     except SystemExit as e:
         code = e.code
     return code, capsys.readouterr().err

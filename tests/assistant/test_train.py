@@ -20,8 +20,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 @pytest.fixture(scope="module")
-def small_data(tmp_path_factory, shared_data):
-    rows = (shared_data / "guanaco" / "openassistant_best_replies_eval.jsonl").read_text(encoding="utf-8").splitlines()
+def small_data(tmp_path_factory, repo_data):
+    rows = (repo_data / "guanaco" / "openassistant_best_replies_eval.jsonl").read_text(encoding="utf-8").splitlines()
     path = tmp_path_factory.mktemp("data") / "small.jsonl"
     path.write_text("\n".join(rows[:8]) + "\n", encoding="utf-8")
     return path
@@ -157,9 +157,9 @@ def test_cli_sigint_saves_adapter_then_resume_continues(tiny_phi, small_data, tm
 
 
 @pytest.mark.slow  # a subprocess that imports torch and transformers
-def test_cli_offline_hub_id_gives_one_clear_line(tmp_path, shared_data):
+def test_cli_offline_hub_id_gives_one_clear_line(tmp_path, repo_data):
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}  # an empty cache
-    data = shared_data / "guanaco" / "openassistant_best_replies_eval.jsonl"
+    data = repo_data / "guanaco" / "openassistant_best_replies_eval.jsonl"
     proc = run_train(["--base", "microsoft/phi-2", "--data", data, "--out", tmp_path / "o", "--max-steps", 1], env)
     _, stderr = proc.communicate(timeout=120)
     lines = [line for line in stderr.splitlines() if line.startswith("error:")]
@@ -174,8 +174,8 @@ def test_cli_offline_hub_id_gives_one_clear_line(tmp_path, shared_data):
 
 
 @pytest.mark.slow  # a subprocess that imports torch and transformers
-def test_cli_bad_rows_exit_2(tiny_phi, shared_data, tmp_path):
-    data = shared_data / "guanaco" / "guanaco-llama2-1k_train.jsonl"
+def test_cli_bad_rows_exit_2(tiny_phi, repo_data, tmp_path):
+    data = repo_data / "guanaco" / "guanaco-llama2-1k_train.jsonl"
     proc = run_train(["--base", tiny_phi, "--data", data, "--out", tmp_path / "o", "--max-steps", 1])
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 2
@@ -215,13 +215,13 @@ def test_resume_with_dropout_matches_an_uninterrupted_run(tiny_phi, small_data, 
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_length_grouped_batches_cut_padding(shared_data):
+def test_length_grouped_batches_cut_padding(repo_data):
     from llmb.assistant.data import encode_dataset, load_chat_data
     from llmb.assistant.loading import load_tokenizer
     from llmb.assistant.train import length_grouped_batches
 
-    convs, _ = load_chat_data(shared_data / "guanaco" / "openassistant_best_replies_eval.jsonl", eval_split=0)
-    lengths = [len(ex["input_ids"]) for ex in encode_dataset(load_tokenizer(str(shared_data / "phi-2-tokenizer")),
+    convs, _ = load_chat_data(repo_data / "guanaco" / "openassistant_best_replies_eval.jsonl", eval_split=0)
+    lengths = [len(ex["input_ids"]) for ex in encode_dataset(load_tokenizer(str(repo_data / "phi-2-tokenizer")),
                                                               convs, 512)]
 
     def padding(grouped):
@@ -234,7 +234,7 @@ def test_length_grouped_batches_cut_padding(shared_data):
     assert padding(False) > 0.2 and padding(True) < 0.05
 
 
-def test_loss_is_averaged_per_token_over_the_accumulated_step(tiny_phi, shared_data):
+def test_loss_is_averaged_per_token_over_the_accumulated_step(tiny_phi, repo_data):
     """One step of 2 micro-batches of 1 gives the same gradient as one batch of 2 (different lengths)."""
     from accelerate import Accelerator
 
@@ -243,7 +243,7 @@ def test_loss_is_averaged_per_token_over_the_accumulated_step(tiny_phi, shared_d
     from llmb.assistant.train import Run, optimizer_step
 
     tokenizer = load_tokenizer(str(tiny_phi))
-    convs, _ = load_chat_data(shared_data / "guanaco" / "openassistant_best_replies_eval.jsonl", eval_split=0)
+    convs, _ = load_chat_data(repo_data / "guanaco" / "openassistant_best_replies_eval.jsonl", eval_split=0)
     examples = encode_dataset(tokenizer, convs[:2], 48)
     assert len(examples[0]["input_ids"]) != len(examples[1]["input_ids"]) or examples[0] != examples[1]
 

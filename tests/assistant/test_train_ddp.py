@@ -26,20 +26,20 @@ TOLERANCE = 1e-5
 
 
 @pytest.fixture(scope="module")
-def tiny_phi(tmp_path_factory, shared_data):
+def tiny_phi(tmp_path_factory, repo_data):
     """conftest's tiny Phi without its residual dropout (Phi-2's 0.1): each process draws its own masks."""
     from transformers import AutoTokenizer, PhiForCausalLM
 
     path = tmp_path_factory.mktemp("tiny-phi-no-dropout")
     torch.manual_seed(0)
-    PhiForCausalLM(tiny_phi_config(shared_data, resid_pdrop=0.0)).save_pretrained(path)
-    AutoTokenizer.from_pretrained(shared_data / "phi-2-tokenizer").save_pretrained(path)
+    PhiForCausalLM(tiny_phi_config(repo_data, resid_pdrop=0.0)).save_pretrained(path)
+    AutoTokenizer.from_pretrained(repo_data / "phi-2-tokenizer").save_pretrained(path)
     return path
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, shared_data):
-    rows = (shared_data / "guanaco" / "openassistant_best_replies_eval.jsonl").read_text(encoding="utf-8").splitlines()
+def data(tmp_path_factory, repo_data):
+    rows = (repo_data / "guanaco" / "openassistant_best_replies_eval.jsonl").read_text(encoding="utf-8").splitlines()
     path = tmp_path_factory.mktemp("ddp-data") / "train.jsonl"
     path.write_text("\n".join(rows[:20]) + "\n", encoding="utf-8")  # 16 train, 4 eval
     return path

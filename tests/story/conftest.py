@@ -17,9 +17,9 @@ TINY_FLAGS = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size
 
 
 @pytest.fixture(scope="session")
-def corpus(shared_data, tmp_path_factory):
+def corpus(repo_data, tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "shakespeare_200k.txt"
-    path.write_text((shared_data / "tinyshakespeare.txt").read_text()[:200_000])
+    path.write_text((repo_data / "tinyshakespeare.txt").read_text()[:200_000])
     return path
 
 
@@ -47,13 +47,12 @@ def run_cli(*args, timeout=300):
 
 
 def cli(argv, capsys):
-    """A command line run in this process: (exit code, stdout, stderr). "train" is training/train_char.py."""
+    """A command line run in this process: (exit code, stdout, stderr). "train" is `llmb train-story`."""
     from llmb.__main__ import main
-    from llmb.story.cli import train_main
 
     argv = [str(a) for a in argv]
     try:
-        code = train_main(argv[1:]) if argv[0] == "train" else main(argv)
+        code = main(["train-story", *argv[1:]] if argv[0] == "train" else argv)
     except SystemExit as e:  # argparse refuses a flag's value
         code = e.code
     captured = capsys.readouterr()

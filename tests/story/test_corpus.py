@@ -4,8 +4,8 @@ from llmb.errors import UserError
 from llmb.story.corpus import find_files, load_corpus, strip_gutenberg
 
 
-def test_oz_books_are_read_clean(shared_data):
-    corpus = load_corpus([shared_data / "books" / "oz"])
+def test_oz_books_are_read_clean(repo_data):
+    corpus = load_corpus([repo_data / "books" / "oz"])
     names = [b.name for b in corpus.books]
     assert names == sorted(names) and len(names) == 7  # book order kept
     for book in corpus.books:
@@ -19,8 +19,8 @@ def test_oz_books_are_read_clean(shared_data):
     assert "\u201c" in wizard.text and "\u2019" in wizard.text  # curly quotes survive decoding
 
 
-def test_split_covers_every_book_and_is_deterministic(shared_data):
-    corpus = load_corpus([shared_data / "books" / "oz"])
+def test_split_covers_every_book_and_is_deterministic(repo_data):
+    corpus = load_corpus([repo_data / "books" / "oz"])
     train, val = corpus.split(0.1)
     assert corpus.split(0.1) == (train, val)
     for book in corpus.books:
@@ -31,11 +31,11 @@ def test_split_covers_every_book_and_is_deterministic(shared_data):
     assert abs(len(val) - 0.1 * total) < 0.01 * total
 
 
-def test_files_and_folders_mix(tmp_path, shared_data):
+def test_files_and_folders_mix(tmp_path, repo_data):
     (tmp_path / "b.txt").write_text("second book\n")
     (tmp_path / "a.txt").write_text("first book\n")
     (tmp_path / "notes.md").write_text("not a book")
-    single = shared_data / "tinyshakespeare.txt"
+    single = repo_data / "tinyshakespeare.txt"
     files = find_files([tmp_path, single])
     assert [f.name for f in files] == ["a.txt", "b.txt", "tinyshakespeare.txt"]
 

@@ -59,10 +59,10 @@ def test_lr_find_cli_writes_plot_and_json(corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_suggestion_with_default_settings_is_a_rate_that_trains(shared_data):
+def test_the_suggestion_with_default_settings_is_a_rate_that_trains(repo_data):
     """The steepest-slope pick suggested 3e-5 on this Oz book (the loss falls fast early at any lr); the
     default trainer's 2e-3 trains well, and the curve bottoms out near 2e-2."""
-    book = shared_data / "books" / "oz" / "01_the_wonderful_wizard_of_oz.txt"
+    book = repo_data / "books" / "oz" / "01_the_wonderful_wizard_of_oz.txt"
     cfg = TrainConfig(data=[str(book)], out="unused", progress=False)
     suggestion = find_lr(cfg, out_dir=None, log=lambda *a: None)
     assert 5e-4 <= suggestion <= 1e-2, suggestion

@@ -85,11 +85,11 @@ def test_nonsense_settings_are_one_clear_error():
             list(generate_ids(model, [1], **settings))
 
 
-def test_streaming_a_byte_level_tokenizer_never_shows_half_a_character(shared_data, monkeypatch):
+def test_streaming_a_byte_level_tokenizer_never_shows_half_a_character(repo_data, monkeypatch):
     import llmb.story.sample as sample
     from llmb.story.tokenizer import SubwordTokenizer
 
-    tok = SubwordTokenizer.from_pretrained(str(shared_data / "phi-2-tokenizer"))
+    tok = SubwordTokenizer.from_pretrained(str(repo_data / "phi-2-tokenizer"))
     ids = tok.encode("The wizard said,\n\n  \u201cSnow \u2603 falls on the caf\u00e9.\u201d\nEnd")
     monkeypatch.setattr(sample, "generate_ids", lambda *args, **kw: iter(ids))  # stands in for the model's choices
     pieces = list(sample.generate(None, tok, "x", len(ids)))

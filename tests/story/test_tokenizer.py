@@ -5,8 +5,8 @@ from llmb.story.tokenizer import CharTokenizer, SubwordTokenizer, build_tokenize
 
 
 @pytest.fixture(scope="module")
-def oz_text(shared_data):
-    return load_corpus(shared_data / "books" / "oz" / "01_the_wonderful_wizard_of_oz.txt").text
+def oz_text(repo_data):
+    return load_corpus(repo_data / "books" / "oz" / "01_the_wonderful_wizard_of_oz.txt").text
 
 
 def test_char_round_trip_and_save(oz_text, tmp_path):
@@ -37,8 +37,8 @@ def test_wordpiece_trained_on_corpus(oz_text, tmp_path):
 
 
 @pytest.mark.slow  # imports transformers
-def test_pretrained_tokenizer_from_local_folder(shared_data, tmp_path):
-    tok = SubwordTokenizer.from_pretrained(str(shared_data / "phi-2-tokenizer"))
+def test_pretrained_tokenizer_from_local_folder(repo_data, tmp_path):
+    tok = SubwordTokenizer.from_pretrained(str(repo_data / "phi-2-tokenizer"))
     assert tok.encode("Hello world") == [15496, 995]
     text = "Dorothy lived in the midst of the great Kansas prairies.\n  Indented line."
     assert tok.decode(tok.encode(text)) == text
