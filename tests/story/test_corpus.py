@@ -62,3 +62,39 @@ def test_gutenberg_markers():
 def test_bad_input_is_one_clear_error(tmp_path, make, message):
     with pytest.raises(UserError, match=message):
         load_corpus([make(tmp_path)])
+
+
+def test_a_hugging_face_data_set_is_a_book_in_the_order_given(tmp_path, repo_data, monkeypatch):
+    """`owner/name` (no such local folder) and `hf:owner/name` load through datasets.load_dataset: the train split's
+    text column is the book. The Hub itself is out of reach in the tests, so load_dataset answers with a real
+    DatasetDict of the shipped Shakespeare, as karpathy/tiny_shakespeare is laid out (one row per split)."""
+    import datasets
+
+    text = (repo_data / "tinyshakespeare.txt").read_text()
+    asked = []
+
+    def load_dataset(name):
+        asked.append(name)
+        return datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": [text[:50_000]]}),
+                                     "test": datasets.Dataset.from_dict({"text": ["not read"]})})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.chdir(tmp_path)  # no local folder of that name
+    (tmp_path / "mine.txt").write_text("my own book\n")
+    corpus = load_corpus(["hf:karpathy/tiny_shakespeare", "mine.txt", "karpathy/tiny_shakespeare"])
+    assert asked == ["karpathy/tiny_shakespeare"] * 2
+    assert [b.name for b in corpus.books] == ["karpathy/tiny_shakespeare", "mine.txt", "karpathy/tiny_shakespeare"]
+    assert corpus.books[0].text.startswith("First Citizen:") and "not read" not in corpus.text
+
+
+@pytest.mark.parametrize("source, message", [
+    ("hf:../etc", "not a Hugging Face data set name"),
+    ("hf:books", "a local path here"),  # load_dataset would read the local folder
+    ("nobody-here/no-such-books", "loading it as a Hugging Face data set failed"),  # offline in the tests
+])
+def test_a_data_set_that_cannot_load_is_one_clear_error(tmp_path, monkeypatch, source, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "books").mkdir()
+    (tmp_path / "books" / "a.txt").write_text("a book\n")
+    with pytest.raises(UserError, match=message):
+        load_corpus([source])
