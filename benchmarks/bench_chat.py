@@ -5,8 +5,8 @@
 
 Both answer the same prompt greedily, 128 new tokens, with the same settings (`llmb chat --temperature 0`'s:
 repetition penalty 1.1), in one process, alternating (A B A B):
-    llmb chat      the command's path: the model loaded as `llmb chat` loads it (ChatEngine, --precision auto:
-                   int8 linear layers on a CPU) and the answer streamed to a sink through the command's own
+    llmb chat      the command's path: the model loaded as `llmb chat --precision int8` loads it (ChatEngine,
+                   int8 linear layers on a CPU; the default is fp32 since 2026-12-08) and the answer streamed to a sink through the command's own
                    print_answer (streamer thread, stop watch, printing)
     generate fp32  the peer: AutoModelForCausalLM.from_pretrained (fp32) + model.generate, nothing else
     generate int8  model.generate on the chat's own int8 model: the difference to `llmb chat` is what the
@@ -137,7 +137,7 @@ def main():
 
     # loading, once each, alternating order does not matter here: the files are in the page cache after the first
     load_peer(base)  # warm the page cache so that neither pays the disk
-    chat, chat_load = timed(lambda: ChatEngine(base, device="cpu"))  # what `llmb chat --base FOLDER` loads
+    chat, chat_load = timed(lambda: ChatEngine(base, device="cpu", precision="int8"))  # `llmb chat --precision int8`
     (peer, tokenizer), peer_load = timed(lambda: load_peer(base))
     print(f"load: llmb chat ({chat.describe()}) {chat_load:.2f} s, transformers fp32 {peer_load:.2f} s")
 

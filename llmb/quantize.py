@@ -21,17 +21,19 @@ def int8_supported():
     return direct_int8_linear() is not None and any(engine in engines for engine in ("x86", "fbgemm"))
 
 
-def wants_int8(precision, device):
+def wants_int8(precision, device, auto=True):
     """Whether a sampler asking for `precision` (auto, fp32, int8) on `device` (cpu or cuda) gets int8 layers.
 
-    auto: int8 on a CPU that has the int8 kernels, full precision elsewhere (a GPU is not limited the
-    same way, and these kernels are CPU-only).
+    auto: int8 on a CPU that has the int8 kernels where `auto` is True (the story model: +0.001 nats/char),
+    full precision elsewhere (a GPU is not limited the same way, and these kernels are CPU-only). The
+    assistant passes auto=False: its activations have outlier channels that int8 flattens (SmolLM2-135M's
+    next-token logits move by half their size, and greedy answers change on AVX-512 CPUs).
     """
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
     if precision == "int8" and device != "cpu":
         raise UserError("--precision int8 is for the CPU; use it with --device cpu, or fp32 or auto on a GPU")
-    return precision == "int8" or (precision == "auto" and device == "cpu" and int8_supported())
+    return precision == "int8" or (precision == "auto" and auto and device == "cpu" and int8_supported())
 
 
 def is_int8(model):

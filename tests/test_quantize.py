@@ -66,6 +66,7 @@ def test_without_torch_ao_the_model_stays_fp32_with_one_note(monkeypatch, capsys
 
 def test_precision_choice():
     assert wants_int8("auto", "cpu") and wants_int8("int8", "cpu")
+    assert not wants_int8("auto", "cpu", auto=False) and wants_int8("int8", "cpu", auto=False)  # the assistant
     assert not wants_int8("fp32", "cpu") and not wants_int8("auto", "cuda")
     for precision, device, message in [("bf16", "cpu", "unknown precision 'bf16'"), ("int8", "cuda", "for the CPU")]:
         with pytest.raises(UserError, match=message):

@@ -173,7 +173,7 @@ class Assistant:
     Every session picks its base and adapter; the request carries them, so one visitor's choice
     never changes another's model. `keep` engines stay loaded (one by default: Phi-2 is 5 GB).
     `fallbacks`: with `--adapter auto`, the adapters to try in turn when the newest will not load.
-    `precision`: as `llmb chat --precision` (auto: int8 linear layers on a CPU).
+    `precision`: as `llmb chat --precision` (auto: fp32 on a CPU; int8: int8 linear layers, CPU only).
     """
 
     def __init__(self, base, adapter=None, device="auto", precision="auto", fallbacks=(), keep=1):

@@ -34,8 +34,9 @@ def register(sub):
     p.add_argument("--adapter", help="LoRA adapter dir (the --out of llmb train-assistant)")
     p.add_argument("--quant", default="none", choices=["4bit", "8bit", "none"], help="load the base quantized (bitsandbytes)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="weights while answering; auto: int8 linear layers on a CPU (decoding reads every weight "
-                        "once per token: a quarter of fp32's bytes), bf16 or fp32 on a GPU")
+                   help="weights while answering; auto: fp32 on a CPU, bf16 or fp32 on a GPU; int8: int8 linear "
+                        "layers on a CPU (2-4x faster decoding, but int8 activations change a small model's "
+                        "answers: see docs/results.md)")
     p.add_argument("--cpu-int8", dest="precision", action="store_const", const="int8",
                    help="same as --precision int8 (CPU)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

@@ -110,14 +110,14 @@ class ChatEngine:
     """
 
     def __init__(self, base=DEFAULT_BASE, adapter=None, quant="none", device="auto", precision="auto"):
-        """precision: auto (int8 linear layers on a CPU, where decoding is limited by reading the weights;
-        the GPU's bf16 or fp32 elsewhere), fp32 (full precision: bf16 on a GPU that has it) or int8 (CPU only)."""
+        """precision: auto (fp32 on a CPU, the GPU's bf16 or fp32), fp32 (full precision: bf16 on a GPU that has
+        it) or int8 (CPU only: int8 linear layers, faster decoding but changed answers; see llmb.quantize)."""
         import torch
 
         self.device = "cpu" if precision == "int8" and device == "auto" else resolve_device(device)
         if precision == "int8" and quant != "none":
             raise UserError("--precision int8 is for an unquantized base: leave --quant at none")
-        int8 = wants_int8(precision, self.device) and quant == "none"
+        int8 = wants_int8(precision, self.device, auto=False) and quant == "none"
         self.base, self.adapter = base, adapter
         self.tokenizer = load_chat_tokenizer(base, adapter)  # the adapter's prompt format, else the base's
         self.markers = STOP_MARKERS if is_guanaco(self.tokenizer) else ()
