@@ -5,9 +5,9 @@ import argparse
 import sys
 from dataclasses import asdict
 
-from llmb.assistant.config import DEFAULT_BASE, ChatSampling, ExportConfig
+from llmb.assistant.config import DEFAULT_BASE, SAMPLING_KEYS, ChatSampling, ExportConfig, model_sampling
 from llmb.quantize import PRECISIONS
-from llmb.settings import add_arguments, from_args
+from llmb.settings import add_arguments, from_args, specs
 
 
 TRAIN_HELP = """Fine-tune a causal LM (Phi-2 by default) with LoRA (QLoRA: a 4-bit base on a GPU) on chat data.
@@ -43,8 +43,10 @@ def register(sub):
     p.add_argument("--threads", type=int, help="CPU threads for torch (on a busy machine 1 can be faster)")
     p.add_argument("--prompt", help="answer this one message and exit (default: interactive)")
     p.add_argument("--system", help="system text put before the conversation")
-    add_arguments(p, ChatSampling, as_text=True)
+    add_arguments(p, ChatSampling, as_text=True, defaults=dict.fromkeys(SAMPLING_KEYS))
     p.set_defaults(func=cmd_chat)
+    p.epilog = ("--temperature, --top-p and --top-k not given: the base model's own (its generation_config.json), "
+                "else greedy for a model under 1B parameters, else 0.7, 0.9 and 50.")
 
     p = sub.add_parser("chat-eval", help="loss of a base (+ adapter) on the answers of chat data: one JSON line")
     p.add_argument("--base", default=DEFAULT_BASE, help="hub id or local folder of the base model")
@@ -115,7 +117,7 @@ def cmd_chat(args):
     if args.threads is not None:
         torch.set_num_threads(check_number("--threads", args.threads, 1, 4096, int))
     # before the model loads (minutes for Phi-2); the engine checks again for every caller
-    sampling = dict(system=args.system, **asdict(from_args(ChatSampling, args)))
+    sampling = dict(system=args.system, **asdict(from_args(ChatSampling, suited_sampling(args))))
     engine = ChatEngine(args.base, adapter=args.adapter, quant=args.quant, device=args.device, precision=args.precision)
     print(f"{args.base}{' + ' + args.adapter if args.adapter else ''} on {engine.describe()}", file=sys.stderr)
     if args.prompt is not None:
@@ -138,6 +140,13 @@ def cmd_chat(args):
             history.append((message, print_answer(engine, history, message, sampling)[0]))
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
+
+
+def suited_sampling(args):
+    """`args` with the sampling flags not given taken from the base model (llmb.assistant.config.model_sampling)."""
+    suited = model_sampling(args.base) | {k: v for k, v in vars(args).items() if k in SAMPLING_KEYS and v is not None}
+    defaults = {s.name: s.default for s in specs(ChatSampling) if s.name in SAMPLING_KEYS}
+    return argparse.Namespace(**(vars(args) | defaults | suited))
 
 
 def print_answer(engine, history, message, sampling, out=None):

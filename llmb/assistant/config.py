@@ -1,10 +1,15 @@
-"""Settings of the assistant, each defined once: its QLoRA trainer (`training/train_qlora.py`, the app's Train
-form), its answers (`llmb chat`, the app's Assistant tab) and its GGUF export.
+"""Settings of the assistant, each defined once: its LoRA trainer (`llmb train-assistant`, the app's Train
+form), its answers (`llmb chat`, the app's Assistant tab, with the sampling that suits the base model) and its
+GGUF export.
 
 Every field carries its help text and allowed range (see llmb.settings). Imports no torch.
 """
 
+import json
+import struct
 from dataclasses import dataclass
+from math import prod
+from pathlib import Path
 
 from llmb.errors import UserError
 from llmb.settings import MAX_NEW_TOKENS, SEED_RANGE, SamplingRules, setting
@@ -92,6 +97,44 @@ class ChatSampling(SamplingRules):
         super().check()
         if self.repetition_penalty == 0:
             raise UserError("repetition penalty must be more than 0 (got 0); 1 is off")
+
+
+SAMPLING_KEYS = ("temperature", "top_p", "top_k")
+SMALL_MODEL = 10**9  # parameters: below this, greedy answers unless the model says otherwise
+
+
+def model_sampling(base):
+    """The sampling that suits the base model in folder `base`: its own (generation_config.json's temperature,
+    top_p, top_k), else greedy for a model under 1B parameters (a small model's samples wander: SmolLM2-135M at
+    temperature 0.7 named "Mon-Pélée" France's capital), else {} (ChatSampling's defaults). A hub id that is not
+    in a local folder gets {}. Reads JSON and safetensors headers only."""
+    folder = Path(base)
+    if not folder.is_dir():
+        return {}
+    try:
+        own = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        own = {}
+    if own.get("do_sample") is False:
+        return {"temperature": 0.0}
+    chosen = {key: own[key] for key in SAMPLING_KEYS if isinstance(own.get(key), (int, float))}
+    if chosen:
+        return chosen
+    params = parameter_count(folder)
+    return {"temperature": 0.0} if params is not None and params < SMALL_MODEL else {}
+
+
+def parameter_count(folder):
+    """Parameters in a model folder's safetensors files (from their headers), or None without them."""
+    total, files = 0, sorted(Path(folder).glob("*.safetensors"))
+    for file in files:
+        try:
+            with open(file, "rb") as f:
+                header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        except (OSError, ValueError, struct.error):
+            return None
+        total += sum(prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
+    return total if files else None
 
 
 @dataclass
