@@ -23,7 +23,17 @@ def fresh_clone(root):
 
 
 def section(markdown, title):
-    return markdown.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+    """The text under a `## title` heading, up to the next heading of any level (a `#` line in a code block is a
+    shell comment, not a heading)."""
+    lines, fenced, inside = [], False, False
+    for line in markdown.splitlines():
+        fenced ^= line.startswith("```")
+        heading = not fenced and re.match(r"#{1,6} ", line)
+        if heading:
+            inside = line == f"## {title}"
+        elif inside:
+            lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 def run(command, cwd, timeout=900):

@@ -59,7 +59,8 @@ class AppConfig:
     adapter: str = setting("auto", "LoRA adapter folder, 'none', or 'auto' (the newest adapter under the "
                                    "checkpoints folder)", env="LLMB_ADAPTER")
     device: str = setting("auto", "where the models run", choices=("auto", "cpu", "cuda"), env="LLMB_DEVICE")
-    cpu_int8: bool = setting(False, "assistant on CPU: int8 linear layers (faster, less memory, but a small model's answers change)", env="LLMB_CPU_INT8")
+    cpu_int8: bool = setting(False, "assistant on CPU: int8 linear layers (faster, less memory, but a small model's "
+                                    "answers change)", env="LLMB_CPU_INT8")
     checkpoints: Path = setting(REPO / "checkpoints", "folder scanned for checkpoints and adapters; new training "
                                 "runs go here (default on a Space with persistent storage: /data/checkpoints)",
                                 env="LLMB_CHECKPOINTS")

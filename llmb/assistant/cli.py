@@ -9,7 +9,6 @@ from llmb.assistant.config import DEFAULT_BASE, SAMPLING_KEYS, ChatSampling, Exp
 from llmb.quantize import PRECISIONS
 from llmb.settings import add_arguments, from_args, specs
 
-
 TRAIN_HELP = """Fine-tune a causal LM (Phi-2 by default) with LoRA (QLoRA: a 4-bit base on a GPU) on chat data.
 
     llmb train-assistant --out checkpoints/phi2-guanaco --max-steps 500

@@ -9,7 +9,6 @@ import json
 import sys
 from dataclasses import asdict
 
-from llmb.errors import UserError
 from llmb.settings import add_arguments, from_args
 
 EVAL_SETTINGS = ("data", "val_fraction", "batch_size", "device")
