@@ -34,17 +34,23 @@ def probe(tmp_path, tiny_phi, tiny_phi_adapter, shared_data):
     for name in ("model.safetensors", "char_vocab.json", "train_state.pt"):
         (story / name).write_text("weights")
     adapter = shutil.copytree(tiny_phi_adapter, tmp_path / "adapter")
+    model = shutil.copytree(tiny_phi, tmp_path / "model")  # a copy of the base, which tests may not change
     data = tmp_path / "data.jsonl"
     rows = (shared_data / "guanaco" / "openassistant_best_replies_eval.jsonl").read_text().splitlines()[:8]
     data.write_text("\n".join(rows) + "\n")
     (tmp_path / "four.gguf").write_bytes(b"GGUF")
     (tmp_path / "notes.txt").write_text("a file, not a folder")
-    return SimpleNamespace(tmp=tmp_path, mine=mine, story=story, adapter=adapter, base=tiny_phi, data=data)
+    return SimpleNamespace(tmp=tmp_path, mine=mine, story=story, adapter=adapter, model=model, base=tiny_phi,
+                           data=data)
 
 
 def qlora(d, out, *flags):
     return ["train", "--base", d.base, "--data", d.data, "--out", out, "--quant", "none", "--device", "cpu",
             "--max-steps", "2", "--max-seq-len", "64", *flags]
+
+
+def export(d, out):
+    return ["export-gguf", "--base", d.base, "--adapter", d.adapter, "--out", out, "--overwrite"]
 
 
 def gguf_cut_short(d):
@@ -85,6 +91,16 @@ BAD_INPUTS = [  # (what, command line, what the error line says)
      "deep.jsonl:2: not valid JSON for a chat row: nested too deep"),
     ("chat-eval on 200,000 '['", lambda d: ["chat-eval", "--base", d.base, "--data", d.deep, "--device", "cpu"],
      "deep.jsonl:2: not valid JSON for a chat row: nested too deep"),
+    ("export-gguf --overwrite of an adapter's weights", lambda d: export(d, d.adapter / "adapter_model.safetensors"),
+     "adapter holds a LoRA adapter run, which must stay as it is; give --out a file outside it"),
+    ("export-gguf --overwrite of a model's weights", lambda d: export(d, d.model / "model.safetensors"),
+     "model holds a model folder, which must stay as it is"),
+    ("export-gguf --overwrite of a checkpoint's training state",
+     lambda d: export(d, d.adapter / "checkpoint-30" / "training_state.pt"), "checkpoint-30 holds a LoRA adapter run"),
+    ("export-gguf into a story checkpoint", lambda d: export(d, d.story / "story.gguf"),
+     "story holds a story checkpoint, which must stay as it is"),
+    ("export-gguf --overwrite of a user's file", lambda d: export(d, d.mine / "thesis.txt"),
+     "thesis.txt is not a GGUF file; give another --out (--overwrite only replaces a GGUF file)"),
     ("chat --threads -1", lambda d: ["chat", "--base", d.base, "--threads", "-1", "--prompt", "hi"],
      "--threads must be between 1 and 4096"),
     ("chat --temperature 1e-300", lambda d: ["chat", "--base", d.base, "--temperature", "1e-300", "--prompt", "hi"],
@@ -110,7 +126,7 @@ def cli(argv, capsys):
 def test_bad_input_is_one_error_line_and_changes_nothing(probe, capsys, what, argv, message):
     probe.deep = probe.tmp / "deep.jsonl"
     probe.deep.write_text(probe.data.read_text().splitlines()[0] + "\n" + "[" * 200_000 + "\n")
-    before = {name: snapshot(getattr(probe, name)) for name in ("mine", "story", "adapter")}
+    before = {name: snapshot(getattr(probe, name)) for name in ("mine", "story", "adapter", "model")}
     code, err = cli(argv(probe), capsys)
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(lines) == 1 and message in lines[0], err
