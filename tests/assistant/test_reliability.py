@@ -22,8 +22,22 @@ def snapshot(folder):
     return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
 
 
+@pytest.fixture(scope="module")
+def other_phi(tmp_path_factory, shared_data):
+    """A tiny Phi of another hidden size (32, not 64): the probe's adapter does not fit it."""
+    from transformers import AutoTokenizer, PhiForCausalLM
+
+    from tests.conftest import tiny_phi_config
+
+    path = tmp_path_factory.mktemp("other-phi")
+    config = tiny_phi_config(shared_data, hidden_size=32, num_attention_heads=2, num_key_value_heads=2)
+    PhiForCausalLM(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(shared_data / "phi-2-tokenizer").save_pretrained(path)
+    return path
+
+
 @pytest.fixture
-def probe(tmp_path, tiny_phi, tiny_phi_adapter, shared_data):
+def probe(tmp_path, tiny_phi, tiny_phi_adapter, other_phi, shared_data):
     mine = tmp_path / "mine"  # a user's own files
     (mine / "sub").mkdir(parents=True)
     (mine / "thesis.txt").write_text("years of work")
@@ -41,7 +55,7 @@ def probe(tmp_path, tiny_phi, tiny_phi_adapter, shared_data):
     (tmp_path / "four.gguf").write_bytes(b"GGUF")
     (tmp_path / "notes.txt").write_text("a file, not a folder")
     return SimpleNamespace(tmp=tmp_path, mine=mine, story=story, adapter=adapter, model=model, base=tiny_phi,
-                           data=data)
+                           other_base=other_phi, data=data)
 
 
 def qlora(d, out, *flags):
@@ -51,6 +65,18 @@ def qlora(d, out, *flags):
 
 def export(d, out):
     return ["export-gguf", "--base", d.base, "--adapter", d.adapter, "--out", out, "--overwrite"]
+
+
+def damaged(d, how):
+    """A copy of the adapter whose weights are cut in half, or are garbage."""
+    copy = shutil.copytree(d.adapter, d.tmp / f"adapter-{how}")
+    weights = copy / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2] if how == "cut" else b"\x00garbage" * 99)
+    return copy
+
+
+OTHER_BASE = "was trained on another base ("
+DAMAGED = "cannot be read: adapter_model.safetensors is damaged (Error while deserializing header: "
 
 
 def gguf_cut_short(d):
@@ -101,6 +127,18 @@ BAD_INPUTS = [  # (what, command line, what the error line says)
      "story holds a story checkpoint, which must stay as it is"),
     ("export-gguf --overwrite of a user's file", lambda d: export(d, d.mine / "thesis.txt"),
      "thesis.txt is not a GGUF file; give another --out (--overwrite only replaces a GGUF file)"),
+    ("chat with an adapter for another base", lambda d: ["chat", "--base", d.other_base, "--adapter", d.adapter,
+                                                         "--prompt", "hi", "--device", "cpu"], OTHER_BASE),
+    ("merge of an adapter for another base", lambda d: ["merge", "--base", d.other_base, "--adapter", d.adapter,
+                                                        "--out", d.tmp / "new"], OTHER_BASE),
+    ("export-gguf of an adapter for another base", lambda d: ["export-gguf", "--base", d.other_base, "--adapter",
+                                                              d.adapter, "--out", d.tmp / "new.gguf"], OTHER_BASE),
+    ("chat with cut adapter weights", lambda d: ["chat", "--base", d.base, "--adapter", damaged(d, "cut"),
+                                                 "--prompt", "hi", "--device", "cpu"], DAMAGED),
+    ("merge of garbage adapter weights", lambda d: ["merge", "--base", d.base, "--adapter", damaged(d, "garbage"),
+                                                    "--out", d.tmp / "new"], DAMAGED),
+    ("export-gguf of cut adapter weights", lambda d: ["export-gguf", "--base", d.base, "--adapter", damaged(d, "cut"),
+                                                      "--out", d.tmp / "new.gguf"], DAMAGED),
     ("chat --threads -1", lambda d: ["chat", "--base", d.base, "--threads", "-1", "--prompt", "hi"],
      "--threads must be between 1 and 4096"),
     ("chat --temperature 1e-300", lambda d: ["chat", "--base", d.base, "--temperature", "1e-300", "--prompt", "hi"],
@@ -133,6 +171,7 @@ def test_bad_input_is_one_error_line_and_changes_nothing(probe, capsys, what, ar
     assert "Traceback" not in err
     assert {name: snapshot(getattr(probe, name)) for name in before} == before
     assert not (probe.tmp / "new").exists() or not any((probe.tmp / "new").iterdir())
+    assert not (probe.tmp / "new.gguf").exists()
 
 
 # ------------------------------------------------------------------------------------- faults
@@ -228,4 +267,18 @@ def test_saved_files_follow_the_umask(tiny_phi_adapter):
 
 def test_counts():
     print(f"assistant reliability: {len(BAD_INPUTS)} bad inputs, {len(FAULTS)} faults")
-    assert len(BAD_INPUTS) >= 18 and len(FAULTS) >= 3
+    assert len(BAD_INPUTS) >= 29 and len(FAULTS) >= 3
+
+
+def test_the_app_says_what_the_command_line_says_of_an_adapter_that_does_not_load(probe, capsys):
+    """One function words why an adapter does not load: `llmb chat` prints it, the app's Assistant tab shows it."""
+    from llmb.app.models import Assistant
+
+    for base, adapter in [(probe.other_base, probe.adapter), (probe.base, damaged(probe, "garbage"))]:
+        code, err = cli(["chat", "--base", base, "--adapter", adapter, "--prompt", "hi", "--device", "cpu"], capsys)
+        why = err.strip().splitlines()[-1].removeprefix("error: ")
+        assistant = Assistant(str(base), device="cpu")
+        with pytest.raises(UserError, match="could not load the assistant: the adapter "):
+            assistant.engine(str(base), str(adapter))
+        assert code == 2 and assistant.status(str(base), str(adapter)) == \
+            f"**Assistant `{base.name}` + adapter `{adapter.name}`:** failed to load: {why}"
