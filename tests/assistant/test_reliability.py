@@ -7,6 +7,7 @@ first checkpoint) after which the last good checkpoint, or the old run, is still
 """
 
 import json
+import re
 import shutil
 from types import SimpleNamespace
 
@@ -14,8 +15,9 @@ import pytest
 
 from llmb.assistant.config import TrainConfig
 from llmb.errors import UserError
-from llmb.fileio import read_json
+from llmb.fileio import megabytes, read_json
 from llmb.runlog import read_metrics
+from tests.story.conftest import tmpfs
 
 
 def snapshot(folder):
@@ -183,7 +185,8 @@ def tiny_config(d, out, **kw):
 
 
 def disk_full_while_saving(d, monkeypatch):
-    """torch.save reports a full disk as a RuntimeError: the second checkpoint fails, the first stays."""
+    """torch.save fails with a RuntimeError (a disk that is not full: its own words): the second checkpoint
+    fails, the first stays."""
     import llmb.assistant.train as qlora_train
     import torch
 
@@ -198,15 +201,36 @@ def disk_full_while_saving(d, monkeypatch):
     monkeypatch.setattr(torch, "save", full_disk)
     out = d.tmp / "full"
     with pytest.raises(UserError, match=r"could not save the checkpoint in .*full: \[enforce fail .* unexpected pos "
-                                        r"64 vs 0; the last checkpoint there is kept"):
+                                        r"64 vs 0; the checkpoint of step 2 is kept$"):
         qlora_train.train(tiny_config(d, out, max_steps=6))
     summary = read_json(out / "summary.json")
     assert summary["stopped_by"] == "error" and summary["saved_step"] == 2
     assert sorted(p.name for p in out.glob("*checkpoint-*")) == ["checkpoint-2"]  # no half-written one left
 
 
+def disk_fills_in_torch_save(d, monkeypatch):
+    """A real disk with room for a checkpoint and a half: the second one's training state does not fit, and
+    torch.save says "[enforce fail at inline_container.cc:672] . unexpected pos ...". The error says the disk
+    is full, about how much the save needs (the size of a checkpoint), and which checkpoint is kept."""
+    import llmb.assistant.train as qlora_train
+
+    checkpoint = next(d.adapter.glob("checkpoint-*"))  # a checkpoint of the same model and settings
+    size = sum(f.stat().st_size for f in checkpoint.iterdir())
+    state = (checkpoint / "training_state.pt").stat().st_size
+    with tmpfs(d.tmp / "small", size=str(2 * size - state // 2)) as disk:
+        with pytest.raises(UserError) as e:
+            qlora_train.train(tiny_config(d, disk / "run", max_steps=6))
+        said = re.fullmatch(rf"could not save the checkpoint in {re.escape(str(disk / 'run'))}: the disk is full "
+                            rf"\(the save needs about {megabytes(size)}, ([\d.]+) MB is free there\); the checkpoint "
+                            r"of step 2 is kept: free some space, then --resume continues from it", str(e.value))
+        assert said and float(said[1]) < size / 1e6, str(e.value)
+        assert read_json(disk / "run" / "summary.json")["saved_step"] == 2
+        assert sorted(p.name for p in (disk / "run").glob("*checkpoint-*")) == ["checkpoint-2"]
+
+
 def adapter_save_fails(d, monkeypatch):
-    """The final adapter save fails (a full disk): one error, summary.json says error and what is kept."""
+    """The first save fails with the OS's "No space left on device": one error saying so, summary.json says
+    error and that nothing is kept."""
     import llmb.assistant.train as qlora_train
 
     def full_disk(self, *args, **kwargs):
@@ -214,7 +238,9 @@ def adapter_save_fails(d, monkeypatch):
 
     monkeypatch.setattr(type(qlora_train.load_tokenizer(str(d.base))), "save_pretrained", full_disk)
     out = d.tmp / "full"
-    with pytest.raises(UserError, match="could not save the checkpoint in .*: No space left on device"):
+    with pytest.raises(UserError, match=r"could not save the checkpoint in .*: the disk is full \(the save needs "
+                                        r"about 0\.\d MB, [\d,.]+ MB is free there\); no checkpoint is kept: free some "
+                                        "space, then start again"):
         qlora_train.train(tiny_config(d, out, max_steps=2))
     summary = read_json(out / "summary.json")
     assert summary["stopped_by"] == "error" and summary["saved_step"] is None
@@ -247,6 +273,7 @@ def overwrite_keeps_the_old_run_until_it_saves(d, monkeypatch):
 
 FAULTS = [
     ("disk full while saving a checkpoint", disk_full_while_saving),
+    ("a real disk fills in torch.save", disk_fills_in_torch_save),
     ("disk full while saving the adapter", adapter_save_fails),
     ("crash before an --overwrite run's first checkpoint", overwrite_keeps_the_old_run_until_it_saves),
 ]
