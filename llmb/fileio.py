@@ -119,7 +119,7 @@ def save_failed(what, folder, e, needed):
     free = shutil.disk_usage(folder).free
     kept = saved_step(folder)
     keeps = f"the checkpoint of step {kept} is kept" if kept is not None else "no checkpoint is kept"
-    full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e)
+    full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in str(e)
     if not (full or free < needed):
         return UserError(f"could not save {what} in {folder}: {write_error(e)}; {keeps}")
     then = "then --resume continues from it" if kept is not None else "then start again"

@@ -356,7 +356,8 @@ def encode_rendered(tokenizer, text, contents):
     as their ids, each slot filled with its message and tokenized as plain text.
 
     For text without special tokens in its messages this gives exactly `tokenizer(text)`'s ids: the
-    tokenizer, too, cuts its input at special tokens first and tokenizes the pieces between.
+    tokenizer, too, cuts its input at special tokens first and tokenizes the pieces between (special
+    tokens that eat the spaces beside them, which chat templates do not use, aside).
     """
     specials, ids = special_tokens(tokenizer), []
     for i, piece in enumerate(specials.split(text) if specials else [text]):

@@ -282,7 +282,7 @@ def load_checkpoint(ckpt, model, optimizer, scheduler):
 def save_adapter(out, model, tokenizer):
     """The out dir itself is a PEFT adapter dir: written beside, then moved in file by file."""
     tmp = Path(out) / ".tmp-adapter"
-    last = checkpoints(out)[-1:]
+    last = checkpoints(out)[-1:]  # the adapter is what its last checkpoint holds but the training state
     needed = save_size(trainable_weights(model), files=[f for ckpt in last for f in ckpt.iterdir() if f.name != STATE])
     try:
         shutil.rmtree(tmp, ignore_errors=True)
