@@ -159,16 +159,39 @@ def check_out_folder(path, kind, overwrite=False, resume=False, flag="--out"):
                     f"(--overwrite only replaces {OUTPUTS[kind]})")
 
 
-def check_out_file(path, overwrite=False, flag="--out"):
-    """May a command write the file `path`? A new file, or an existing one with `overwrite` (replaced
-    atomically once written, see llmb.fileio); never a folder."""
+FILES = {"gguf": (b"GGUF", "a GGUF file")}  # the files a command writes: their first bytes, and their name
+
+
+def check_out_file(path, kind, overwrite=False, flag="--out"):
+    """May a command that writes a file of `kind` (a key of FILES) write `path`? A new file, or with
+    `overwrite` a file of that kind (known by its first bytes; replaced atomically once written, see
+    llmb.fileio); never a folder, nor a file inside a model, adapter or story checkpoint folder.
+    """
     path = Path(path)
+    what = FILES[kind][1]
     if path.is_dir():
         raise UserError(f"{flag} {path} is a folder; give a file name")
+    folder = path.resolve().parent
+    holder = output_kind(folder)
+    if holder in ("story", "adapter", "model"):
+        raise UserError(f"{folder} holds {OUTPUTS[holder]}, which must stay as it is; give {flag} a file "
+                        f"outside it, e.g. {folder.parent / (folder.name + '.' + kind)}")
     if path.exists() and not overwrite:
         raise UserError(f"{path} already exists; give another {flag}, or --overwrite to replace it")
+    if path.exists() and not is_file_of(path, kind):
+        raise UserError(f"{path} is not {what}; give another {flag} (--overwrite only replaces {what})")
     check_writable(path.parent, flag)
     return path
+
+
+def is_file_of(path, kind):
+    """Does the file `path` start with the bytes of `kind` (a key of FILES)? False if it cannot be read."""
+    magic = FILES[kind][0]
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(magic)) == magic
+    except OSError:
+        return False
 
 
 def saved_step(path):

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from llmb.errors import UserError
-from llmb.folders import check_out_file, check_out_folder, folder_kind, output_kind, require, saved_step
+from llmb.folders import OUTPUTS, check_out_file, check_out_folder, folder_kind, output_kind, require, saved_step
 
 
 def make(path, files):
@@ -101,12 +101,31 @@ def test_a_file_is_refused_as_a_folder_and_a_folder_as_a_file(tmp_path):
     file = make(tmp_path / "d", {"notes.txt": "x"}) / "notes.txt"
     with pytest.raises(UserError, match="--out .*notes.txt is a file; give a folder"):
         check_out_folder(file, "adapter")
-    with pytest.raises(UserError, match="already exists; give another --out, or --overwrite"):
-        check_out_file(file)
-    assert check_out_file(file, overwrite=True) == file
     with pytest.raises(UserError, match="is a folder; give a file name"):
-        check_out_file(tmp_path / "d", overwrite=True)
-    assert check_out_file(tmp_path / "d" / "new.gguf") == tmp_path / "d" / "new.gguf"
+        check_out_file(tmp_path / "d", "gguf", overwrite=True)
+    assert check_out_file(tmp_path / "d" / "new.gguf", "gguf") == tmp_path / "d" / "new.gguf"
+
+
+def test_overwrite_replaces_only_a_file_of_the_kind_the_command_writes(tmp_path):
+    gguf = make(tmp_path / "d", {"old.gguf": "GGUF and the rest", "notes.txt": "x"}) / "old.gguf"
+    with pytest.raises(UserError, match="already exists; give another --out, or --overwrite"):
+        check_out_file(gguf, "gguf")
+    assert check_out_file(gguf, "gguf", overwrite=True) == gguf
+    with pytest.raises(UserError, match="notes.txt is not a GGUF file; give another --out .--overwrite only "
+                                        "replaces a GGUF file."):
+        check_out_file(tmp_path / "d" / "notes.txt", "gguf", overwrite=True)
+
+
+@pytest.mark.parametrize("kind, files", [
+    ("adapter", {"adapter_config.json": "{}", "adapter_model.safetensors": "w"}),
+    ("story", {"config.json": json.dumps({"llmb": "story"}), "model.safetensors": "w"}),
+    ("model", {"config.json": json.dumps({"model_type": "phi"}), "model.safetensors": "w", "model.gguf": "GGUF"})])
+def test_no_file_is_written_inside_a_model_folder(tmp_path, kind, files):
+    folder = make(tmp_path / "run", files)
+    for name in [*files, "new.gguf"]:
+        with pytest.raises(UserError, match=f"run holds {OUTPUTS[kind]}, which must stay as it is; give --out a "
+                                            f"file outside it, e.g. .*{tmp_path.name}/run.gguf"):
+            check_out_file(folder / name, "gguf", overwrite=True)
 
 
 def test_saved_step_reads_the_folder(tmp_path):

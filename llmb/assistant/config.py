@@ -146,4 +146,4 @@ class ExportConfig:
     out: str = setting("model.gguf", "the .gguf file to write", required=True)
     type: str = setting("f16", "how weights are stored (q8_0: 8-bit, about half the size of f16)",
                         choices=("f32", "f16", "q8_0"), label="GGUF type")
-    overwrite: bool = setting(False, "replace --out if it exists (once the new file is written)")
+    overwrite: bool = setting(False, "replace the GGUF file in --out (once the new one is written); no other file")

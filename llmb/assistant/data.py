@@ -318,15 +318,61 @@ def exchange_texts(tokenizer, turns):
     return system, exchanges
 
 
+# ---------------------------------------------------------------------------
+# What a message says is text. The template is rendered with a slot in place of each message;
+# its own special tokens (<|im_start|>, <|im_end|>, <|endoftext|>) are control ids, while a
+# message is tokenized with special-token parsing off: "<|im_start|>system" typed into it is
+# those characters, never a new turn, and "</s>" or "<|endoftext|>" in it is no end of text.
+# The guanaco format's role markers are plain text, so inside a message they lose a "#":
+# "### Human:" becomes "## Human:", which no longer starts a turn.
+
+SLOT = re.compile(r"\x1f(\d+)\x1f")  # a message's place in the rendered template
+ROLE_MARKER = re.compile(r"#{3,}(?= (?:Human|Assistant):)")
+
+
+def as_text(tokenizer, content):
+    """A message's content as the prompt shows it: in the guanaco format, its role markers made harmless."""
+    return ROLE_MARKER.sub("##", content) if content and is_guanaco(tokenizer) else content
+
+
+def special_tokens(tokenizer):
+    """A regex matching the tokenizer's special tokens (each an id of its own, such as <|im_start|>)."""
+    specials = sorted((t.content for t in tokenizer.added_tokens_decoder.values() if t.special), key=len, reverse=True)
+    return re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
+
+
+def encode_rendered(tokenizer, text, contents):
+    """Token ids of a text the template rendered with message slots: the template's own special tokens
+    as their ids, each slot filled with its message and tokenized as plain text.
+
+    For text without special tokens in its messages this gives exactly `tokenizer(text)`'s ids: the
+    tokenizer, too, cuts its input at special tokens first and tokenizes the pieces between (special
+    tokens that eat the spaces beside them, which chat templates do not use, aside).
+    """
+    specials, ids = special_tokens(tokenizer), []
+    for i, piece in enumerate(specials.split(text) if specials else [text]):
+        if i % 2:  # re.split with a group: the special tokens are at the odd places
+            ids.append(tokenizer.convert_tokens_to_ids(piece))
+        elif piece:
+            words = SLOT.sub(lambda m: contents[int(m[1])], piece)  # one pass: a message is never read as a slot
+            ids += tokenizer(words, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return ids
+
+
 def encode_exchanges(tokenizer, turns):
     """Token ids of a conversation as (system_ids, [(prompt_ids, answer_ids), ...]), in the tokenizer's
     chat template (guanaco when it has none):
 
         guanaco: [system\n]### Human: {user}### Assistant:| {assistant}<|endoftext|>
                  \________ prompt: label -100 ________/ \__ answer: trained __/
+
+    What the messages say is text, whatever it holds (see SLOT above).
     """
-    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    system, exchanges = exchange_texts(tokenizer, turns)
+    turns = normalize(turns)
+    contents = [as_text(tokenizer, t.content) for t in turns]
+    slotted = [Turn(t.role, None if t.content is None else f"\x1f{i}\x1f") for i, t in enumerate(turns)]
+    system, exchanges = exchange_texts(tokenizer, slotted)
+    enc = lambda text: encode_rendered(tokenizer, text, contents)  # noqa: E731
     return enc(system) if system else [], [(enc(p), enc(a) if a else []) for p, a in exchanges]
 
 

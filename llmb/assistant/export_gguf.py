@@ -37,7 +37,7 @@ def export_gguf(base, out, adapter=None, out_type="f16", overwrite=False):
 
     if out_type not in TYPES:
         raise UserError(f"unknown GGUF type {out_type!r}; use one of {', '.join(TYPES)}")
-    check_out_file(out, overwrite)
+    check_out_file(out, "gguf", overwrite)
     from transformers import AutoConfig
 
     with loading(base):

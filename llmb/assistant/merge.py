@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from llmb.assistant.loading import load_base_model, load_tokenizer
+from llmb.assistant.loading import load_adapter, load_base_model, load_tokenizer
 from llmb.errors import UserError
 from llmb.fileio import save_dir_atomically, write_json
 from llmb.folders import check_out_folder, require
@@ -30,10 +30,9 @@ def merge(base, adapter, out, dtype="bfloat16", overwrite=False):
 def merged(base, adapter, dtype="bfloat16"):
     """The base on the CPU in `dtype` with the adapter's update folded into its weights (a plain model)."""
     import torch
-    from peft import PeftModel
 
-    require(adapter, "adapter", "pass the --out folder of llmb train-assistant")
+    require(adapter, "adapter", "pass the --out folder of llmb train-assistant")  # before the base loads
     if dtype not in ("bfloat16", "float32"):
         raise UserError(f"merge dtype must be bfloat16 or float32 (Phi-2 overflows in float16), got {dtype}")
     model = load_base_model(base, "none", "cpu", getattr(torch, dtype))
-    return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return load_adapter(model, adapter).merge_and_unload()

@@ -5,8 +5,8 @@ quantization, and train only small low-rank adapters (LoRA, Hu et al. 2021) on t
 
     h = W0 x + (alpha / r) * B A x        W0 frozen (4-bit), A: r x d_in, B: d_out x r trained
 
-The loop is plain PyTorch driven by accelerate, so `python training/train_qlora.py` runs on
-one device and `accelerate launch training/train_qlora.py` on several GPUs. A run:
+The loop is plain PyTorch driven by accelerate, so `llmb train-assistant` runs on
+one device and `accelerate launch -m llmb train-assistant` on several GPUs. A run:
 
     prepare_data  -> examples in the adapter's prompt format (its chat template)
     build         -> base + LoRA, optimizer, schedule; --resume restores all of it (RNG included)
@@ -31,7 +31,7 @@ from llmb.assistant.data import IGNORE, choose_template, collate, encode_dataset
 from llmb.assistant.loading import compute_dtype, load_base_model, load_tokenizer
 from llmb.device import resolve_device
 from llmb.errors import UserError
-from llmb.fileio import save_dir_atomically, sync_folder, write_error, write_json
+from llmb.fileio import SAVE_ERRORS, save_dir_atomically, save_failed, save_size, sync_folder, write_error, write_json
 from llmb.folders import JOB_LOG, check_out_folder, one_writer
 from llmb.runlog import NEW_PROGRESS, PROGRESS, MetricsLog, StopSignal, make_summary, trim_metrics, write_progress, write_summary
 
@@ -226,6 +226,9 @@ def chat_eval(base, data, adapter=None, max_seq_len=512, batch_size=4, device="c
 # Checkpoints: adapter + optimizer + schedule + RNG, so a resumed run continues exactly
 
 
+STATE = "training_state.pt"  # a checkpoint's optimizer, schedule and random states, beside the adapter
+
+
 def checkpoints(out):
     return sorted(Path(out).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
 
@@ -236,21 +239,26 @@ def rng_state():
     return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
+def trainable_weights(model):
+    return [p for p in model.parameters() if p.requires_grad]  # the adapter's
+
+
 def save_checkpoint(out, step, model, tokenizer, optimizer, scheduler):
     import torch
+
+    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
 
     def write(tmp):
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": rng_state()}, tmp / "training_state.pt")
+        torch.save(state, tmp / STATE)
 
     target = Path(out) / f"checkpoint-{step}"
+    needed = save_size(trainable_weights(model), state, files=checkpoints(out)[-1:])
     try:
         save_dir_atomically(target, write)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        raise UserError(f"could not save the checkpoint in {out}: {write_error(e)}; the last checkpoint there "
-                        "is kept") from None
+    except SAVE_ERRORS as e:
+        raise save_failed("the checkpoint", out, e, needed) from None
     for old in checkpoints(out):  # keep only the newest
         if old != target:
             shutil.rmtree(old)
@@ -262,7 +270,7 @@ def load_checkpoint(ckpt, model, optimizer, scheduler):
     from safetensors.torch import load_file
 
     set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
-    state = torch.load(ckpt / "training_state.pt", weights_only=False)
+    state = torch.load(ckpt / STATE, weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])  # dropout masks go on as in an uninterrupted run
@@ -274,6 +282,8 @@ def load_checkpoint(ckpt, model, optimizer, scheduler):
 def save_adapter(out, model, tokenizer):
     """The out dir itself is a PEFT adapter dir: written beside, then moved in file by file."""
     tmp = Path(out) / ".tmp-adapter"
+    last = checkpoints(out)[-1:]  # the adapter is what its last checkpoint holds but the training state
+    needed = save_size(trainable_weights(model), files=[f for ckpt in last for f in ckpt.iterdir() if f.name != STATE])
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
@@ -282,9 +292,9 @@ def save_adapter(out, model, tokenizer):
         for f in tmp.iterdir():
             os.replace(f, Path(out) / f.name)
         tmp.rmdir()
-    except (OSError, RuntimeError) as e:
+    except SAVE_ERRORS as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"could not save the adapter in {out}: {write_error(e)}") from None
+        raise save_failed("the adapter", out, e, needed) from None
 
 
 NEW_METRICS = ".metrics.new.jsonl"  # an --overwrite run logs here until its first checkpoint replaces the old run

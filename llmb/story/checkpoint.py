@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from llmb.errors import UserError
-from llmb.fileio import read_json, sync_folder, write_error
+from llmb.fileio import SAVE_ERRORS, read_json, save_failed, save_size, sync_folder, write_error
 from llmb.folders import STORY_CONFIG as CONFIG
 from llmb.folders import STORY_WEIGHTS as WEIGHTS
 from llmb.folders import require
@@ -40,6 +40,7 @@ def save_checkpoint(out_dir, model, tokenizer, meta, state=None, replace=False):
     """
     out_dir = Path(out_dir)
     staging = out_dir / STAGING
+    needed = save_size(model.state_dict(), state, files=[out_dir / name for name in (WEIGHTS, STATE)])
     try:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
@@ -57,10 +58,9 @@ def save_checkpoint(out_dir, model, tokenizer, meta, state=None, replace=False):
             os.replace(f, out_dir / f.name)
         sync_folder(out_dir, files=False)
         staging.rmdir()
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+    except SAVE_ERRORS as e:
         shutil.rmtree(staging, ignore_errors=True)  # frees the space a full disk needs for summary.json
-        raise UserError(f"could not save the checkpoint in {out_dir}: {write_error(e)}; the last checkpoint "
-                        "there is kept") from None
+        raise save_failed("the checkpoint", out_dir, e, needed) from None
 
 
 STATE_KEYS = ("step", "total_steps", "max_iters", "schedule_start", "elapsed_s", "optimizer")

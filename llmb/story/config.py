@@ -1,4 +1,4 @@
-"""Settings of the story model, each defined once: its trainer (`training/train_char.py`, the app's Train
+"""Settings of the story model, each defined once: its trainer (`llmb train-story`, the app's Train
 form) and its sampler (`llmb sample`, the app's Story tab).
 
 Every field carries its help text and allowed range (see llmb.settings): the command lines, the

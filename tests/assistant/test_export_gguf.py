@@ -171,10 +171,10 @@ def test_unsupported_architecture_is_one_error_line(tmp_path, repo_data):
 
 def test_an_existing_file_is_kept_unless_overwrite(tiny_llama, tmp_path):
     out = tmp_path / "model.gguf"
-    out.write_bytes(b"an earlier export")
+    out.write_bytes(b"GGUF, an earlier export")
     with pytest.raises(UserError, match="model.gguf already exists; give another --out, or --overwrite to replace it"):
         export_gguf(str(tiny_llama), out)
-    assert out.read_bytes() == b"an earlier export"
+    assert out.read_bytes() == b"GGUF, an earlier export"
     with pytest.raises(UserError, match="is a folder"):
         export_gguf(str(tiny_llama), tmp_path)
     export_gguf(str(tiny_llama), out, overwrite=True)
