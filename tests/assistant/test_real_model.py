@@ -68,5 +68,7 @@ def test_merge_gives_the_same_logits_as_base_plus_adapter(small_assistant, small
             base = model(input_ids=ids).logits
         merge(str(small_assistant), str(adapter), tmp_path / "merged", dtype="float32")
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()(input_ids=ids).logits
-    assert (adapted - base).abs().max() > 1e-2  # the adapter changes the model ...
-    assert torch.allclose(merged, adapted, atol=1e-4)  # ... and the merged weights do exactly that
+    change = (adapted - base).abs().max()
+    assert change > 1e-2  # the adapter changes the model ...
+    # ... and the merged weights do the same, to fp32 rounding (summed in another order: ~1e-4 on AVX-512)
+    assert (merged - adapted).abs().max() < 0.01 * change
