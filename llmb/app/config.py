@@ -50,7 +50,7 @@ class AppConfig:
     variable (read when the flag is not given)."""
 
     host: str = setting("127.0.0.1", "address to serve on", env="GRADIO_SERVER_NAME")
-    port: int = setting(7860, "port to serve on", low=1, high=65535, env="GRADIO_SERVER_PORT")
+    port: int = setting(7860, "port to serve on (0: any free port)", low=0, high=65535, env="GRADIO_SERVER_PORT")
     share: bool = setting(False, "ask Gradio for a public share link")
     story_ckpt: Path = setting(REPO / "checkpoints" / "oz-story", "story checkpoint the Story tab opens with",
                                env="LLMB_STORY_CKPT")

@@ -11,8 +11,11 @@ their inputs by name (`inputs_kwargs`), so the HTTP API is named too: `client.pr
 api_name="/story")`. Nothing here imports torch: the models load on the first request that needs them.
 """
 
+import errno
 import os
 import secrets
+import socket
+import sys
 from pathlib import Path
 
 import gradio as gr
@@ -24,6 +27,7 @@ from llmb.app.common import Context
 from llmb.app.guard import CallCheck
 from llmb.app.jobs import log_tail, progress
 from llmb.app.uploads import UploadTypes
+from llmb.errors import UserError
 from llmb.fileio import atomic_path
 
 QUEUE_SIZE = 64  # Gradio's one queue for every event; story and answer calls wait in their own lanes instead
@@ -121,8 +125,28 @@ def upload_limit(config):
     return f"{config.uploads_mb}mb" if config.allow_training else 1
 
 
+def open_port(host, port):
+    """`port` if the app can serve on it (for 0: a free one the system picks); UserError if it is in use.
+    Gradio's own check says it with a 12-line traceback, and cannot serve on port 0."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Gradio's server: a port just freed is free
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise UserError(f"port {port} is in use (another app, or llmb already running); give another with "
+                                "--port, or --port 0 for any free one") from None
+            return port  # another problem (an IPv6 host, say): Gradio's start says it
+        return probe.getsockname()[1]
+
+
 def main(argv=None):
     config = app_config.parse_args(argv)
+    try:
+        config.port = open_port(config.host, config.port)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     demo = build(config)
     demo.queue(default_concurrency_limit=2, max_size=QUEUE_SIZE)
     # only what a page must show is served: the LR-finder plots and the exported GGUF files (never uploads,

@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 from llmb.app.config import UPLOAD_KEY
+from llmb.app.guard import uploaded
 from llmb.errors import UserError
 from llmb.fileio import atomic_path
 
@@ -91,12 +92,9 @@ def upload_key(value):
 def forget_upload(path):
     """Delete Gradio's cached copy of an upload once handled (kept, it could be fetched over HTTP until
     the hourly clean-up). Only files inside Gradio's upload folder: an API client names the path."""
-    from gradio.utils import get_upload_folder
-
     try:
-        cached = Path(path).resolve()
-        if cached.is_relative_to(Path(get_upload_folder()).resolve()) and cached.is_file():
-            cached.unlink()
+        if uploaded(path) and Path(path).is_file():
+            Path(path).unlink()
     except (OSError, TypeError, ValueError):
         pass  # already gone, or not a path: nothing to forget
 

@@ -811,6 +811,8 @@ MALFORMED = [
     ("/train_start", {"kind": "story", "story_n_head": 10**400}, "story_n_head: must be a number of at most 308"),
     ("/lr_find", {"lr_steps": "nan", "data": [WIZARD]}, "lr_steps: must be a number (got 'nan')"),
     ("/story", {"checkpoint": "tiny-story", "max_new": 10**400}, "max_new: must be a number of at most 308 digits"),
+    ("/story", {"checkpoint": "tiny-story", "prompt": {"a": 1}}, "prompt: must be text (got dict)"),  # not "{'a': 1}"
+    ("/chat", {"message": ["hi"]}, "message: must be text (got list)"),
 ]
 
 
@@ -853,6 +855,22 @@ def test_a_raw_http_call_of_the_wrong_shape_gets_a_message(app, route, body, mes
     reply = httpx.post(f"{app.url}gradio_api/{route}", json=body, timeout=30)
     assert reply.status_code == 422 and message in reply.json()["error"], reply.text
     assert len(lines_since(app, start)) <= 1 and "Traceback" not in app.log_text()[start:]
+    TRIED["bad inputs"] += 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["/etc/passwd", "{work}/browser-secret", "../../../../etc/hostname"])
+def test_an_upload_naming_a_server_path_is_a_422_naming_the_parameter(app, path):
+    """Gradio refused these too, but answered {"error": null} and logged an InvalidPathError traceback."""
+    import httpx
+
+    start = len(app.log_text())
+    files = [{"path": path.format(work=app.work), "meta": {"_type": "gradio.FileData"}}]
+    reply = httpx.post(f"{app.url}gradio_api/call/train_upload", json={"data": [files, [], "", "story"]}, timeout=30)
+    assert reply.status_code == 422, reply.text
+    assert reply.json()["error"].startswith("files: must be a file uploaded to this app"), reply.text
+    assert str(app.work) not in reply.text
+    assert len(lines_since(app, start)) <= 1 and "Traceback" not in app.log_text()[start:], lines_since(app, start)
     TRIED["bad inputs"] += 1
 
 
@@ -919,3 +937,42 @@ def test_on_a_space_only_the_browser_that_started_a_run_may_stop_it(tmp_path, mo
         assert message.startswith("stop requested") and job["status"] == "stopping"
         ctx.jobs.wait(10)
         TRIED["concurrent sessions"] += 1
+
+
+# ------------------------------------------------------------------ the command line: a busy port
+
+def test_a_busy_port_is_one_line_and_port_0_serves_on_a_free_one(tmp_path):
+    """A taken --port was a 12-line OSError traceback; Gradio could not serve on port 0 at all."""
+    import socket
+    import subprocess
+    import sys
+
+    from tests.app.app_server import REPO
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLMB_", "SPACE_", "GRADIO_SERVER"))}
+    env |= {"GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    args = [sys.executable, "app.py", "--work-dir", str(tmp_path / "work"), "--data-dir", str(tmp_path)]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([*args, "--port", str(port)], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=120)
+    assert out.returncode == 2 and (out.stdout + out.stderr).strip().splitlines() == [
+        f"error: port {port} is in use (another app, or llmb already running); give another with --port, or "
+        "--port 0 for any free one"], out.stdout + out.stderr
+    TRIED["bad inputs"] += 1
+    log = tmp_path / "app.log"
+    with open(log, "wb") as f:
+        app = subprocess.Popen([*args, "--port", "0"], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 60
+        while not (found := re.search(r"http://127\.0\.0\.1:(\d+)", log.read_text())):
+            assert time.time() < deadline and app.poll() is None, log.read_text()
+            time.sleep(0.2)
+        assert int(found[1]) != 0
+        with urllib.request.urlopen(found[0], timeout=30) as r:
+            assert r.status == 200
+    finally:
+        app.terminate()
+        app.wait(30)
