@@ -22,20 +22,23 @@ from llmb.app.models import Assistant, StopFlags, StoryModels
 from llmb.errors import UserError
 
 LANES = {"story": (4, 8), "answer": (2, 4)}  # calls of a kind that run at once, and that may wait for them
+MAX_WAIT_S = 15.0  # a waiting call that has no place after this long ends with "busy", as one with no place in line
 MAX_UNREAD, UNREAD_S = 100, 2.0  # a stream left this many messages behind for this long: nobody reads it
 WAIT_POLL_S = 0.5  # a waiting call looks for its turn (and can be closed) this often
 
 
 class Lane:
-    """The calls of one kind (story, answer): `running` at once, `waiting` more in line, one per session.
+    """The calls of one kind (story, answer): `running` at once, `waiting` more in line for `max_wait` seconds at
+    most, one per session.
 
     Gradio has a single queue for all events, and no limit per event: a call beyond a lane's places
     ends at once with a message, so one kind flooded (by one client, or many session ids) never fills
-    the queue that the other kinds and the Train tab share.
+    the queue that the other kinds and the Train tab share; and a call in line behind long ones ends
+    with the same message after `max_wait` seconds, never waits for them all.
     """
 
-    def __init__(self, what, running, waiting):
-        self.what, self.running, self.waiting = what, running, waiting
+    def __init__(self, what, running, waiting, max_wait=MAX_WAIT_S):
+        self.what, self.running, self.waiting, self.max_wait = what, running, waiting, max_wait
         self.line, self.active = [], set()  # sessions waiting (first in line first), sessions running
         self.changed = threading.Condition()
 
@@ -60,8 +63,12 @@ class Lane:
 
     def turn(self, session):
         """Wait for `session`'s turn to run, yielding how many calls are ahead every WAIT_POLL_S seconds
-        (a yield is where Gradio can close a call whose client left)."""
+        (a yield is where Gradio can close a call whose client left); UserError after `max_wait` seconds."""
+        since = time.monotonic()
         while (ahead := self._take(session)) is not None:
+            if time.monotonic() - since > self.max_wait:
+                raise UserError(f"busy: no place for a {self.what} came free in {self.max_wait:g} s ({ahead} ahead "
+                                "of you); try again in a moment")
             yield ahead
 
     def _take(self, session):

@@ -159,6 +159,19 @@ def test_a_lane_runs_a_few_lets_a_few_wait_and_ends_the_rest_at_once():
     TRIED["concurrent sessions"] += 3
 
 
+def test_a_call_in_line_ends_busy_after_the_longest_wait():
+    """Behind long calls, a call waited for them all (a 20-character story 127 s behind ten long ones)."""
+    lane, a = Lane("story", running=1, waiting=1, max_wait=0.3), ExitStack()
+    a.enter_context(lane.place("a"))
+    list(lane.turn("a"))
+    t0 = time.monotonic()
+    with lane.place("b"), pytest.raises(UserError, match=r"busy: no place for a story came free in 0.3 s \(0 ahead"):
+        list(lane.turn("b"))
+    assert time.monotonic() - t0 < 2 and lane.line == [], "it ends soon after the longest wait, and leaves the line"
+    a.close()
+    TRIED["concurrent sessions"] += 2
+
+
 def run_in_lane(unread, steps=50):
     """Run a fake call of `steps` steps in a lane, its client leaving `unread` messages unread; (made, closed)."""
     queue = asyncio.Queue()
@@ -491,6 +504,28 @@ def test_one_client_cannot_fill_the_queue_for_everyone(app):
     notes = [c.result(timeout=60)[1] for c in calls]
     assert sum("your previous story is still running" in n for n in notes) == 19, notes
     TRIED["concurrent sessions"] += 21
+
+
+@pytest.mark.slow
+def test_a_short_story_behind_long_ones_gets_busy_soon_not_after_them_all(app):
+    """11 clients ask for the longest story at once (4 run, 7 wait): one more waits MAX_WAIT_S at most, then
+    hears "busy" (it waited for every long story ahead of it)."""
+    clients = [Client(app.url, verbose=False) for _ in range(12)]
+    long_ones = [story_call(c, ckpt="oz-story", max_new=2000) for c in clients[:11]]
+    deadline = time.time() + 30
+    while "waiting" not in str(long_ones[-1].outputs()[-1:]) and time.time() < deadline:
+        time.sleep(0.2)
+    t0 = time.time()
+    try:
+        note = story_call(clients[11], ckpt="tiny-story", max_new=20).result(timeout=common.MAX_WAIT_S + 15)[1]
+        assert note.startswith("⚠️ busy: no place for a story came free in 15 s"), note
+        assert time.time() - t0 < common.MAX_WAIT_S + 10
+    finally:
+        for c in clients[:11]:
+            c.predict(api_name="/story_stop")
+    notes = [c.result(timeout=60)[1] for c in long_ones]
+    assert sum(n.startswith("stopped") for n in notes) >= 4 and sum("busy" in n for n in notes) >= 3, notes
+    TRIED["concurrent sessions"] += 12
 
 
 def join_unread(app, api_name, sessions=1, **values):
