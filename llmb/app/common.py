@@ -7,6 +7,7 @@ status line (`shows_problems`), so a bad value never shows a traceback and the a
 """
 
 import functools
+import hashlib
 import inspect
 import re
 import threading
@@ -19,6 +20,7 @@ import gradio as gr
 from llmb.app import config as app_config
 from llmb.app.jobs import JobManager
 from llmb.app.models import Assistant, StopFlags, StoryModels
+from llmb.app.uploads import upload_key
 from llmb.errors import UserError
 
 LANES = {"story": (4, 8), "answer": (2, 4)}  # calls of a kind that run at once, and that may wait for them
@@ -142,7 +144,7 @@ class Context:
         self.assistant = Assistant(config.base, adapters[0] if adapters else None, config.device,
                                    "int8" if config.cpu_int8 else "auto",
                                    fallbacks=adapters if config.adapter == "auto" else ())
-        self.jobs = JobManager(config.job_state)
+        self.jobs = JobManager(config.job_state, config.run_owners)
         self.stop_flags = StopFlags()
         self.lanes = {kind: Lane(kind, *places) for kind, places in LANES.items()}
         self.demo = None  # the page, once built (Reader looks at its queue)
@@ -192,6 +194,18 @@ def unexpected(error):
 
 def session_of(request):
     return getattr(request, "session_hash", None) or "no-session"
+
+
+def browser_key(uploads_key, request):
+    """The caller's uploads key: the one its browser keeps (gr.BrowserState), else its session's (an API
+    client that sends none is one browser for all the calls of its session)."""
+    return upload_key(uploads_key, getattr(request, "session_hash", None))
+
+
+def owner_of(uploads_key, request):
+    """Who a job, and all it writes, belongs to: the caller's browser (`browser_key`), by a hash of its key
+    (kept in the job's state and the runs' owners file; never the key itself)."""
+    return hashlib.sha256(f"browser {browser_key(uploads_key, request)}".encode()).hexdigest()[:16]
 
 
 def call_key(request, kind):

@@ -351,7 +351,8 @@ def test_lr_finder_fills_in_the_suggested_rate(app, client):
     message, lr, plot = client.predict(lr_steps=20, **lr_find)
     assert message.startswith("suggested learning rate"), message
     assert float(lr) > 0 and f"{float(lr):.2e}" in message
-    assert plot["visible"] is True and plot["value"].endswith(".png"), plot  # the plot is shown
+    assert plot["visible"] is True and plot["value"].startswith('<img src="data:image/png;base64,'), plot
+    assert str(app.work) not in plot["value"] and "gradio" not in plot["value"], "the picture, not a server path"
     assert client.predict(lr_steps=3, **lr_find)[0].startswith("⚠️ LR finder steps must be between 10 and 2000")
 
 
