@@ -4,17 +4,17 @@ Each command lives beside the code it drives and registers itself here:
 story model commands in `llmb.story.cli`, assistant commands in `llmb.assistant.cli`.
 """
 
-import argparse
 import sys
 
 from llmb.errors import UserError
+from llmb.settings import Parser
 
 
 def build_parser():
     from llmb.assistant import cli as cli_assistant
     from llmb.story import cli as cli_story
 
-    parser = argparse.ArgumentParser(prog="python -m llmb", description="LLM basics: story model and assistant.")
+    parser = Parser(prog="python -m llmb", description="LLM basics: story model and assistant.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     cli_story.register(sub)
     cli_assistant.register(sub)

@@ -195,16 +195,17 @@ def build(ctx, saved, picks, uploads_key):
         refreshed = {"model_status": model_status(ctx, inputs["base"], inputs["adapter"], viewer)} if theirs else {}
         return shown(status=line, **refreshed)
 
+    # uploads_key=None: optional through the API (a client without one is one browser for its session)
     @shows_problems(problem)
-    def respond(request: gr.Request, **values):
+    def respond(request: gr.Request, uploads_key=None, **values):
         def waiting(ahead):
             return shown(status=f"waiting for a free place ({ahead} ahead of you)…")
 
-        viewer = owner_of(values.get("uploads_key"), request)
+        viewer = owner_of(uploads_key, request)
         yield from in_lane(ctx, request, "answer", lambda flag: conversation(ctx, values, viewer, flag), waiting)
 
     @shows_problems(problem)
-    def regenerate_last(request: gr.Request, **values):
+    def regenerate_last(request: gr.Request, uploads_key=None, **values):
         """Ask the last question again: the history without its last exchange, the same message."""
         history, base_history = plain_messages(values["history"]), plain_messages(values["base_history"])
         users = [i for i, m in enumerate(history) if m["role"] == "user"]
@@ -213,7 +214,7 @@ def build(ctx, saved, picks, uploads_key):
         base_users = [i for i, m in enumerate(base_history) if m["role"] == "user"]
         values |= {"message": history[users[-1]]["content"], "history": history[:users[-1]],
                    "base_history": base_history[:base_users[-1]] if base_users else base_history}
-        yield from respond(request, **values)
+        yield from respond(request, uploads_key, **values)
 
     def stop_answer(request: gr.Request):
         ctx.stop_flags.stop(call_key(request, "answer"))

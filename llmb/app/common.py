@@ -21,7 +21,7 @@ from llmb.app import config as app_config
 from llmb.app.jobs import JobManager
 from llmb.app.models import Assistant, StopFlags, StoryModels
 from llmb.app.uploads import upload_key
-from llmb.errors import UserError
+from llmb.errors import UserError, clip
 
 LANES = {"story": (4, 8), "answer": (2, 4)}  # calls of a kind that run at once, and that may wait for them
 MAX_WAIT_S = 15.0  # a waiting call that has no place after this long ends with "busy", as one with no place in line
@@ -222,7 +222,7 @@ def known_path(name, known, what):
         return name
     if name not in known:
         offered = ", ".join(n for n in known if n)[:300] or "none"
-        raise UserError(f"{name[:100]} is not one of the {what} found (the names offered: {offered})")
+        raise UserError(f"{clip(name)} is not one of the {what} found (the names offered: {offered})")
     return known[name]
 
 

@@ -16,7 +16,6 @@ torch, transformers or peft (a test checks `sys.modules` after start-up), so the
 HTTP before any model code is loaded.
 """
 
-import argparse
 import functools
 import os
 import re
@@ -28,9 +27,9 @@ from pathlib import Path
 from llmb.app.jobs import read_owners
 from llmb.assistant.config import DEFAULT_BASE
 from llmb.assistant.gguf import SMALL_NAME
-from llmb.errors import UserError
+from llmb.errors import UserError, clip
 from llmb.folders import is_adapter, is_base_model, is_story_checkpoint
-from llmb.settings import add_arguments, from_args, parse, setting, specs
+from llmb.settings import Parser, add_arguments, from_args, parse, setting, specs
 
 REPO = Path(__file__).resolve().parents[2]
 PERSISTENT = Path("/data")  # a Space with persistent storage mounts it here
@@ -129,7 +128,7 @@ def parse_args(argv=None, env=None):
                 or [d for d in (REPO / "data", REPO.parent / "shared" / "data") if d.is_dir()]}
     if storage:
         defaults |= {"checkpoints": storage / "checkpoints", "work_dir": storage / "llmb"}
-    p = argparse.ArgumentParser(prog="python app.py", description="llmb: story model, assistant and training in a "
+    p = Parser(prog="python app.py", description="llmb: story model, assistant and training in a "
                                 "browser. Every flag with an environment variable (LLMB_DATA_DIRS: folders "
                                 "separated by the path separator) takes it when not given.")
     add_arguments(p, AppConfig, skip=("on_space",), defaults=defaults)
@@ -173,7 +172,7 @@ def inside(path, roots):
     Else UserError: stops ../ tricks, and links that point anywhere (even inside the folder).
     """
     if not isinstance(path, (str, Path)) or not str(path).strip():
-        raise UserError(f"a data path must be text (got {path!r:.40})")
+        raise UserError(f"a data path must be text (got {clip(repr(path))})")
     resolved = Path(path).resolve()
     for root in map(Path, roots):
         if resolved.is_relative_to(root.resolve()):
@@ -197,7 +196,7 @@ def check_name(name):
     """A run name becomes a folder name: letters, digits, '.', '_' and '-' only."""
     name = (name or "").strip()
     if not NAME.match(name) or name in (".", ".."):
-        raise UserError(f"run name {name!r} must be 1-64 letters, digits, '.', '_' or '-' (no slashes)")
+        raise UserError(f"run name {clip(name)!r} must be 1-64 letters, digits, '.', '_' or '-' (no slashes)")
     return name
 
 
@@ -383,7 +382,7 @@ def resolve_data(config, labels, uploads_key=None):
     known = dict(data_choices(config, uploads_key))
     missing = [x for x in labels if x not in known]
     if missing:
-        raise UserError(f"{missing[0]!r} is not one of the data sources in the allowed data folders")
+        raise UserError(f"{clip(missing[0])!r} is not one of the data sources in the allowed data folders")
     return [str(inside(known[x], [root for _, root in config.data_roots(uploads_key)])) for x in labels]
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import gradio as gr
 
+from llmb.errors import clip
+
 CALL = re.compile(r"/gradio_api/(?:queue/join|(?:call/v2|call|run|api)/(?P<api>[^/]+))/?$")
 MAX_BODY = 4 * 1024 * 1024  # a call's JSON; a history within its limits is far smaller
 
@@ -30,13 +32,13 @@ def shape_problem(block, value, max_turns):
         return history_problem(block, value, max_turns)
     if isinstance(block, gr.Radio):
         allowed = [choice[1] for choice in block.choices]
-        return None if value in allowed else f"must be one of {', '.join(map(str, allowed))} (got {str(value)[:40]!r})"
+        return None if value in allowed else f"must be one of {', '.join(map(str, allowed))} (got {clip(value)!r})"
     if isinstance(block, gr.Number):
         return number_problem(value)
     if isinstance(block, gr.Slider) and isinstance(value, (int, float)):  # text: the handler names the setting
         return number_problem(value)
     if isinstance(block, gr.Checkbox):
-        return None if isinstance(value, bool) else f"must be true or false (got {str(value)[:40]!r})"
+        return None if isinstance(value, bool) else f"must be true or false (got {clip(value)!r})"
     if isinstance(block, gr.Textbox):  # Gradio would turn {"a": 1} into the text "{'a': 1}"
         return None if is_text(value) else f"must be text (got {type(value).__name__})"
     if isinstance(block, gr.File):
@@ -73,7 +75,7 @@ def uploaded(path):
 
 def number_problem(value):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return f"must be a number (got {str(value)[:40]!r})"
+        return f"must be a number (got {clip(value)!r})"
     try:
         return None if math.isfinite(float(value)) else f"must be a finite number (got {value})"
     except OverflowError:

@@ -77,10 +77,10 @@ def train_main(argv=None, description=None):
     from llmb.assistant.config import TrainConfig
     from llmb.errors import UserError
     from llmb.runlog import listen_for_stop
-    from llmb.settings import add_arguments, from_args
+    from llmb.settings import Parser, add_arguments, from_args
 
     listen_for_stop()  # first thing: a Stop while the model loads is kept, even under nohup
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p, TrainConfig)
     args = p.parse_args(argv)
     try:

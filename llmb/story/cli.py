@@ -10,7 +10,7 @@ import sys
 from dataclasses import asdict
 
 from llmb.errors import UserError
-from llmb.settings import add_arguments, from_args
+from llmb.settings import Parser, add_arguments, from_args
 
 EVAL_SETTINGS = ("data", "val_fraction", "batch_size", "device")
 
@@ -19,7 +19,7 @@ def train_parser(description=None):
     """The trainer's command line (`training/train_char.py`), generated from TrainConfig's fields."""
     from llmb.story.config import TrainConfig
 
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p, TrainConfig)
     return p
 

@@ -914,6 +914,20 @@ def test_an_upload_naming_a_server_path_is_a_422_naming_the_parameter(app, path)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("values, said", [
+    ({"name": "n" * 300}, "run name 'nnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnn…' must be 1-64 letters"),
+    ({"story_max_time": "9" * 400}, "Max time (s) must be a finite number (got 999999999999999999999999999999999999999…)"),
+    ({"data": ["x" * 300]}, "'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx…' is not one of the data sources"),
+    ({"story_lr": "1e" + "9" * 300}, "Learning rate must be a number from 1e-08 to 10 or 'auto' (got '1e99999999999"),
+])
+def test_a_long_value_is_cut_in_its_message_not_echoed_whole(app, values, said):
+    values = {"kind": "story", "name": "x", "data": [WIZARD], "story_max_iters": "5"} | values
+    message = Client(app.url, verbose=False).predict(**values, api_name="/train_start")[0]
+    assert message.startswith("⚠️") and said in message and len(message) < 200, message
+    TRIED["bad inputs"] += 1
+
+
+@pytest.mark.slow
 def test_a_call_to_an_endpoint_that_does_not_exist_is_a_404_with_its_name(app):
     """Gradio answered it with a 500 and an ASGI traceback in the log."""
     import httpx
@@ -1052,6 +1066,21 @@ def test_a_busy_port_is_one_line_and_port_0_serves_on_a_free_one(tmp_path):
     finally:
         app.terminate()
         app.wait(30)
+
+
+@pytest.mark.slow
+def test_a_story_model_on_chats_is_refused_in_one_line(app):
+    """A .jsonl of chats picked as a story model's data trained without a word."""
+    client = Client(app.url, verbose=False)
+    started = client.predict(kind="story", name="on-chats", data=["data/chats.jsonl"], story_max_iters="5",
+                             api_name="/train_start")[0]
+    assert started == "started `on-chats`", started
+    job = JobManager(app.work / "job.json").wait(60)
+    status = client.predict(api_name="/train_progress")[0]
+    assert job["status"] == "failed" and "error: data/chats.jsonl is a .jsonl file of chats, for an adapter " \
+        "(training/train_qlora.py); a story model learns from plain-text books" in status, status
+    assert str(app.data) not in status
+    TRIED["bad inputs"] += 1
 
 
 # ------------------------------------------------------------------ a Space with training on: each browser its own
