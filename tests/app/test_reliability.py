@@ -918,7 +918,6 @@ def test_an_upload_naming_a_server_path_is_a_422_naming_the_parameter(app, path)
     ({"name": "n" * 300}, "run name 'nnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnn…' must be 1-64 letters"),
     ({"story_max_time": "9" * 400}, "Max time (s) must be a finite number (got 999999999999999999999999999999999999999…)"),
     ({"data": ["x" * 300]}, "'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx…' is not one of the data sources"),
-    ({"story_lr": "1e" + "9" * 300}, "Learning rate must be a number from 1e-08 to 10 or 'auto' (got '1e99999999999"),
 ])
 def test_a_long_value_is_cut_in_its_message_not_echoed_whole(app, values, said):
     values = {"kind": "story", "name": "x", "data": [WIZARD], "story_max_iters": "5"} | values
