@@ -229,6 +229,7 @@ def remember_picks(ctx, widgets, picks):
     gr.on([p.change for p in choices], lambda base, adapter, compare: {"base": base, "adapter": adapter,
                                                                        "compare": compare},
           choices, picks, api_visibility="private", concurrency_limit=None, show_progress="hidden")
+
     def restore(kept, uploads_key, request: gr.Request):
         return restore_picks(ctx, kept, owner_of(uploads_key, request))
 

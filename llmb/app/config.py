@@ -128,9 +128,9 @@ def parse_args(argv=None, env=None):
                 or [d for d in (REPO / "data", REPO.parent / "shared" / "data") if d.is_dir()]}
     if storage:
         defaults |= {"checkpoints": storage / "checkpoints", "work_dir": storage / "llmb"}
-    p = Parser(prog="python app.py", description="llmb: story model, assistant and training in a "
-                                "browser. Every flag with an environment variable (LLMB_DATA_DIRS: folders "
-                                "separated by the path separator) takes it when not given.")
+    p = Parser(prog="python app.py", description="llmb: story model, assistant and training in a browser. Every "
+               "flag with an environment variable (LLMB_DATA_DIRS: folders separated by the path separator) takes "
+               "it when not given.")
     add_arguments(p, AppConfig, skip=("on_space",), defaults=defaults)
     try:
         p.set_defaults(**{s.name: parse(s, env[s.env], s.env) for s in specs(AppConfig)
