@@ -134,7 +134,7 @@ def shown(**outputs):
     return tuple(outputs.get(name, gr.skip()) for name in OUTPUTS)
 
 
-def conversation(ctx, values, viewer, flag):
+def conversation(ctx, values, flag, viewer=None):
     """Yield the outputs (`shown`: chat, base chat, message box, status, model status, saved history) while
     answering. `viewer`: who asks (common.owner_of), for the adapters that are theirs to use."""
     history, base_history = plain_messages(values["history"]), plain_messages(values["base_history"], "base history")
@@ -202,7 +202,7 @@ def build(ctx, saved, picks, uploads_key):
             return shown(status=f"waiting for a free place ({ahead} ahead of you)…")
 
         viewer = owner_of(uploads_key, request)
-        yield from in_lane(ctx, request, "answer", lambda flag: conversation(ctx, values, viewer, flag), waiting)
+        yield from in_lane(ctx, request, "answer", lambda flag: conversation(ctx, values, flag, viewer), waiting)
 
     @shows_problems(problem)
     def regenerate_last(request: gr.Request, uploads_key=None, **values):

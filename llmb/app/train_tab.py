@@ -18,7 +18,7 @@ import gradio as gr
 from llmb.app import config as app_config
 from llmb.app.common import browser_key, known_path, owner_of, shows_problems, warn
 from llmb.app.jobs import CONFIGS, RUNNING, job_order, log_tail, progress
-from llmb.app.uploads import forget_upload, save_upload
+from llmb.app.uploads import forget_upload, save_upload, upload_key
 from llmb.errors import UserError
 from llmb.settings import specs
 
@@ -279,6 +279,7 @@ def add_uploads(ctx, files, selected, key, kind="story"):
     missing); (message, Data picker update, emptied upload box, the key). The uploads replace the page's
     preselection of `kind` if the user left it as it was; else they are added to the user's own selection."""
     check_allowed(ctx.config)
+    key = upload_key(key)
     preselected = app_config.default_data(ctx.config, kind if kind in KINDS else "story", key)
     if files is not None and not isinstance(files, list):
         files = [files]

@@ -104,7 +104,7 @@ def test_what_the_user_types_while_an_answer_streams_stays_in_the_box(config, mo
     monkeypatch.setattr(chat_tab, "known_path", lambda value, choices, what: value)
     monkeypatch.setattr(ctx.assistant, "loaded", lambda base, adapter: True)
     monkeypatch.setattr(ctx.assistant, "engine", lambda base, adapter: type("E", (), {"has_adapter": False})())
-    monkeypatch.setattr(chat_tab, "model_status", lambda ctx, base, adapter: "loaded")
+    monkeypatch.setattr(chat_tab, "model_status", lambda ctx, base, adapter, viewer=None: "loaded")
     values = dict(history=[], base_history=[], message="Capital of France?", system="", base="b", adapter="",
                   compare=False, temperature=0.7, top_p=0.9, top_k=50, repetition_penalty=1.1, max_new_tokens=16,
                   seed=None)
