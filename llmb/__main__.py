@@ -6,18 +6,10 @@ The trainers are commands too (`llmb train-story`, `llmb train-assistant`), so a
 trains without the repository; `training/*.py` are the same commands as scripts.
 """
 
-import argparse
 import sys
 
 from llmb.errors import UserError
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one `error:` line (no usage block), like every other problem."""
-
-    def error(self, message):
-        print(f"error: {message} (see: {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
+from llmb.settings import Parser
 
 
 def build_parser():

@@ -18,7 +18,7 @@ import typing
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
-from llmb.errors import UserError
+from llmb.errors import UserError, clip
 
 
 def setting(default=MISSING, help="", *, low=None, high=None, choices=None, words=(), label=None, form=False,
@@ -121,11 +121,11 @@ def check_number(label, value, low=None, high=None, kind=float):
         x = _exact_int(value) if kind is int else None
         x = float(value) if x is None else x
     except (TypeError, ValueError):
-        raise UserError(f"{label} must be a number (got {str(value)[:30]!r})") from None
+        raise UserError(f"{label} must be a number (got {clip(value)!r})") from None
     except OverflowError:  # a whole number beyond a float's range
         raise UserError(f"{label} must be {_span(low, high) or 'a finite number'} (got {_shown(value)})") from None
     if isinstance(x, float) and not math.isfinite(x):
-        raise UserError(f"{label} must be a finite number (got {value})")
+        raise UserError(f"{label} must be a finite number (got {clip(value)})")
     if kind is int and x != int(x):
         raise UserError(f"{label} must be a whole number (got {x:g})")
     if (low is not None and x < low) or (high is not None and x > high):
@@ -199,7 +199,7 @@ def parse(spec, value, label=None):
             return True
         if text in ("0", "false", "no", "off"):
             return False
-        raise UserError(f"{name} must be true or false (got {value!r})")
+        raise UserError(f"{name} must be true or false (got {clip(value)!r})")
     if spec.kind is list:
         items = [value] if isinstance(value, str) else list(value)
         items = [part.strip() for item in items for part in str(item).split(",") if part.strip()]  # a,b works too
@@ -212,15 +212,15 @@ def parse(spec, value, label=None):
         return Path(value).expanduser().resolve()
     if spec.kind is str:
         if not isinstance(value, str):
-            raise UserError(f"{name} must be text (got {value!r})")
+            raise UserError(f"{name} must be text (got {clip(value)!r})")
         if spec.choices and value not in spec.choices:
-            raise UserError(f"{name} must be {spec.allowed()} (got {value!r})")
+            raise UserError(f"{name} must be {spec.allowed()} (got {clip(value)!r})")
         return value
     try:
         return check_number(name, value, spec.low, spec.high, spec.kind)
     except UserError:
         if spec.words:  # say what else it takes
-            raise UserError(f"{name} must be {spec.allowed()} (got {str(value)[:30]!r})") from None
+            raise UserError(f"{name} must be {spec.allowed()} (got {clip(value)!r})") from None
         raise
 
 
@@ -261,6 +261,15 @@ def app_values(cls, values):
 
 
 # ------------------------------------------------------------------------------ command line
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser for every llmb command line (and its subcommands): a mistake in the flags is one
+    `error:` line, as a bad value that a config's check finds is, not argparse's usage block before it
+    (`--help` shows the usage)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see: {self.prog} --help)\n")
+
 
 def _argparse_type(spec):
     def convert(text):

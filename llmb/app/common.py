@@ -7,6 +7,7 @@ status line (`shows_problems`), so a bad value never shows a traceback and the a
 """
 
 import functools
+import hashlib
 import inspect
 import re
 import threading
@@ -19,23 +20,27 @@ import gradio as gr
 from llmb.app import config as app_config
 from llmb.app.jobs import JobManager
 from llmb.app.models import Assistant, StopFlags, StoryModels
-from llmb.errors import UserError
+from llmb.app.uploads import upload_key
+from llmb.errors import UserError, clip
 
 LANES = {"story": (4, 8), "answer": (2, 4)}  # calls of a kind that run at once, and that may wait for them
+MAX_WAIT_S = 15.0  # a waiting call that has no place after this long ends with "busy", as one with no place in line
 MAX_UNREAD, UNREAD_S = 100, 2.0  # a stream left this many messages behind for this long: nobody reads it
 WAIT_POLL_S = 0.5  # a waiting call looks for its turn (and can be closed) this often
 
 
 class Lane:
-    """The calls of one kind (story, answer): `running` at once, `waiting` more in line, one per session.
+    """The calls of one kind (story, answer): `running` at once, `waiting` more in line for `max_wait` seconds at
+    most, one per session.
 
     Gradio has a single queue for all events, and no limit per event: a call beyond a lane's places
     ends at once with a message, so one kind flooded (by one client, or many session ids) never fills
-    the queue that the other kinds and the Train tab share.
+    the queue that the other kinds and the Train tab share; and a call in line behind long ones ends
+    with the same message after `max_wait` seconds, never waits for them all.
     """
 
-    def __init__(self, what, running, waiting):
-        self.what, self.running, self.waiting = what, running, waiting
+    def __init__(self, what, running, waiting, max_wait=MAX_WAIT_S):
+        self.what, self.running, self.waiting, self.max_wait = what, running, waiting, max_wait
         self.line, self.active = [], set()  # sessions waiting (first in line first), sessions running
         self.changed = threading.Condition()
 
@@ -60,8 +65,12 @@ class Lane:
 
     def turn(self, session):
         """Wait for `session`'s turn to run, yielding how many calls are ahead every WAIT_POLL_S seconds
-        (a yield is where Gradio can close a call whose client left)."""
+        (a yield is where Gradio can close a call whose client left); UserError after `max_wait` seconds."""
+        since = time.monotonic()
         while (ahead := self._take(session)) is not None:
+            if time.monotonic() - since > self.max_wait:
+                raise UserError(f"busy: no place for a {self.what} came free in {self.max_wait:g} s ({ahead} ahead "
+                                "of you); try again in a moment")
             yield ahead
 
     def _take(self, session):
@@ -135,7 +144,7 @@ class Context:
         self.assistant = Assistant(config.base, adapters[0] if adapters else None, config.device,
                                    "int8" if config.cpu_int8 else "auto",
                                    fallbacks=adapters if config.adapter == "auto" else ())
-        self.jobs = JobManager(config.job_state)
+        self.jobs = JobManager(config.job_state, config.run_owners)
         self.stop_flags = StopFlags()
         self.lanes = {kind: Lane(kind, *places) for kind, places in LANES.items()}
         self.demo = None  # the page, once built (Reader looks at its queue)
@@ -187,6 +196,18 @@ def session_of(request):
     return getattr(request, "session_hash", None) or "no-session"
 
 
+def browser_key(uploads_key, request):
+    """The caller's uploads key: the one its browser keeps (gr.BrowserState), else its session's (an API
+    client that sends none is one browser for all the calls of its session)."""
+    return upload_key(uploads_key, getattr(request, "session_hash", None))
+
+
+def owner_of(uploads_key, request):
+    """Who a job, and all it writes, belongs to: the caller's browser (`browser_key`), by a hash of its key
+    (kept in the job's state and the runs' owners file; never the key itself)."""
+    return hashlib.sha256(f"browser {browser_key(uploads_key, request)}".encode()).hexdigest()[:16]
+
+
 def call_key(request, kind):
     """A session's calls of one kind (story, answer): their lane place and their stop flag."""
     return f"{session_of(request)}/{kind}"
@@ -201,7 +222,7 @@ def known_path(name, known, what):
         return name
     if name not in known:
         offered = ", ".join(n for n in known if n)[:300] or "none"
-        raise UserError(f"{name[:100]} is not one of the {what} found (the names offered: {offered})")
+        raise UserError(f"{clip(name)} is not one of the {what} found (the names offered: {offered})")
     return known[name]
 
 

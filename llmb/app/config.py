@@ -8,6 +8,7 @@ is configured the same way:
     --checkpoints / LLMB_CHECKPOINTS --adapter / LLMB_ADAPTER         --data-dir / LLMB_DATA_DIRS
     --work-dir / LLMB_WORK_DIR       --allow-training / LLMB_ALLOW_TRAINING
     --max-turns / LLMB_MAX_TURNS     --uploads-mb / LLMB_UPLOADS_MB   --uploads-files / LLMB_UPLOADS_FILES
+    --uploads-total-mb / LLMB_UPLOADS_TOTAL_MB
 
 This module also decides which folders the app may read data from and write to, and finds
 the story checkpoints, LoRA adapters, base models and data the pickers offer. It imports no
@@ -15,7 +16,6 @@ torch, transformers or peft (a test checks `sys.modules` after start-up), so the
 HTTP before any model code is loaded.
 """
 
-import argparse
 import functools
 import os
 import re
@@ -24,12 +24,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmb.app.jobs import read_owners
 from llmb.assistant.config import DEFAULT_BASE
 from llmb.assistant.gguf import SMALL_NAME
-from llmb.errors import UserError
+from llmb.errors import UserError, clip
 from llmb.folders import is_adapter, is_base_model, is_story_checkpoint
 from llmb.hub import HUB_PREFIX, hub_dataset_id
-from llmb.settings import add_arguments, from_args, parse, setting, specs
+from llmb.settings import Parser, add_arguments, from_args, parse, setting, specs
 
 REPO = Path(__file__).resolve().parents[2]
 PERSISTENT = Path("/data")  # a Space with persistent storage mounts it here
@@ -51,7 +52,7 @@ class AppConfig:
     variable (read when the flag is not given)."""
 
     host: str = setting("127.0.0.1", "address to serve on", env="GRADIO_SERVER_NAME")
-    port: int = setting(7860, "port to serve on", low=1, high=65535, env="GRADIO_SERVER_PORT")
+    port: int = setting(7860, "port to serve on (0: any free port)", low=0, high=65535, env="GRADIO_SERVER_PORT")
     share: bool = setting(False, "ask Gradio for a public share link")
     story_ckpt: Path = setting(REPO / "checkpoints" / "oz-story", "story checkpoint the Story tab opens with",
                                env="LLMB_STORY_CKPT")
@@ -66,7 +67,7 @@ class AppConfig:
                                 env="LLMB_CHECKPOINTS")
     data_dir: list = setting(help="folder the Train tab may read data from (several: --data-dir A B; default: "
                                   "the repository's data/, which ships public books and chats)", factory=list)
-    work_dir: Path = setting(REPO / "runs" / "app", "job state, uploads, LR finder plots and exports (default on "
+    work_dir: Path = setting(REPO / "runs" / "app", "job state, uploads, LR finder runs and exports (default on "
                              "a Space with persistent storage: /data/llmb)", env="LLMB_WORK_DIR")
     allow_training: bool = setting(False, "allow training on a public Space (always allowed elsewhere)",
                                    env="LLMB_ALLOW_TRAINING")
@@ -76,6 +77,8 @@ class AppConfig:
                               high=10**6, env="LLMB_UPLOADS_MB")
     uploads_files: int = setting(20, "files one browser may keep uploaded (and send in one request)", low=1,
                                  high=10**6, env="LLMB_UPLOADS_FILES")
+    uploads_total_mb: int = setting(1000, "megabytes of uploads all browsers together may keep", low=1, high=10**7,
+                                    env="LLMB_UPLOADS_TOTAL_MB")
     on_space: bool = False  # SPACE_ID is set: a Hugging Face Space (not a flag)
 
     @property
@@ -88,9 +91,9 @@ class AppConfig:
         return self.work_dir / "uploads"
 
     @property
-    def plots(self):
-        """LR-finder plots: served to the page, like the exports."""
-        return self.work_dir / "plots"
+    def upload_quota(self):
+        """(files, MB) one browser may keep, and MB all browsers together may keep (uploads.save_upload)."""
+        return self.uploads_files, self.uploads_mb, self.uploads_total_mb
 
     @property
     def exports(self):
@@ -100,6 +103,11 @@ class AppConfig:
     @property
     def job_state(self):
         return self.work_dir / "job.json"
+
+    @property
+    def run_owners(self):
+        """Which browser started the job that wrote each folder (jobs.JobManager keeps it; `shown_to` reads it)."""
+        return self.work_dir / "owners.json"
 
     def data_roots(self, uploads_key=None):
         """[(label, folder)] the Train tab may read data from: the data folders, and the uploads of the
@@ -122,9 +130,9 @@ def parse_args(argv=None, env=None):
                 or [d for d in [REPO / "data"] if d.is_dir()]}
     if storage:
         defaults |= {"checkpoints": storage / "checkpoints", "work_dir": storage / "llmb"}
-    p = argparse.ArgumentParser(prog="python app.py", description="llmb: story model, assistant and training in a "
-                                "browser. Every flag with an environment variable (LLMB_DATA_DIRS: folders "
-                                "separated by the path separator) takes it when not given.")
+    p = Parser(prog="python app.py", description="llmb: story model, assistant and training in a browser. Every "
+               "flag with an environment variable (LLMB_DATA_DIRS: folders separated by the path separator) takes "
+               "it when not given.")
     add_arguments(p, AppConfig, skip=("on_space",), defaults=defaults)
     try:
         p.set_defaults(**{s.name: parse(s, env[s.env], s.env) for s in specs(AppConfig)
@@ -166,7 +174,7 @@ def inside(path, roots):
     Else UserError: stops ../ tricks, and links that point anywhere (even inside the folder).
     """
     if not isinstance(path, (str, Path)) or not str(path).strip():
-        raise UserError(f"a data path must be text (got {path!r:.40})")
+        raise UserError(f"a data path must be text (got {clip(repr(path))})")
     resolved = Path(path).resolve()
     for root in map(Path, roots):
         if resolved.is_relative_to(root.resolve()):
@@ -190,7 +198,7 @@ def check_name(name):
     """A run name becomes a folder name: letters, digits, '.', '_' and '-' only."""
     name = (name or "").strip()
     if not NAME.match(name) or name in (".", ".."):
-        raise UserError(f"run name {name!r} must be 1-64 letters, digits, '.', '_' or '-' (no slashes)")
+        raise UserError(f"run name {clip(name)!r} must be 1-64 letters, digits, '.', '_' or '-' (no slashes)")
     return name
 
 
@@ -213,18 +221,30 @@ def newest_first(paths):
     return sorted(set(paths), key=lambda p: p.stat().st_mtime, reverse=True)
 
 
-def find_story_checkpoints(config):
-    """Story checkpoints: the configured one first, then the others under the checkpoints folders."""
+def shown_to(config, viewer):
+    """Whether a run folder is `viewer`'s to see and use (a function of the folder). On a Space, a run trained
+    in the app belongs to the browser that started it (`viewer`: common.owner_of of the caller; None: no
+    browser's), and folders that were there already to everyone; on your own machine every folder is yours."""
+    if not config.on_space:
+        return lambda folder: True
+    owners = read_owners(config.run_owners)
+    return lambda folder: owners.get(str(Path(folder).resolve()), viewer) == viewer
+
+
+def find_story_checkpoints(config, viewer=None):
+    """Story checkpoints `viewer` may use: the configured one first, then the others under the checkpoints
+    folders."""
     found = [d for d in _subdirs(config.scan_dirs()) if is_story_checkpoint(d)]
     found = newest_first(found)
     if is_story_checkpoint(config.story_ckpt):
         found = [config.story_ckpt] + [d for d in found if d.resolve() != config.story_ckpt.resolve()]
-    return found
+    return list(filter(shown_to(config, viewer), found))
 
 
-def find_adapters(config):
-    """LoRA adapter folders under the checkpoints folders, newest first."""
-    return newest_first(d for d in _subdirs(config.scan_dirs()) if is_adapter(d))
+def find_adapters(config, viewer=None):
+    """LoRA adapter folders under the checkpoints folders that `viewer` may use, newest first."""
+    found = newest_first(d for d in _subdirs(config.scan_dirs()) if is_adapter(d))
+    return list(filter(shown_to(config, viewer), found))
 
 
 def find_bases(config):
@@ -246,22 +266,22 @@ def default_adapters(config):
 
 # ---------------------------------------------------------- what the pickers offer, by name
 
-def story_checkpoints(config):
-    """{name: folder} of the story checkpoints; the picker offers the names."""
-    return by_name(find_story_checkpoints(config))
+def story_checkpoints(config, viewer=None):
+    """{name: folder} of the story checkpoints `viewer` may use (`shown_to`); the picker offers the names."""
+    return by_name(find_story_checkpoints(config, viewer))
 
 
-def story_choices(config):
-    return list(story_checkpoints(config))
+def story_choices(config, viewer=None):
+    return list(story_checkpoints(config, viewer))
 
 
-def adapters(config):
-    """{name: folder} of the adapters, and "" for none; the picker offers the names."""
-    return {"": ""} | by_name(find_adapters(config))
+def adapters(config, viewer=None):
+    """{name: folder} of the adapters `viewer` may use, and "" for none; the picker offers the names."""
+    return {"": ""} | by_name(find_adapters(config, viewer))
 
 
-def adapter_choices(config):
-    return [("none: base model alone", "")] + [(name, name) for name in adapters(config) if name]
+def adapter_choices(config, viewer=None):
+    return [("none: base model alone", "")] + [(name, name) for name in adapters(config, viewer) if name]
 
 
 def base_name(base):
@@ -364,7 +384,7 @@ def resolve_data(config, labels, uploads_key=None):
     known = dict(data_choices(config, uploads_key))
     missing = [x for x in labels if x not in known and not x.startswith(HUB_PREFIX)]
     if missing:
-        raise UserError(f"{missing[0][:80]!r} is not one of the data sources in the allowed data folders (nor a "
+        raise UserError(f"{clip(missing[0])!r} is not one of the data sources in the allowed data folders (nor a "
                         f"Hugging Face data set written {HUB_PREFIX}owner/name)")
     roots = [root for _, root in config.data_roots(uploads_key)]
     return [f"{HUB_PREFIX}{hub_dataset_id(x)}" if x not in known else str(inside(known[x], roots)) for x in labels]

@@ -14,8 +14,11 @@ Only the shape is checked here (a list of messages, one of the choices, a number
 import json
 import math
 import re
+from pathlib import Path
 
 import gradio as gr
+
+from llmb.errors import clip
 
 CALL = re.compile(r"/gradio_api/(?:queue/join|(?:call/v2|call|run|api)/(?P<api>[^/]+))/?$")
 MAX_BODY = 4 * 1024 * 1024  # a call's JSON; a history within its limits is far smaller
@@ -29,24 +32,50 @@ def shape_problem(block, value, max_turns):
         return history_problem(block, value, max_turns)
     if isinstance(block, gr.Radio):
         allowed = [choice[1] for choice in block.choices]
-        return None if value in allowed else f"must be one of {', '.join(map(str, allowed))} (got {str(value)[:40]!r})"
+        return None if value in allowed else f"must be one of {', '.join(map(str, allowed))} (got {clip(value)!r})"
     if isinstance(block, gr.Number):
         return number_problem(value)
     if isinstance(block, gr.Slider) and isinstance(value, (int, float)):  # text: the handler names the setting
         return number_problem(value)
     if isinstance(block, gr.Checkbox):
-        return None if isinstance(value, bool) else f"must be true or false (got {str(value)[:40]!r})"
+        return None if isinstance(value, bool) else f"must be true or false (got {clip(value)!r})"
+    if isinstance(block, gr.Textbox):  # Gradio would turn {"a": 1} into the text "{'a': 1}"
+        return None if is_text(value) else f"must be text (got {type(value).__name__})"
     if isinstance(block, gr.File):
-        files = value if isinstance(value, list) else [value]
-        if all(isinstance(f, dict) and isinstance(f.get("path"), str) for f in files):
-            return None
+        return files_problem(value)
+    return None  # pickers and sliders take any value; the handler checks it
+
+
+def is_text(value):
+    """Text, or a number (an API client may send a seed or a learning rate as one): what a text box takes."""
+    return isinstance(value, str) or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def files_problem(value):
+    """An upload input: files this app's upload route received (in Gradio's upload folder), never a server path
+    an API client names (Gradio refuses those too, but with an empty error and a traceback in the log)."""
+    files = value if isinstance(value, list) else [value]
+    if not all(isinstance(f, dict) and isinstance(f.get("path"), str) for f in files):
         return "must be an uploaded file ({'path': ..., 'meta': {'_type': 'gradio.FileData'}}) or a list of them"
-    return None  # text boxes, pickers and sliders take any value; the handler checks it
+    if not all(uploaded(f["path"]) for f in files):
+        return ("must be a file uploaded to this app (POST it to /gradio_api/upload first, as gradio_client's "
+                "handle_file does), not a path on the server")
+    return None
+
+
+def uploaded(path):
+    """Is `path` inside Gradio's upload folder (where its upload route keeps what it receives)?"""
+    from gradio.utils import get_upload_folder
+
+    try:
+        return Path(path).resolve().is_relative_to(Path(get_upload_folder()).resolve())
+    except (OSError, TypeError, ValueError):
+        return False
 
 
 def number_problem(value):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return f"must be a number (got {str(value)[:40]!r})"
+        return f"must be a number (got {clip(value)!r})"
     try:
         return None if math.isfinite(float(value)) else f"must be a finite number (got {value})"
     except OverflowError:

@@ -130,11 +130,22 @@ def disk_error(e, what):
     return UserError(f"could not write {what} ({e.strerror or e}); nothing was started. Free some disk space")
 
 
-class JobManager:
-    """Starts, watches and stops the one job (training or LR finder); its state lives in `state_file`."""
+def read_owners(owners_file):
+    """{folder: owner} of the folders jobs wrote (JobManager's `owners_file`); {} when there is none."""
+    try:
+        owners = read_json(owners_file)
+    except (OSError, ValueError):
+        return {}
+    return owners if isinstance(owners, dict) else {}
 
-    def __init__(self, state_file):
+
+class JobManager:
+    """Starts, watches and stops the one job (training or LR finder); its state lives in `state_file`, and who
+    started each job's folder in `owners_file` (when given)."""
+
+    def __init__(self, state_file, owners_file=None):
         self.state_file = Path(state_file)
+        self.owners_file = Path(owners_file) if owners_file else None
         self.lock = threading.Lock()
         self.process = None  # the Popen of a job this process started (None after a restart)
 
@@ -206,17 +217,15 @@ class JobManager:
 
     def start(self, order, owner=None):
         """Start a job; UserError if one is running or the output folder is taken. `owner`: who started it
-        (kept in the state file, never shown).
+        (kept in the state file and the owners file, never shown).
 
-        The state file is written first: if that fails (a full disk), nothing is started.
+        The state and the owner are written first: if that fails (a full disk), nothing is started.
         """
         cmd, out = command(order), job_folder(order)
         with self.lock:
             job = self._refresh()
             if job is not None and job["status"] in RUNNING:
-                what = "the LR finder" if job["kind"] == "lr-find" else "a training job"
-                started = time.strftime("%H:%M:%S", time.localtime(job["started_at"]))
-                raise UserError(f"{what} is already running ({job['name']}, started {started}); stop it first")
+                raise UserError(busy_message(job, owner))
             if out.exists() and any(out.iterdir()):
                 raise UserError(f"{out.name} already exists; pick another run name")
             job = {"name": out.name, "kind": order.kind, "out": str(out), "log": str(out / "train.log"), "pid": None,
@@ -224,6 +233,7 @@ class JobManager:
                    "status": "starting", "owner": owner}
             try:
                 out.mkdir(parents=True, exist_ok=True)
+                self._record_owner(out, owner)
                 write_json(self.state_file, job)
                 log_file = open(job["log"], "wb")
             except OSError as e:
@@ -237,6 +247,10 @@ class JobManager:
             job.update(pid=self.process.pid, status="running")
             self._write(job)
             return job
+
+    def _record_owner(self, folder, owner):
+        if self.owners_file is not None and owner is not None:
+            write_json(self.owners_file, read_owners(self.owners_file) | {str(Path(folder).resolve()): owner})
 
     def stop(self):
         """Ask the running job to save and exit. Returns the job, or None if none is running.
@@ -267,6 +281,15 @@ class JobManager:
                 return job
             time.sleep(0.2)
         raise TimeoutError(f"the job is still running after {timeout} s")
+
+
+def busy_message(job, owner):
+    """Why a job cannot start while `job` runs; its name only to the one who started it (`owner`)."""
+    what = "the LR finder" if job["kind"] == "lr-find" else "a training job"
+    if job.get("owner") == owner:
+        started = time.strftime("%H:%M:%S", time.localtime(job["started_at"]))
+        return f"{what} is already running ({job['name']}, started {started}); stop it first"
+    return f"{what} started in another browser is running; one job runs at a time: try again when it ends"
 
 
 def job_folder(order):

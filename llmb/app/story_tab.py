@@ -1,32 +1,34 @@
 """The "Continue the story" tab: a story checkpoint continues the user's text, streamed.
 
-API: `/story` (checkpoint, prompt, max_new, temperature, top_k, top_p, seed; by name) and
-`/story_stop`. One call per session at a time, a few at once in all (common.LANES: more wait, and beyond
-those a call ends at once with "busy"); Stop stops only the caller's own generation.
+API: `/story` (checkpoint, prompt, max_new, temperature, top_k, top_p, seed, uploads_key; by name) and
+`/story_stop`. One call per session at a time, a few at once in all (common.LANES: more wait, for a while at
+most, and beyond those a call ends at once with "busy"); Stop stops only the caller's own generation. On a
+Space a checkpoint trained in the app is offered to the browser that trained it only (`uploads_key`).
 """
 
 from functools import partial
 
 import gradio as gr
 
-from llmb.app.common import call_key, in_lane, known_path, shows_problems, slider, while_running
+from llmb.app.common import call_key, in_lane, known_path, owner_of, shows_problems, slider, while_running
 from llmb.app.config import run_summary, story_checkpoints, trained_on
 from llmb.app.models import STORY_DEFAULTS, STORY_SAMPLING, check_prompt, check_story_settings, continue_story
 from llmb.errors import UserError
 
 
-def model_status(ctx, path):
-    """The picker's status line; a typed path that is not a checkpoint says so (not "not loaded yet")."""
+def model_status(ctx, path, viewer=None):
+    """The picker's status line; a typed path that is not a checkpoint says so (not "not loaded yet").
+    `viewer`: who asks (common.owner_of), for the checkpoints that are theirs to use."""
     try:
-        return ctx.stories.status(known_path(path, story_checkpoints(ctx.config), "story checkpoints"))
+        return ctx.stories.status(known_path(path, story_checkpoints(ctx.config, viewer), "story checkpoints"))
     except UserError as e:
         return f"**Story model:** {e}"
 
 
-def intro(ctx, name):
+def intro(ctx, name, viewer=None):
     """What the picked checkpoint is, and what it was trained on (its own summary.json)."""
     try:
-        path = known_path(name, story_checkpoints(ctx.config), "story checkpoints")
+        path = known_path(name, story_checkpoints(ctx.config, viewer), "story checkpoints")
     except UserError:
         path = None
     if not path:
@@ -38,10 +40,11 @@ def intro(ctx, name):
             f"continues your text one {unit} at a time.")
 
 
-def stream(ctx, shown, checkpoint, prompt, settings, flag):
-    """Yield the outputs as the model writes: the story so far, a note, the model's status (`shown`: those widgets)."""
+def stream(ctx, shown, checkpoint, prompt, settings, viewer, flag):
+    """Yield the outputs as the model writes: the story so far, a note, the model's status (`shown`: those widgets).
+    `viewer`: who asks (common.owner_of), for the checkpoints that are theirs to use."""
     output, note, status = shown
-    path = known_path(checkpoint, story_checkpoints(ctx.config), "story checkpoints")
+    path = known_path(checkpoint, story_checkpoints(ctx.config, viewer), "story checkpoints")
     settings = check_story_settings(**settings)
     check_prompt(prompt)
     yield {note: "loading the model…", status: ctx.stories.status(path)}
@@ -63,8 +66,9 @@ def sampling_sliders():
             "seed": gr.Textbox("", label="Seed", info="empty = random")}  # a Number cannot be empty
 
 
-def build(ctx):
-    """The tab's components and events; returns the checkpoint picker (the Train tab refreshes it)."""
+def build(ctx, uploads_key):
+    """The tab's components and events; returns the checkpoint picker (the Train tab refreshes it).
+    `uploads_key`: the browser's (gr.BrowserState), which says whose trained checkpoints it may use."""
     found = story_checkpoints(ctx.config)
     first = next(iter(found), None)
     with gr.Tab("Continue the story", id="story"):
@@ -85,25 +89,30 @@ def build(ctx):
 
     def problem(line, inputs, theirs):
         """The note says what went wrong; the model's status is refreshed when the input was at fault."""
-        return {note: line} | ({status: model_status(ctx, inputs["checkpoint"])} if theirs else {})
+        viewer = owner_of(inputs.get("uploads_key"), inputs["request"])
+        return {note: line} | ({status: model_status(ctx, inputs["checkpoint"], viewer)} if theirs else {})
 
     @shows_problems(problem)
-    def write(request: gr.Request, checkpoint, prompt, **settings):
+    def write(request: gr.Request, checkpoint, prompt, uploads_key=None, **settings):
         """Outputs: the story so far, a note, the model's status."""
         def waiting(ahead):
             return {note: f"waiting for a free place ({ahead} ahead of you)…"}
 
-        steps = partial(stream, ctx, (output, note, status), checkpoint, prompt, settings)  # steps(stop flag)
+        viewer = owner_of(uploads_key, request)
+        steps = partial(stream, ctx, (output, note, status), checkpoint, prompt, settings, viewer)  # steps(stop flag)
         yield from in_lane(ctx, request, "story", steps, waiting)
 
     def stop_writing(request: gr.Request):
         ctx.stop_flags.stop(call_key(request, "story"))
 
+    def picked(path, uploads_key, request: gr.Request):
+        viewer = owner_of(uploads_key, request)
+        return model_status(ctx, path, viewer), intro(ctx, path, viewer)
+
     while_running([generate.click], [generate], write,
-                  inputs_kwargs=dict(checkpoint=ckpt, prompt=prompt, **sampling),
+                  inputs_kwargs=dict(checkpoint=ckpt, prompt=prompt, **sampling, uploads_key=uploads_key),
                   outputs=[output, note, status], api_name="story",
                   concurrency_limit=None)  # its own lane (common.LANES) bounds it
     stop.click(stop_writing, None, None, api_name="story_stop", concurrency_limit=None, queue=False)
-    ckpt.change(lambda path: (model_status(ctx, path), intro(ctx, path)), ckpt, [status, about],
-                api_visibility="private", concurrency_limit=None)
+    ckpt.change(picked, [ckpt, uploads_key], [status, about], api_visibility="private", concurrency_limit=None)
     return ckpt

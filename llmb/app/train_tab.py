@@ -8,17 +8,16 @@ name), `/train_stop`, `/train_progress`, `/lr_find`, `/train_upload` (files, sel
 Each kind keeps its own Data selection and defaults while the other is shown (`switch_kind`).
 """
 
-import hashlib
+import base64
 import re
-import shutil
 import time
 from pathlib import Path
 
 import gradio as gr
 
 from llmb.app import config as app_config
-from llmb.app.common import known_path, shows_problems, warn
-from llmb.app.jobs import CONFIGS, job_order, log_tail, progress
+from llmb.app.common import browser_key, known_path, owner_of, shows_problems, warn
+from llmb.app.jobs import CONFIGS, RUNNING, job_order, log_tail, progress
 from llmb.app.uploads import forget_upload, save_upload, upload_key
 from llmb.errors import UserError
 from llmb.settings import specs
@@ -102,9 +101,10 @@ def export_source(job):
     return None
 
 
-def export_order(ctx, out_type):
-    """The job that writes the last finished adapter as <work dir>/exports/<run>-<type>/<run>-<type>.gguf."""
-    source = export_source(ctx.jobs.current())
+def export_order(ctx, out_type, caller):
+    """The job that writes the last finished adapter as <work dir>/exports/<run>-<type>/<run>-<type>.gguf: the
+    caller's own (common.owner_of) on a Space."""
+    source = export_source(own_job(ctx.config, ctx.jobs.current(), caller))
     if source is None:
         raise UserError("finish a QLoRA run first: Export to GGUF takes the adapter of the last finished run")
     base, adapter = source
@@ -210,19 +210,30 @@ def switch_kind(ctx, kind, data, kept, uploads_key=None):
                                                        kept | {kind: data}, note]
 
 
-def owner(uploads_key, request):
-    """Who starts or stops a job: the browser (its uploads key, kept in it), else the API client's session."""
-    key = uploads_key if isinstance(uploads_key, str) and app_config.UPLOAD_KEY.match(uploads_key) else None
-    who = f"browser {key}" if key else f"session {getattr(request, 'session_hash', None)}"
-    return hashlib.sha256(who.encode()).hexdigest()[:16]
+def own_job(config, job, viewer):
+    """`job` if `viewer` (common.owner_of of the caller) may see it, else None: on a Space, another browser's
+    job shows nothing of itself (its name, command, log, data, losses); on your own machine, all is yours."""
+    if job is None or not config.on_space or job.get("owner") == viewer:
+        return job
+    return None
+
+
+def job_status(config, job, viewer):
+    """The status line of the latest job as `viewer` sees it: all of its own job; of another browser's, that a
+    job runs."""
+    mine = own_job(config, job, viewer)
+    if job is not None and mine is None:
+        running = job["status"] in RUNNING
+        return "A job started in another browser is running; one job runs at a time." if running else \
+            "No training job yet."
+    return job_markdown(public_job(config, mine))
 
 
 def stop_for(ctx, caller):
-    """Stop the running job for `caller` (`owner`): (message, the job or None). On a Space with training on,
-    only the browser that started a job may stop it; on your own machine, any."""
+    """Stop the running job for `caller` (common.owner_of): (message, the job or None). On a Space with training
+    on, only the browser that started a job may stop it; on your own machine, any."""
     job = ctx.jobs.current()
-    others = ctx.config.on_space and job and job.get("owner") not in (None, caller)
-    if others and job["status"] in ("starting", "running", "stopping"):
+    if job and job["status"] in RUNNING and own_job(ctx.config, job, caller) is None:
         return warn("this run was started in another browser; only that browser can stop it"), None
     job = public_job(ctx.config, ctx.jobs.stop())
     if job is None:
@@ -239,14 +250,14 @@ def check_allowed(config):
         raise UserError("training is off on this public Space (set LLMB_ALLOW_TRAINING=1 to allow it)")
 
 
-def run_lr_finder(ctx, values):
-    """Run the LR finder as the one job (Stop stops it); returns (suggested lr, the plot's served path)."""
+def run_lr_finder(ctx, values, owner):
+    """Run the LR finder as the one job (Stop stops it; `owner` started it); returns (suggested lr, the plot)."""
     config = ctx.config
     check_allowed(config)
     name = f"lr-find-{time.strftime('%Y%m%d-%H%M%S')}"
     settings = settings_of(values, "story") | {"data": picked_data(config, values),
                                                "out": str(config.work_dir / "lr-find" / name), "device": config.device}
-    job = ctx.jobs.start(job_order("lr-find", settings, values.get("lr_steps")))
+    job = ctx.jobs.start(job_order("lr-find", settings, values.get("lr_steps")), owner)
     try:
         job = ctx.jobs.wait(LR_FIND_TIMEOUT)
     except TimeoutError:
@@ -255,16 +266,18 @@ def run_lr_finder(ctx, values):
             from None
     if job["status"] != "finished":
         raise UserError(f"the LR finder {job['status']}: {job.get('error') or 'no result'}")
-    plot = config.plots / f"{name}.png"
-    plot.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(f"{job['out']}/lr_find.png", plot)  # the only folder the app serves files from
-    return job["summary"]["suggested_lr"], plot
+    return job["summary"]["suggested_lr"], Path(job["out"], "lr_find.png").read_bytes()
+
+
+def inline_png(data, alt):
+    """An <img> holding the PNG `data` itself: the page and the API get the picture, not a file's server path."""
+    return f'<img src="data:image/png;base64,{base64.b64encode(data).decode()}" alt="{alt}" style="max-height:300px">'
 
 
 def add_uploads(ctx, files, selected, key, kind="story"):
-    """Save each upload that is usable data into the browser's own folder (`key`, made if missing);
-    (message, Data picker update, emptied upload box, the key). The uploads replace the page's preselection
-    of `kind` if the user left it as it was; else they are added to the user's own selection."""
+    """Save each upload that is usable data into the browser's own folder (`key`: common.browser_key, made if
+    missing); (message, Data picker update, emptied upload box, the key). The uploads replace the page's
+    preselection of `kind` if the user left it as it was; else they are added to the user's own selection."""
     check_allowed(ctx.config)
     key = upload_key(key)
     preselected = app_config.default_data(ctx.config, kind if kind in KINDS else "story", key)
@@ -273,7 +286,7 @@ def add_uploads(ctx, files, selected, key, kind="story"):
     saved, problems = [], []
     for f in files or []:
         try:
-            saved.append(save_upload(f, ctx.config.uploads / key, (ctx.config.uploads_files, ctx.config.uploads_mb)))
+            saved.append(save_upload(f, ctx.config.uploads / key, ctx.config.upload_quota))
         except UserError as e:
             problems.append(str(e))
         finally:
@@ -296,10 +309,10 @@ def add_uploads(ctx, files, selected, key, kind="story"):
     return message, gr.update(choices=list(labels.values()), value=value), None, key
 
 
-def own_uploads(ctx, uploads_key):
-    """On page load: the browser's uploads key (a new one if it has none) and the Data picker's choices,
+def own_uploads(ctx, uploads_key, request):
+    """On page load: the browser's uploads key (its session's if it has none) and the Data picker's choices,
     the data folders' and this browser's uploads."""
-    key = upload_key(uploads_key)
+    key = browser_key(uploads_key, request)
     return key, gr.update(choices=[label for label, _ in app_config.data_choices(ctx.config, key)])
 
 
@@ -320,7 +333,7 @@ def components(ctx):
             widgets["lr_button"] = gr.Button("Run the LR finder", interactive=allowed, size="md", scale=0,
                                              min_width=200, elem_id="train-lr-find")
             widgets["lr_result"] = gr.Markdown(elem_id="train-lr-result")
-        widgets["lr_plot"] = gr.Image(label="LR finder", type="filepath", visible=False, height=300)
+        widgets["lr_plot"] = gr.HTML(visible=False, elem_id="train-lr-plot")  # the picture itself (inline_png)
     with gr.Group(visible=False) as widgets["qlora_group"]:
         widgets["qlora_base"] = gr.Dropdown(app_config.base_choices(ctx.config),
                                             value=app_config.base_name(ctx.config.base), label="Base model",
@@ -421,34 +434,38 @@ def job_handlers(ctx, widgets):
     def message(line, inputs, theirs):
         return {widgets["message"]: line}
 
-    # uploads_key=None: optional through the API too (a client without one trains on the data folders)
+    # uploads_key=None: optional through the API too (a client without one is one browser for its session)
     @shows_problems(message, refused)
     def start(request: gr.Request, uploads_key=None, **values):
         check_allowed(ctx.config)
-        order = order_from_form(ctx, values | {"uploads_key": uploads_key})
-        return started(public_job(ctx.config, ctx.jobs.start(order, owner(uploads_key, request))))
+        order = order_from_form(ctx, values | {"uploads_key": browser_key(uploads_key, request)})
+        return started(public_job(ctx.config, ctx.jobs.start(order, owner_of(uploads_key, request))))
 
     @shows_problems(message, refused)
     def export(request: gr.Request, uploads_key=None, out_type="f16"):
         check_allowed(ctx.config)
-        return started(public_job(ctx.config, ctx.jobs.start(export_order(ctx, out_type), owner(uploads_key, request))))
+        caller = owner_of(uploads_key, request)
+        return started(public_job(ctx.config, ctx.jobs.start(export_order(ctx, out_type, caller), caller)))
 
     def started(job):
         return {widgets["message"]: f"started `{job['name']}`", widgets["status"]: job_markdown(job),
                 widgets["command"]: gr.update(value=job["command"], visible=True)}
 
     def stop(request: gr.Request, uploads_key=None):
-        line, job = stop_for(ctx, owner(uploads_key, request))
+        line, job = stop_for(ctx, owner_of(uploads_key, request))
         return {widgets["message"]: line} | ({widgets["status"]: job_markdown(job)} if job else {})
 
     @shows_problems(lambda line, inputs, theirs: {widgets["lr_result"]: line}, refused)
-    def find_lr(uploads_key=None, **values):
-        suggested, plot = run_lr_finder(ctx, values | {"uploads_key": uploads_key})
+    def find_lr(request: gr.Request, uploads_key=None, **values):
+        suggested, png = run_lr_finder(ctx, values | {"uploads_key": browser_key(uploads_key, request)},
+                                       owner_of(uploads_key, request))
         return {widgets["lr_result"]: f"suggested learning rate: **{suggested:.2e}** (filled in above)",
-                widgets["story_lr"]: f"{suggested:.2e}", widgets["lr_plot"]: gr.update(value=str(plot), visible=True)}
+                widgets["story_lr"]: f"{suggested:.2e}",
+                widgets["lr_plot"]: gr.update(value=inline_png(png, "LR finder: loss against learning rate"),
+                                              visible=True)}
 
     @shows_problems(lambda line, inputs, theirs: {widgets["message"]: line, widgets["upload"]: None}, refused)
-    def upload(files, selected, uploads_key=None, kind="story"):
-        return add_uploads(ctx, files, selected, uploads_key, kind)
+    def upload(request: gr.Request, files, selected, uploads_key=None, kind="story"):
+        return add_uploads(ctx, files, selected, browser_key(uploads_key, request), kind)
 
     return {"start": start, "export": export, "stop": stop, "find_lr": find_lr, "upload": upload}

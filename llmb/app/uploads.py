@@ -12,6 +12,8 @@ never leaves a truncated file for the Data picker to offer. Messages name the fi
 called it, never the server's temporary path.
 """
 
+import base64
+import hmac
 import json
 import re
 import secrets
@@ -19,10 +21,12 @@ import shutil
 from pathlib import Path
 
 from llmb.app.config import UPLOAD_KEY
+from llmb.app.guard import uploaded
 from llmb.errors import UserError
 from llmb.fileio import atomic_path
 
 SUFFIXES = (".txt", ".jsonl")
+SESSION_SECRET = secrets.token_bytes(32)  # turns a session id into its uploads key (upload_key), for this run
 
 
 def clean_name(name):
@@ -53,9 +57,9 @@ def check_upload(src, shown):
         raise UserError(f"{shown}: {len(bad)} bad rows, e.g. {bad[0].split(':', 1)[-1].strip()}")
 
 
-def save_upload(path, uploads_dir, quota=(20, 50)):
+def save_upload(path, uploads_dir, quota=(20, 50, 1000)):
     """Check the uploaded file, then copy it into `uploads_dir` atomically; returns the saved path.
-    `quota`: (files, MB) the folder may hold."""
+    `quota`: (files, MB) the folder may hold, and MB all the folders beside it (every browser's) may hold."""
     if not isinstance(path, (str, Path)):
         raise UserError(f"an upload must be a file (got {type(path).__name__})")
     src = Path(path)
@@ -71,32 +75,45 @@ def save_upload(path, uploads_dir, quota=(20, 50)):
     return dest
 
 
-def check_quota(folder, adding, shown, max_files, max_mb):
-    """UserError if keeping `adding` (a file) as `shown` in the browser's `folder` goes over its quota
-    (a file of the same name is replaced, so it does not count twice)."""
-    kept = {p.name: p.stat().st_size for p in Path(folder).glob("*") if p.is_file()} if Path(folder).is_dir() else {}
-    kept[clean_name(shown)] = Path(adding).stat().st_size
-    if len(kept) > max_files or sum(kept.values()) > max_mb * 2**20:
+def check_quota(folder, adding, shown, max_files, max_mb, total_mb):
+    """UserError if keeping `adding` (a file) as `shown` in the browser's `folder` goes over its quota, or takes
+    the uploads of all browsers (the folders beside it) over `total_mb` (a file of the same name is replaced,
+    so it does not count twice)."""
+    replaced, size = Path(folder) / clean_name(shown), Path(adding).stat().st_size
+    mine = [f.stat().st_size for f in files_in(folder, "*") if f != replaced] + [size]
+    if len(mine) > max_files or sum(mine) > max_mb * 2**20:
         raise UserError(f"{shown}: not kept; each browser may keep {max_files} files and {max_mb} MB of uploads "
-                        f"(yours would hold {len(kept)} files, {sum(kept.values()) / 2**20:.1f} MB). "
+                        f"(yours would hold {len(mine)} files, {sum(mine) / 2**20:.1f} MB). "
                         "Uploading a file of the same name replaces it")
+    everyone = sum(f.stat().st_size for f in files_in(Path(folder).parent, "*/*") if f != replaced) + size
+    if everyone > total_mb * 2**20:
+        raise UserError(f"{shown}: not kept; the app keeps at most {total_mb} MB of uploads from all browsers "
+                        f"together, and this would make {everyone / 2**20:.1f} MB. Ask the app's owner to free space")
 
 
-def upload_key(value):
-    """The browser's uploads key if `value` is one (16-64 letters, digits, '_' or '-'), else a new random
-    one: the name of the browser's own uploads folder, unguessable, so no one else can list or use it."""
-    return value if isinstance(value, str) and UPLOAD_KEY.match(value) else secrets.token_urlsafe(24)
+def files_in(folder, pattern):
+    return [f for f in Path(folder).glob(pattern) if f.is_file()] if Path(folder).is_dir() else []
+
+
+def upload_key(value, session=None):
+    """The browser's uploads key if `value` is one (16-64 letters, digits, '_' or '-'), else the key of the
+    caller's `session` (the same for every call of that session, so a client that sends no key gets one
+    folder, not one per call), else a new random one: the name of the browser's own uploads folder,
+    unguessable, so no one else can list or use it."""
+    if isinstance(value, str) and UPLOAD_KEY.match(value):
+        return value
+    if session:
+        digest = hmac.new(SESSION_SECRET, str(session).encode(), "sha256").digest()
+        return base64.urlsafe_b64encode(digest[:24]).decode()
+    return secrets.token_urlsafe(24)
 
 
 def forget_upload(path):
     """Delete Gradio's cached copy of an upload once handled (kept, it could be fetched over HTTP until
     the hourly clean-up). Only files inside Gradio's upload folder: an API client names the path."""
-    from gradio.utils import get_upload_folder
-
     try:
-        cached = Path(path).resolve()
-        if cached.is_relative_to(Path(get_upload_folder()).resolve()) and cached.is_file():
-            cached.unlink()
+        if uploaded(path) and Path(path).is_file():
+            Path(path).unlink()
     except (OSError, TypeError, ValueError):
         pass  # already gone, or not a path: nothing to forget
 

@@ -91,7 +91,8 @@ def read_book(path):
 
 
 def find_files(paths):
-    """Files as given; folders expand to the *.txt files inside (sorted, so book 1..7 keep order)."""
+    """Files as given (but .jsonl chats); folders expand to the *.txt files inside (sorted, so book 1..7 keep
+    order)."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
     if not paths:
@@ -103,6 +104,9 @@ def find_files(paths):
             if not found:
                 raise UserError(f"{p} has no .txt files; put your books there as plain text files")
             files.extend(found)
+        elif p.suffix.lower() == ".jsonl" and p.is_file():  # a story model on chat JSON is a mistake
+            raise UserError(f"{p} is a .jsonl file of chats, for an adapter (llmb train-assistant); a story model "
+                            "learns from plain-text books (rename it to .txt to train on its text anyway)")
         elif p.is_file():
             files.append(p)
         else:

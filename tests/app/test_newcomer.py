@@ -7,11 +7,13 @@ import shutil
 import gradio as gr
 import pytest
 
+from llmb.__main__ import build_parser
 from llmb.app import config as app_config
 from llmb.app.chat_tab import describe
 from llmb.app.common import Context, plain
 from llmb.app.config import train_base
 from llmb.app.train_tab import add_uploads, switch_kind
+from llmb.assistant.cli import suited_sampling
 from llmb.assistant.gguf import SMALL_NAME
 
 GUANACO_TRAIN = "guanaco/guanaco-llama2-1k_train.jsonl"  # the shipped chat file with one unusable row
@@ -104,7 +106,7 @@ def test_what_the_user_types_while_an_answer_streams_stays_in_the_box(config, mo
     monkeypatch.setattr(chat_tab, "known_path", lambda value, choices, what: value)
     monkeypatch.setattr(ctx.assistant, "loaded", lambda base, adapter: True)
     monkeypatch.setattr(ctx.assistant, "engine", lambda base, adapter: type("E", (), {"has_adapter": False})())
-    monkeypatch.setattr(chat_tab, "model_status", lambda ctx, base, adapter: "loaded")
+    monkeypatch.setattr(chat_tab, "model_status", lambda ctx, base, adapter, viewer=None: "loaded")
     values = dict(history=[], base_history=[], message="Capital of France?", system="", base="b", adapter="",
                   compare=False, temperature=0.7, top_p=0.9, top_k=50, repetition_penalty=1.1, max_new_tokens=16,
                   seed=None)
@@ -115,12 +117,32 @@ def test_what_the_user_types_while_an_answer_streams_stays_in_the_box(config, mo
 def test_the_sampling_sliders_start_where_the_command_lines_do(config):
     """One default per sampling setting: the Story and Assistant tabs' sliders start at `llmb sample`'s and
     `llmb chat`'s defaults (the Story tab once started at 400 new characters, the command line at 500)."""
-    from llmb.__main__ import build_parser
     from llmb.app.page import build
 
     demo = build(config)
     sliders = {c.elem_id: c.value for c in demo.blocks.values() if isinstance(c, gr.Slider) and c.elem_id}
     sample = build_parser().parse_args(["sample", "--ckpt", "x"])
-    chat = build_parser().parse_args(["chat"])
+    chat = suited_sampling(build_parser().parse_args(["chat"]))  # Phi-2 from the hub: the defaults
     assert sliders["story-max-new"] == float(sample.max_new_tokens) == 500
-    assert sliders["chat-max-new"] == float(chat.max_new_tokens) and sliders["chat-temperature"] == chat.temperature
+    assert sliders["chat-max-new"] == float(chat.max_new_tokens)
+    assert (sliders["chat-temperature"], sliders["chat-top-p"], sliders["chat-top-k"]) == \
+        (chat.temperature, chat.top_p, chat.top_k) == (0.7, 0.9, 50)
+
+
+def test_a_small_base_starts_greedy_in_the_page_as_in_llmb_chat(config, tiny_phi):
+    """A model under 1B parameters with no sampling of its own answers greedily, in the page as in `llmb chat`
+    (SmolLM2-135M at temperature 0.7 named "Mon-Pélée" France's capital); a browser's own setting for that
+    base wins, another base's does not carry over."""
+    from llmb.app.chat_tab import suited_sampling as page_sampling
+    from llmb.app.page import build
+
+    base = shutil.copytree(tiny_phi, config.checkpoints / "tiny-base")
+    config.base = str(base)
+    demo = build(config)
+    sliders = {c.elem_id: c.value for c in demo.blocks.values() if isinstance(c, gr.Slider) and c.elem_id}
+    chat = suited_sampling(build_parser().parse_args(["chat", "--base", str(base)]))
+    assert sliders["chat-temperature"] == chat.temperature == 0.0
+    ctx = Context(config)
+    assert page_sampling(ctx, "tiny-base", {"base": "tiny-base", "temperature": 0.3}) == [0.3, 0.9, 50]
+    assert page_sampling(ctx, "tiny-base", {"base": "microsoft/phi-2", "temperature": 1.5}) == [0.0, 0.9, 50]
+    assert page_sampling(ctx, "microsoft/phi-2", None) == [0.7, 0.9, 50]

@@ -159,6 +159,19 @@ def test_a_lane_runs_a_few_lets_a_few_wait_and_ends_the_rest_at_once():
     TRIED["concurrent sessions"] += 3
 
 
+def test_a_call_in_line_ends_busy_after_the_longest_wait():
+    """Behind long calls, a call waited for them all (a 20-character story 127 s behind ten long ones)."""
+    lane, a = Lane("story", running=1, waiting=1, max_wait=0.3), ExitStack()
+    a.enter_context(lane.place("a"))
+    list(lane.turn("a"))
+    t0 = time.monotonic()
+    with lane.place("b"), pytest.raises(UserError, match=r"busy: no place for a story came free in 0.3 s \(0 ahead"):
+        list(lane.turn("b"))
+    assert time.monotonic() - t0 < 2 and lane.line == [], "it ends soon after the longest wait, and leaves the line"
+    a.close()
+    TRIED["concurrent sessions"] += 2
+
+
 def run_in_lane(unread, steps=50):
     """Run a fake call of `steps` steps in a lane, its client leaving `unread` messages unread; (made, closed)."""
     queue = asyncio.Queue()
@@ -493,6 +506,28 @@ def test_one_client_cannot_fill_the_queue_for_everyone(app):
     TRIED["concurrent sessions"] += 21
 
 
+@pytest.mark.slow
+def test_a_short_story_behind_long_ones_gets_busy_soon_not_after_them_all(app):
+    """11 clients ask for the longest story at once (4 run, 7 wait): one more waits MAX_WAIT_S at most, then
+    hears "busy" (it waited for every long story ahead of it)."""
+    clients = [Client(app.url, verbose=False) for _ in range(12)]
+    long_ones = [story_call(c, ckpt="oz-story", max_new=2000) for c in clients[:11]]
+    deadline = time.time() + 30
+    while "waiting" not in str(long_ones[-1].outputs()[-1:]) and time.time() < deadline:
+        time.sleep(0.2)
+    t0 = time.time()
+    try:
+        note = story_call(clients[11], ckpt="tiny-story", max_new=20).result(timeout=common.MAX_WAIT_S + 15)[1]
+        assert note.startswith("⚠️ busy: no place for a story came free in 15 s"), note
+        assert time.time() - t0 < common.MAX_WAIT_S + 10
+    finally:
+        for c in clients[:11]:
+            c.predict(api_name="/story_stop")
+    notes = [c.result(timeout=60)[1] for c in long_ones]
+    assert sum(n.startswith("stopped") for n in notes) >= 4 and sum("busy" in n for n in notes) >= 3, notes
+    TRIED["concurrent sessions"] += 12
+
+
 def join_unread(app, api_name, sessions=1, **values):
     """Start calls as raw clients that never open their streams, each in a session of its own (values by
     label), all at once; returns the session ids."""
@@ -621,17 +656,21 @@ def test_a_bad_slider_value_through_the_api_is_named_not_a_traceback(app, values
 
 
 @pytest.mark.slow
-def test_only_the_lr_finder_plots_are_served(app):
+def test_only_the_exports_are_served(app):
+    """Not uploads, job state, checkpoints, nor the LR finder's runs (its plot goes into the page itself)."""
     (app.work / "uploads").mkdir(parents=True, exist_ok=True)
     (app.work / "uploads" / "book.txt").write_text("private")
-    (app.work / "plots").mkdir(parents=True, exist_ok=True)
-    (app.work / "plots" / "lr.png").write_bytes(b"\x89PNG")
-    for path in (app.work / "uploads" / "book.txt", app.work / "job.json", app.ckpts / "tiny-story" / "config.json"):
+    for folder in ("lr-find/lr-find-1", "exports/run-f16"):
+        (app.work / folder).mkdir(parents=True, exist_ok=True)
+    (app.work / "lr-find" / "lr-find-1" / "lr_find.png").write_bytes(b"\x89PNG")
+    (app.work / "exports" / "run-f16" / "run-f16.gguf").write_bytes(b"GGUF")
+    for path in (app.work / "uploads" / "book.txt", app.work / "job.json", app.ckpts / "tiny-story" / "config.json",
+                 app.work / "lr-find" / "lr-find-1" / "lr_find.png", app.work / "owners.json"):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(f"{app.url}gradio_api/file={path}", timeout=10)
         assert e.value.code in (403, 404)
         TRIED["bad inputs"] += 1
-    with urllib.request.urlopen(f"{app.url}gradio_api/file={app.work / 'plots' / 'lr.png'}", timeout=10) as r:
+    with urllib.request.urlopen(f"{app.url}gradio_api/file={app.work / 'exports/run-f16/run-f16.gguf'}") as r:
         assert r.status == 200
 
 
@@ -809,6 +848,8 @@ MALFORMED = [
     ("/train_start", {"kind": "story", "story_n_head": 10**400}, "story_n_head: must be a number of at most 308"),
     ("/lr_find", {"lr_steps": "nan", "data": [WIZARD]}, "lr_steps: must be a number (got 'nan')"),
     ("/story", {"checkpoint": "tiny-story", "max_new": 10**400}, "max_new: must be a number of at most 308 digits"),
+    ("/story", {"checkpoint": "tiny-story", "prompt": {"a": 1}}, "prompt: must be text (got dict)"),  # not "{'a': 1}"
+    ("/chat", {"message": ["hi"]}, "message: must be text (got list)"),
 ]
 
 
@@ -834,9 +875,9 @@ def test_a_malformed_call_gets_a_message_and_one_log_line(app, api_name, values,
 
 @pytest.mark.slow
 @pytest.mark.parametrize("route, body, message", [
-    ("call/story", {"data": []}, "data: takes 7 values (checkpoint, prompt, max_new"),
+    ("call/story", {"data": []}, "data: takes 8 values (checkpoint, prompt, max_new"),
     ("call/story", {"data": "x"}, "data: must be a list of values (got str)"),
-    ("run/story", {"data": [None] * 3}, "data: takes 7 values"),
+    ("run/story", {"data": [None] * 3}, "data: takes 8 values"),
     ("call/v2/chat", {"message": "hi", "history": "hello"}, "history: must be a list of messages"),
     ("call/v2/chat", {"message": "hi", "histori": []}, "histori: is not a parameter of this endpoint"),
     ("queue/join", {"data": [], "fn_index": "story", "session_hash": "abc"}, "takes"),  # the index of /story
@@ -851,6 +892,35 @@ def test_a_raw_http_call_of_the_wrong_shape_gets_a_message(app, route, body, mes
     reply = httpx.post(f"{app.url}gradio_api/{route}", json=body, timeout=30)
     assert reply.status_code == 422 and message in reply.json()["error"], reply.text
     assert len(lines_since(app, start)) <= 1 and "Traceback" not in app.log_text()[start:]
+    TRIED["bad inputs"] += 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["/etc/passwd", "{work}/browser-secret", "../../../../etc/hostname"])
+def test_an_upload_naming_a_server_path_is_a_422_naming_the_parameter(app, path):
+    """Gradio refused these too, but answered {"error": null} and logged an InvalidPathError traceback."""
+    import httpx
+
+    start = len(app.log_text())
+    files = [{"path": path.format(work=app.work), "meta": {"_type": "gradio.FileData"}}]
+    reply = httpx.post(f"{app.url}gradio_api/call/train_upload", json={"data": [files, [], "", "story"]}, timeout=30)
+    assert reply.status_code == 422, reply.text
+    assert reply.json()["error"].startswith("files: must be a file uploaded to this app"), reply.text
+    assert str(app.work) not in reply.text
+    assert len(lines_since(app, start)) <= 1 and "Traceback" not in app.log_text()[start:], lines_since(app, start)
+    TRIED["bad inputs"] += 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("values, said", [
+    ({"name": "n" * 300}, "run name 'nnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnn…' must be 1-64 letters"),
+    ({"story_max_time": "9" * 400}, f"Max time (s) must be a finite number (got {'9' * 39}…)"),
+    ({"data": ["x" * 300]}, "'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx…' is not one of the data sources"),
+])
+def test_a_long_value_is_cut_in_its_message_not_echoed_whole(app, values, said):
+    values = {"kind": "story", "name": "x", "data": [WIZARD], "story_max_iters": "5"} | values
+    message = Client(app.url, verbose=False).predict(**values, api_name="/train_start")[0]
+    assert message.startswith("⚠️") and said in message and len(message) < 200, message
     TRIED["bad inputs"] += 1
 
 
@@ -873,17 +943,53 @@ def test_a_browser_keeps_at_most_its_quota_of_uploads(tmp_path):
     src.mkdir()
     for i in range(3):
         (src / f"book{i}.txt").write_text("Once upon a time.\n" * 1000)  # 18 kB each
-    save_upload(src / "book0.txt", folder, quota=(2, 1))
-    save_upload(src / "book1.txt", folder, quota=(2, 1))
+    save_upload(src / "book0.txt", folder, quota=(2, 1, 1000))
+    save_upload(src / "book1.txt", folder, quota=(2, 1, 1000))
     with pytest.raises(UserError, match=r"book2.txt: not kept; each browser may keep 2 files and 1 MB of uploads "
                                         r"\(yours would hold 3 files"):
-        save_upload(src / "book2.txt", folder, quota=(2, 1))
-    assert save_upload(src / "book1.txt", folder, quota=(2, 1)).name == "book1.txt", "the same name replaces"
+        save_upload(src / "book2.txt", folder, quota=(2, 1, 1000))
+    assert save_upload(src / "book1.txt", folder, quota=(2, 1, 1000)).name == "book1.txt", "the same name replaces"
     (src / "big.txt").write_text("A long book. " * 100_000)  # 1.3 MB
     with pytest.raises(UserError, match="big.txt: not kept; each browser may keep 3 files and 1 MB"):
-        save_upload(src / "big.txt", folder, quota=(3, 1))
+        save_upload(src / "big.txt", folder, quota=(3, 1, 1000))
     assert sorted(p.name for p in folder.iterdir()) == ["book0.txt", "book1.txt"]
     TRIED["bad inputs"] += 2
+
+
+def test_all_browsers_together_keep_at_most_the_total(tmp_path):
+    """Each browser within its quota, but no cap for the whole app: 40 browsers kept 40 x their quota."""
+    uploads, book = tmp_path / "uploads", tmp_path / "book.txt"
+    book.write_text("Once upon a time.\n" * 40_000)  # 720 kB
+    first = uploads / upload_key(None)
+    save_upload(book, first, quota=(20, 1, 1))
+    with pytest.raises(UserError, match=r"book.txt: not kept; the app keeps at most 1 MB of uploads from all "
+                                        r"browsers together, and this would make 1.4 MB"):
+        save_upload(book, uploads / upload_key(None), quota=(20, 1, 1))
+    assert save_upload(book, first, quota=(20, 1, 1)).is_file(), "a file of the same name replaces, as for one browser"
+    assert [p.parent for p in uploads.rglob("*.txt")] == [first]
+    config = app_config.parse_args(["--uploads-total-mb", "7"], {"LLMB_UPLOADS_TOTAL_MB": "5"})
+    assert config.upload_quota == (20, 50, 7), "the flag wins over its variable"
+    assert app_config.parse_args([], {"LLMB_UPLOADS_TOTAL_MB": "5"}).uploads_total_mb == 5
+    TRIED["bad inputs"] += 1
+
+
+@pytest.mark.slow
+def test_a_client_without_a_key_gets_one_folder_for_its_session_not_one_per_call(app, tmp_path):
+    """40 uploads with an empty uploads key made 40 folders (each with a full quota)."""
+    from gradio_client import handle_file
+
+    book = tmp_path / "book.txt"
+    book.write_text("Once upon a time. " * 100)
+    before = set((app.work / "uploads").iterdir()) if (app.work / "uploads").exists() else set()
+    client = Client(app.url, verbose=False)
+    keys = {client.predict(files=[handle_file(str(book))], selected=[], uploads_key=empty, api_name="/train_upload")[3]
+            for empty in ("", "", None, "short", "")}
+    assert len(keys) == 1 and set((app.work / "uploads").iterdir()) - before == {app.work / "uploads" / keys.pop()}
+    other = Client(app.url, verbose=False).predict(files=[handle_file(str(book))], selected=[], uploads_key="",
+                                                   api_name="/train_upload")[3]
+    assert (app.work / "uploads" / other).is_dir() and len(set((app.work / "uploads").iterdir()) - before) == 2, \
+        "another session is another browser"
+    TRIED["bad inputs"] += 5
 
 
 @pytest.mark.slow
@@ -901,7 +1007,8 @@ def test_one_upload_request_carries_at_most_the_quota(app, count, size):
 
 
 def test_on_a_space_only_the_browser_that_started_a_run_may_stop_it(tmp_path, monkeypatch):
-    from llmb.app.train_tab import owner, stop_for
+    from llmb.app.common import owner_of as owner
+    from llmb.app.train_tab import stop_for
 
     fake_trainer(tmp_path, monkeypatch, "time.sleep(120)\n")
     mine, theirs = upload_key(None), upload_key(None)
@@ -917,3 +1024,186 @@ def test_on_a_space_only_the_browser_that_started_a_run_may_stop_it(tmp_path, mo
         assert message.startswith("stop requested") and job["status"] == "stopping"
         ctx.jobs.wait(10)
         TRIED["concurrent sessions"] += 1
+
+
+# ------------------------------------------------------------------ the command line: a busy port
+
+def test_a_busy_port_is_one_line_and_port_0_serves_on_a_free_one(tmp_path):
+    """A taken --port was a 12-line OSError traceback; Gradio could not serve on port 0 at all."""
+    import socket
+    import subprocess
+    import sys
+
+    from tests.app.app_server import REPO
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLMB_", "SPACE_", "GRADIO_SERVER"))}
+    env |= {"GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    args = [sys.executable, "app.py", "--work-dir", str(tmp_path / "work"), "--data-dir", str(tmp_path)]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([*args, "--port", str(port)], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=120)
+    assert out.returncode == 2 and (out.stdout + out.stderr).strip().splitlines() == [
+        f"error: port {port} is in use (another app, or llmb already running); give another with --port, or "
+        "--port 0 for any free one"], out.stdout + out.stderr
+    TRIED["bad inputs"] += 1
+    log = tmp_path / "app.log"
+    with open(log, "wb") as f:
+        app = subprocess.Popen([*args, "--port", "0"], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 60
+        while not (found := re.search(r"http://127\.0\.0\.1:(\d+)", log.read_text())):
+            assert time.time() < deadline and app.poll() is None, log.read_text()
+            time.sleep(0.2)
+        assert int(found[1]) != 0
+        with urllib.request.urlopen(found[0], timeout=30) as r:
+            assert r.status == 200
+    finally:
+        app.terminate()
+        app.wait(30)
+
+
+@pytest.mark.slow
+def test_a_story_model_on_chats_is_refused_in_one_line(app):
+    """A .jsonl of chats picked as a story model's data trained without a word."""
+    client = Client(app.url, verbose=False)
+    started = client.predict(kind="story", name="on-chats", data=["data/chats.jsonl"], story_max_iters="5",
+                             api_name="/train_start")[0]
+    assert started == "started `on-chats`", started
+    job = JobManager(app.work / "job.json").wait(60)
+    status = client.predict(api_name="/train_progress")[0]
+    assert job["status"] == "failed" and "error: data/chats.jsonl is a .jsonl file of chats, for an adapter " \
+        "(training/train_qlora.py); a story model learns from plain-text books" in status, status
+    assert str(app.data) not in status
+    TRIED["bad inputs"] += 1
+
+
+# ------------------------------------------------------------------ a Space with training on: each browser its own
+
+@pytest.fixture(scope="module")
+def space(tmp_path_factory, repo_data):
+    """`python app.py` as a Hugging Face Space runs it (SPACE_ID set), with training allowed."""
+    root = tmp_path_factory.mktemp("space")
+    ckpts, data, work = app_folders(root, repo_data)
+    app = launch_app(root, ["--checkpoints", ckpts, "--story-ckpt", ckpts / "tiny-story", "--adapter", "none",
+                            "--data-dir", data, "--work-dir", work, "--device", "cpu"],
+                     env={"SPACE_ID": "someone/llmb", "LLMB_ALLOW_TRAINING": "1",
+                          "GRADIO_TEMP_DIR": str(root / "gradio-cache")})
+    app.ckpts, app.data, app.work = ckpts, data, work
+    yield app
+    stop_training(work)
+    stop_app(app)
+
+
+def progress_of(client, **key):
+    """/train_progress as {status, command, plot, sample, log, story_picker, adapter_picker, download}."""
+    names = ("status", "command", "plot", "sample", "log", "story_picker", "adapter_picker", "chat_status", "download")
+    values = client.predict(api_name="/train_progress", **key)
+    return dict(zip(names, values)) | {"all": json.dumps(values)}
+
+
+def wait_until(client, condition, timeout=90, **key):
+    deadline = time.time() + timeout
+    while not condition(shown := progress_of(client, **key)):
+        assert time.time() < deadline, shown["status"]
+        time.sleep(0.5)
+    return shown
+
+
+@pytest.mark.slow
+def test_on_a_space_a_browsers_upload_and_the_run_trained_on_it_are_its_own(space, tmp_path):
+    """Alice uploads alice-secret.txt and trains alice-run on it: Bob saw its command (with the upload's name),
+    log, samples and losses, and could generate from alice-run. Now Bob sees that a job runs, and nothing of it."""
+    from gradio_client import handle_file
+
+    from tests.app.app_server import TINY_TRAIN
+
+    secret = tmp_path / "alice-secret.txt"
+    secret.write_text("Alice's secret diary: the treasure is under the old oak. " * 300)
+    alice, bob = Client(space.url, verbose=False), Client(space.url, verbose=False)
+    key = alice.predict(files=[handle_file(str(secret))], selected=[], uploads_key="", api_name="/train_upload")[3]
+    started = alice.predict(kind="story", name="alice-run", data=["uploads/alice-secret.txt"], uploads_key=key,
+                            api_name="/train_start", **TINY_TRAIN)
+    assert started[0] == "started `alice-run`", started
+    try:
+        mine = wait_until(alice, lambda p: p["sample"] and "step" in p["status"], uploads_key=key)
+        assert "uploads/alice-secret.txt" in mine["command"]["value"] and mine["log"], "Alice sees all of her run"
+        theirs = progress_of(bob)
+        assert theirs["status"] == "A job started in another browser is running; one job runs at a time."
+        assert theirs["command"]["visible"] is False and not theirs["log"] and not theirs["sample"]
+        assert [row for row in theirs["plot"]["data"] if row[1] is not None] == [], "no losses"
+        for leak in ("alice", "secret", "treasure", key):
+            assert leak not in theirs["all"], f"Bob sees {leak!r}"
+        refused = bob.predict(kind="story", name="bob-run", data=[WIZARD], api_name="/train_start", **TINY_TRAIN)[0]
+        assert "started in another browser is running" in refused and "alice" not in refused, refused
+        assert bob.predict(api_name="/train_stop")[0].endswith("only that browser can stop it")
+        TRIED["concurrent sessions"] += 4
+    finally:
+        alice.predict(uploads_key=key, api_name="/train_stop")
+    wait_until(alice, lambda p: "stopped" in p["status"], uploads_key=key)
+    # a session's pickers are sent when they change: a new session (Alice's page reloaded, with her key) gets them
+    alice_again, bob = Client(space.url, verbose=False), Client(space.url, verbose=False)
+    assert "alice-run" in [c[0] for c in progress_of(alice_again, uploads_key=key)["story_picker"]["choices"]]
+    assert alice.predict(checkpoint="alice-run", prompt="The", max_new=5, api_name="/story")[1].startswith("done"), \
+        "her session is her browser, with or without the key"
+    theirs = progress_of(bob)
+    assert theirs["status"] == "No training job yet." and "alice" not in theirs["all"]
+    assert [c[0] for c in theirs["story_picker"]["choices"]] == ["tiny-story", "oz-story"], theirs["story_picker"]
+    note = bob.predict(checkpoint="alice-run", prompt="The", max_new=5, api_name="/story")[1]
+    assert "alice-run is not one of the story checkpoints found (the names offered: tiny-story, oz-story)" in note
+    TRIED["concurrent sessions"] += 3
+
+
+@pytest.mark.slow
+def test_on_a_space_only_the_browser_that_started_the_lr_finder_may_stop_it(space):
+    """The LR finder was started with no owner: any stranger could stop it, and read its progress."""
+    alice, bob = Client(space.url, verbose=False), Client(space.url, verbose=False)
+    finding = alice.submit(data=[WIZARD], lr_steps=2000, story_n_layer=2, story_n_head=2, story_n_embd=32,
+                           story_block_size=32, story_batch_size=16, api_name="/lr_find")
+    wait_until(alice, lambda p: "LR finder" in p["status"] and "running" in p["status"])
+    try:
+        assert progress_of(bob)["status"] == "A job started in another browser is running; one job runs at a time."
+        assert bob.predict(api_name="/train_stop")[0].endswith("only that browser can stop it")
+        assert "running" in progress_of(alice)["status"], "Bob's Stop did not stop it"
+    finally:
+        assert alice.predict(api_name="/train_stop")[0].startswith("stop requested")
+    assert finding.result(timeout=90)[0].startswith("⚠️ the LR finder stopped")
+    TRIED["concurrent sessions"] += 2
+
+
+WRITES_AN_ADAPTER = """
+import pathlib
+out = pathlib.Path(sys.argv[sys.argv.index('--out') + 1])
+(out / 'adapter_config.json').write_text('{}')
+(out / 'summary.json').write_text('{"stopped_by": "done"}')
+"""
+
+
+def test_on_a_space_a_trained_adapter_and_its_export_are_the_browsers_own(tmp_path, monkeypatch):
+    """Bob could chat with Alice's adapter and export it: it was in every browser's Adapter picker."""
+    from llmb.app import chat_tab, train_tab
+    from llmb.app.common import owner_of
+
+    fake_trainer(tmp_path, monkeypatch, WRITES_AN_ADAPTER, kind="qlora")
+    args = ["--work-dir", str(tmp_path / "work"), "--checkpoints", str(tmp_path / "ckpts")]
+    config = app_config.parse_args(args, {"SPACE_ID": "me/llmb", "LLMB_ALLOW_TRAINING": "1"})
+    ctx = common.Context(config)
+    alice, bob = owner_of(upload_key(None), None), owner_of(upload_key(None), None)
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text('{"text": "### Human: hi### Assistant: hello"}\n')
+    ctx.jobs.start(job_order("qlora", {"data": [str(chats)], "out": str(config.checkpoints / "alice-adapter"),
+                                       "base": "some/base"}), alice)
+    assert ctx.jobs.wait(30)["status"] == "finished"
+    assert ("alice-adapter", "alice-adapter") in app_config.adapter_choices(config, alice)
+    assert app_config.adapter_choices(config, bob) == app_config.adapter_choices(config) == [
+        ("none: base model alone", "")], "nor is it the app's default adapter for everyone"
+    assert "alice-adapter is not one of the adapters found" in chat_tab.model_status(ctx, "microsoft/phi-2",
+                                                                                      "alice-adapter", bob)
+    with pytest.raises(UserError, match="finish a QLoRA run first"):
+        train_tab.export_order(ctx, "f16", bob)
+    assert train_tab.export_order(ctx, "f16", alice).config.adapter.endswith("alice-adapter")
+    private = app_config.parse_args(args, {})  # your own machine: every run is yours
+    assert ("alice-adapter", "alice-adapter") in app_config.adapter_choices(private, bob)
+    TRIED["concurrent sessions"] += 3

@@ -109,7 +109,17 @@ BAD_INPUTS = [  # (what, command line from the probe's paths, what the error lin
      "seed must be between 0 and 18446744073709551615"),
     ("--n-layer 10**400", lambda d: ["train", "--data", d.corpus, "--out", d.tmp / "o", "--max-iters", "5",
                                      "--n-layer", str(10**400)], "--n-layer: must be a whole number from 1 to 64 or 'auto'"),
+    ("--data a .jsonl of chats", lambda d: ["train", "--data", chats(d), "--out", d.tmp / "o", "--max-iters", "5"],
+     "chats.jsonl is a .jsonl file of chats, for an adapter (llmb train-assistant); a story model learns from"),
 ]
+
+
+def chats(d):
+    """A .jsonl file of chat rows, as an adapter trains on: a story model trained on it without a word."""
+    path = d.tmp / "chats.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+                    * 200)
+    return path
 
 
 def damaged(d, name, content=None, cut=None, **model):
@@ -156,6 +166,20 @@ def test_bad_input_is_one_error_line_and_changes_nothing(probe, capsys, what, ar
     assert sorted(f.name for f in probe.adapter.iterdir()) == ["adapter_config.json", "config.json"]
     assert [f.name for f in probe.mine.iterdir()] == ["thesis.txt"]
     assert not (probe.tmp / "o").exists() and not (probe.tmp / "none").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["training/train_char.py", "--data", "a.txt", "--out", "o", "--n-layer", "0"],
+    ["training/train_char.py", "--bogus"],
+    ["training/train_qlora.py", "--lora-r", "0"],
+    ["-m", "llmb", "sample", "--temperature", "1"],
+    ["app.py", "--port", "-1"],
+])
+def test_a_flag_error_is_one_line_in_every_command(argv):
+    """train_char.py printed argparse's usage block (8 lines) before its `error:` line."""
+    out = run_cli(*argv, timeout=120)
+    assert out.returncode == 2 and out.stdout == "", out.stdout
+    assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("error: "), out.stderr
 
 
 # ------------------------------------------------------------------------------------- faults
