@@ -38,7 +38,8 @@ from llmb.story.config import LR_FIND_SETTINGS
 from llmb.story.config import TrainConfig as StoryConfig
 
 REPO = Path(__file__).resolve().parents[2]
-COMMANDS = {"story": "train-story", "qlora": "train-assistant", "lr-find": "lr-find", "export-gguf": "export-gguf"}
+PROGRAMS = {kind: ["-m", "llmb", name] for kind, name in
+            {"story": "train-story", "qlora": "train-assistant", "lr-find": "lr-find", "export-gguf": "export-gguf"}.items()}
 CONFIGS = {"story": StoryConfig, "qlora": QLoRAConfig, "lr-find": StoryConfig, "export-gguf": ExportConfig}
 RUNNING = ("starting", "running", "stopping")
 GRACE_S = 30.0  # after Stop: SIGINT, then SIGTERM after GRACE_S, then SIGKILL after 2 x GRACE_S
@@ -76,7 +77,7 @@ def job_order(kind, values, num_iters=100):
 def command(order):
     """The job's command line as a list (what Popen runs)."""
     skip = [f for f in asdict(order.config) if f not in LR_FIND_SETTINGS] if order.kind == "lr-find" else ()
-    cmd = [sys.executable, "-m", "llmb", COMMANDS[order.kind], *to_argv(order.config, skip=skip)]
+    cmd = [sys.executable, *PROGRAMS[order.kind], *to_argv(order.config, skip=skip)]
     return cmd + (["--num-iters", str(order.num_iters)] if order.kind == "lr-find" else [])
 
 

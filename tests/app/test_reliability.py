@@ -46,7 +46,7 @@ def fake_trainer(tmp_path, monkeypatch, body, kind="story"):
     """Make `kind` jobs run a small Python script instead of the trainer (the flags are ignored)."""
     script = tmp_path / f"fake_{kind}.py"
     script.write_text("import signal, sys, time\n" + body)
-    monkeypatch.setitem(jobs.SCRIPTS, kind, [str(script)])
+    monkeypatch.setitem(jobs.PROGRAMS, kind, [str(script)])
 
 
 def order(tmp_path, name="run", kind="story"):
