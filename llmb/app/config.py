@@ -35,7 +35,7 @@ from llmb.settings import Parser, add_arguments, from_args, parse, setting, spec
 REPO = Path(__file__).resolve().parents[2]
 PERSISTENT = Path("/data")  # a Space with persistent storage mounts it here
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-SMALL_ASSISTANT = "python -m llmb get-small-assistant"  # installs SMALL_NAME
+SMALL_BUTTON = "Get the small assistant"  # the Assistant tab's button: installs SMALL_NAME, as get-small-assistant
 UPLOAD_KEY = re.compile(r"^[A-Za-z0-9_-]{16,64}$")  # a browser's own uploads folder (uploads.upload_key)
 
 
@@ -330,7 +330,7 @@ def hub_problem(config, base):
     if _hub["reachable"]:
         return None
     local = local_bases(config)
-    install = f"install the small local assistant `{SMALL_NAME}` with `{SMALL_ASSISTANT}` and restart the app"
+    install = f"press **{SMALL_BUTTON}** in the Assistant tab to install the small local assistant `{SMALL_NAME}`"
     hint = f"pick the local model `{local[0]}` in Base" + ("" if local[0] == SMALL_NAME else f", or {install}") \
         if local else f"{install}, then pick it in Base"
     return f"`{base}` is not downloaded and the Hugging Face hub cannot be reached (offline); {hint}"

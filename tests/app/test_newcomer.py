@@ -146,3 +146,19 @@ def test_a_small_base_starts_greedy_in_the_page_as_in_llmb_chat(config, tiny_phi
     assert page_sampling(ctx, "tiny-base", {"base": "tiny-base", "temperature": 0.3}) == [0.3, 0.9, 50]
     assert page_sampling(ctx, "tiny-base", {"base": "microsoft/phi-2", "temperature": 1.5}) == [0.0, 0.9, 50]
     assert page_sampling(ctx, "microsoft/phi-2", None) == [0.7, 0.9, 50]
+
+
+@pytest.mark.slow  # installs nothing (the package is there) but imports the GGUF: about 30 s
+def test_the_page_gets_the_small_assistant_without_a_terminal_or_a_restart(config, tmp_path, monkeypatch):
+    """Where Phi-2 cannot load, the page offers a button; it runs get-small-assistant's code, and Base offers and
+    picks the new model at once (a reload offers it too: the choices are read again on page load)."""
+    from llmb.app.chat_tab import get_small, pickers
+
+    monkeypatch.setattr(app_config, "REPO", tmp_path)  # not the repository's own checkpoints either
+    ctx = Context(config)
+    with gr.Blocks():
+        assert pickers(ctx)["get_small"].visible and SMALL_NAME not in app_config.base_choices(config)
+        base, button, status = get_small(ctx)
+        assert base["value"] == SMALL_NAME and SMALL_NAME in base["choices"] and button["visible"] is False
+        assert "installed" in status and (config.checkpoints / SMALL_NAME / "model.safetensors").is_file()
+        assert not pickers(ctx)["get_small"].visible

@@ -704,7 +704,7 @@ def test_an_unreachable_hub_is_said_at_once_and_the_message_is_kept(app):
     history, _, box, status, model_status, _ = client.predict(message="Hello", system="", api_name="/chat")
     assert time.time() - t0 < 10
     assert "cannot be reached (offline)" in status
-    assert "get-small-assistant" in status or "pick the local model `smollm2-135m-instruct`" in status
+    assert "Get the small assistant" in status or "pick the local model `smollm2-135m-instruct`" in status
     unchanged = {"__type__": "update"}
     assert history == unchanged and box == unchanged, "the chat and the typed message are left as they were"
     status = client.predict(base="microsoft/phi-2", adapter="", api_name="/chat_model")
@@ -753,7 +753,7 @@ def test_an_unreachable_hub_points_to_the_small_assistant(tmp_path, monkeypatch)
     monkeypatch.setitem(app_config._hub, "reachable", False)
     config = app_config.parse_args(["--checkpoints", str(tmp_path / "c"), "--work-dir", str(tmp_path / "w")], {})
     problem = app_config.hub_problem(config, "nobody/not-downloaded")
-    assert "cannot be reached" in problem and "`python -m llmb get-small-assistant`" in problem
+    assert "cannot be reached" in problem and "press **Get the small assistant** in the Assistant tab" in problem
     local = tmp_path / "c" / "small"
     local.mkdir(parents=True)
     (local / "config.json").write_text('{"model_type": "llama"}')
