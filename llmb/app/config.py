@@ -390,21 +390,25 @@ def resolve_data(config, labels, uploads_key=None):
     return [f"{HUB_PREFIX}{hub_dataset_id(x)}" if x not in known else str(inside(known[x], roots)) for x in labels]
 
 
-def public_text(config, text):
+def public_text(config, text, own_key=None):
     """`text` (a command line, a log line, an error) as the page may show it: no server path, no uploads key.
 
-    A browser's uploads folder becomes `uploads` (its key is what guards it), a data folder its path
-    relative to the repository where it is in it or beside it (`data/books/oz`: the shown command runs
-    as it is), else its name (as in the Data picker), the checkpoints folders `checkpoints`, the
-    repository's own paths relative, and any other absolute path `.../` and its last part.
+    Another browser's uploads folder becomes `uploads` (its key is what guards it); the viewer's own
+    (`own_key`: common.browser_key) its path, relative to the repository where it is in it, so that the
+    command shown runs as it is in a terminal there. A data folder becomes its path relative to the
+    repository where it is in it or beside it (`data/books/oz`), else its name (as in the Data picker),
+    the checkpoints folders `checkpoints`, the repository's own paths relative, and any other absolute
+    path `.../` and its last part.
     """
-    key = rf"[^\s'\"=]*{re.escape(config.uploads.name)}/[A-Za-z0-9_-]{{16,64}}(?![A-Za-z0-9_-])"
-    text = re.sub(key, "uploads", str(text))
+    own = config.uploads / own_key if isinstance(own_key, str) and UPLOAD_KEY.match(own_key) else None
+    own_text = os.path.relpath(own, REPO) if own is not None and own.is_relative_to(REPO) else str(own)
+    key = rf"[^\s'\"=]*{re.escape(config.uploads.name)}/([A-Za-z0-9_-]{{16,64}})(?![A-Za-z0-9_-])"
+    text = re.sub(key, lambda m: "\0own\0" if own is not None and m.group(1) == own.name else "uploads", str(text))
     folders = [(d, near_repo(d) or d.name) for d in config.data_dirs] + \
         [(d, "checkpoints") for d in config.scan_dirs()]
     for folder, name in sorted(folders + [(REPO, ".")], key=lambda f: len(str(f[0])), reverse=True):
         text = text.replace(f"{folder}/", "" if name == "." else f"{name}/").replace(str(folder), name)
-    return re.sub(r"(?<![\w.~-])(?:/[^/\s'\"]+)+/([^/\s'\"]+)", r".../\1", text)
+    return re.sub(r"(?<![\w.~-])(?:/[^/\s'\"]+)+/([^/\s'\"]+)", r".../\1", text).replace("\0own\0", own_text)
 
 
 @functools.lru_cache(maxsize=64)

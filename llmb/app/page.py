@@ -23,7 +23,7 @@ from starlette.middleware import Middleware
 
 from llmb.app import chat_tab, story_tab, train_tab
 from llmb.app import config as app_config
-from llmb.app.common import Context, owner_of
+from llmb.app.common import Context, browser_key, owner_of
 from llmb.app.guard import CallCheck
 from llmb.app.jobs import log_tail, progress
 from llmb.app.uploads import UploadTypes
@@ -99,7 +99,7 @@ def watch(ctx, demo, train, story_picker, chat, uploads_key):
         viewer = owner_of(uploads_key, request)
         latest = ctx.jobs.current()
         mine = train_tab.own_job(ctx.config, latest, viewer)
-        job = train_tab.public_job(ctx.config, mine)
+        job = train_tab.public_job(ctx.config, mine, browser_key(uploads_key, request))
         stories = app_config.story_choices(ctx.config, viewer)
         adapters = app_config.adapter_choices(ctx.config, viewer)
         exported = mine["config"]["out"] if mine and mine["kind"] == "export-gguf" and mine.get("summary") else None

@@ -115,11 +115,12 @@ def export_order(ctx, out_type, caller):
     return job_order("export-gguf", {"base": base, "adapter": adapter, "out": str(out), "type": out_type})
 
 
-def public_job(config, job):
-    """The job as the page shows it: its command line and error without server paths or uploads keys."""
+def public_job(config, job, own_key=None):
+    """The job as the page shows it: its command line and error without server paths or another browser's
+    uploads key; the viewer's own uploads (`own_key`) by their path, so the command runs as shown."""
     if job is None:
         return None
-    return job | {k: app_config.public_text(config, job[k]) for k in ("command", "error") if job.get(k)}
+    return job | {k: app_config.public_text(config, job[k], own_key) for k in ("command", "error") if job.get(k)}
 
 
 SPLITS = ("train", "val")  # the loss plot's lines
@@ -438,8 +439,9 @@ def job_handlers(ctx, widgets):
     @shows_problems(message, refused)
     def start(request: gr.Request, uploads_key=None, **values):
         check_allowed(ctx.config)
-        order = order_from_form(ctx, values | {"uploads_key": browser_key(uploads_key, request)})
-        return started(public_job(ctx.config, ctx.jobs.start(order, owner_of(uploads_key, request))))
+        key = browser_key(uploads_key, request)
+        order = order_from_form(ctx, values | {"uploads_key": key})
+        return started(public_job(ctx.config, ctx.jobs.start(order, owner_of(uploads_key, request)), key))
 
     @shows_problems(message, refused)
     def export(request: gr.Request, uploads_key=None, out_type="f16"):

@@ -782,6 +782,22 @@ def test_the_page_shows_names_never_server_paths_or_uploads_keys(tmp_path):
     TRIED["bad inputs"] += 1
 
 
+def test_the_browser_that_uploaded_sees_a_command_that_runs_in_a_terminal(tmp_path):
+    """Its own uploads are shown by their path (`uploads/x.jsonl` is a name only the page knows: the command
+    shown failed in a terminal with "data file not found"); another browser's still read `uploads/`."""
+    from llmb.app.jobs import REPO
+
+    config = app_config.parse_args(["--work-dir", str(REPO / "runs" / "t"), "--checkpoints", str(tmp_path)], {})
+    mine, theirs = upload_key(None), upload_key(None)
+    command = f"python -m llmb train-assistant --data {config.uploads / mine / 'a.jsonl'} --out {tmp_path}/r"
+    shown = app_config.public_text(config, command, own_key=mine)
+    assert shown == f"python -m llmb train-assistant --data runs/t/uploads/{mine}/a.jsonl --out checkpoints/r"
+    assert (REPO / f"runs/t/uploads/{mine}/a.jsonl") == config.uploads / mine / "a.jsonl", "it names the file"
+    for viewer in (theirs, None, "../../etc"):
+        assert app_config.public_text(config, command, own_key=viewer) == \
+            "python -m llmb train-assistant --data uploads/a.jsonl --out checkpoints/r"
+
+
 def test_the_shown_command_runs_as_it_is_for_data_in_the_repository(tmp_path):
     """The shipped data is shown by its path in the repository, so the command can be pasted there."""
     from llmb.app.jobs import REPO
