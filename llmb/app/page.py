@@ -110,17 +110,22 @@ def watch(ctx, demo, train, story_picker, chat, uploads_key):
                  train["log"]: app_config.public_text(ctx.config, log_tail(job)) if job else "",
                  held: {"story": stories, "adapters": adapters, "download": exported},
                  chat["model_status"]: chat_tab.model_status(ctx, base, adapter, viewer),
-                 train["export_row"]: gr.update(visible=train_tab.export_source(mine) is not None)}
+                 train["export_row"]: gr.update(visible=len(adapters) > 1)}  # an adapter beside "none"
         if known["story"] != stories:
             shown[story_picker] = gr.update(choices=stories)
         if known["adapters"] != adapters:
             shown[chat["adapter"]] = gr.update(choices=adapters)
+            names = [name for _, name in adapters if name]
+            last = train_tab.export_source(mine)
+            shown[train["export_adapter"]] = gr.update(choices=names, value=Path(last[1]).name if last and
+                                                       Path(last[1]).name in names else names[0] if names else None)
         if known.get("download") != exported:  # the file is sent once, not every 2 s
             shown[train["download"]] = gr.update(value=exported, visible=exported is not None)
         return shown
 
     outputs = [train["status"], train["command"], train["plot"], train["sample"], train["log"], story_picker,
-               chat["adapter"], held, chat["model_status"], train["export_row"], train["download"]]
+               chat["adapter"], held, chat["model_status"], train["export_row"], train["download"],
+               train["export_adapter"]]
     inputs = {"known": held, "base": chat["base"], "adapter": chat["adapter"], "uploads_key": uploads_key}
     train["timer"].tick(refresh, inputs_kwargs=inputs, outputs=outputs, api_name="train_progress",
                         concurrency_limit=None, show_progress="hidden")

@@ -9,6 +9,7 @@ Each kind keeps its own Data selection and defaults while the other is shown (`s
 """
 
 import base64
+import json
 import re
 import time
 from pathlib import Path
@@ -101,18 +102,38 @@ def export_source(job):
     return None
 
 
-def export_order(ctx, out_type, caller):
-    """The job that writes the last finished adapter as <work dir>/exports/<run>-<type>/<run>-<type>.gguf: the
-    caller's own (common.owner_of) on a Space."""
-    source = export_source(own_job(ctx.config, ctx.jobs.current(), caller))
+def export_order(ctx, out_type, caller, adapter=None):
+    """The job that writes an adapter merged into its base as <work dir>/exports/<name>-<type>/<name>-<type>.gguf:
+    `adapter`, a name the Adapter picker offers the caller (common.owner_of; on a Space its own), with the base it
+    was trained on; none: the last finished run's."""
+    if adapter:
+        folder = known_path(adapter, app_config.adapters(ctx.config, caller), "adapters")
+        source = adapter_base(folder), folder
+    else:
+        source = export_source(own_job(ctx.config, ctx.jobs.current(), caller))
     if source is None:
-        raise UserError("finish a QLoRA run first: Export to GGUF takes the adapter of the last finished run")
+        raise UserError("pick an adapter to export, or finish a LoRA run first")
     base, adapter = source
     name = Path(adapter).name
     out = ctx.config.exports / f"{name}-{out_type}" / f"{name}-{out_type}.gguf"
     if out.is_file():
         raise UserError(f"{name} is already exported as {out.name}")
     return job_order("export-gguf", {"base": base, "adapter": adapter, "out": str(out), "type": out_type})
+
+
+def adapter_base(folder):
+    """The base an adapter folder was trained on: its run's summary says, else its adapter_config.json."""
+    base = app_config.run_summary(folder).get("base")
+    if not base:
+        try:
+            base = json.loads((Path(folder) / "adapter_config.json").read_text(encoding="utf-8"))
+            base = base.get("base_model_name_or_path") if isinstance(base, dict) else None
+        except (OSError, ValueError):
+            base = None
+    if not isinstance(base, str) or not base:
+        raise UserError(f"{Path(folder).name} does not say which base it was trained on (no summary.json, and no "
+                        "base in adapter_config.json)")
+    return base
 
 
 def public_job(config, job, own_key=None):
@@ -375,7 +396,10 @@ def job_widgets(allowed):
     widgets["command"] = gr.Code(label="Equivalent command", language="shell", interactive=False, lines=1,
                                  wrap_lines=True, visible=False, elem_id="train-command")
     widgets["status"] = gr.Markdown("No training job yet.", elem_id="train-status")
-    with gr.Row(visible=False, equal_height=True) as widgets["export_row"]:  # once a QLoRA run has finished
+    with gr.Row(visible=False, equal_height=True) as widgets["export_row"]:  # once there is an adapter
+        widgets["export_adapter"] = gr.Dropdown([], label="Adapter to export", scale=2, elem_id="train-export-adapter",
+                                                info="any adapter of the Assistant tab's picker, merged into the base "
+                                                     "it was trained on")
         widgets["export_type"] = gr.Radio(["f16", "q8_0", "f32"], value="f16", label="GGUF type", scale=2,
                                           info="f16: half the size of f32, the usual choice; q8_0: 8-bit, half of f16",
                                           elem_id="train-export-type")
@@ -404,7 +428,8 @@ def build(ctx, uploads_key):
     widgets["start"].click(handlers["start"], inputs_kwargs={"kind": widgets["kind"], "name": widgets["name"]} | data
                            | form_values, api_name="train_start", **job)
     widgets["export"].click(handlers["export"], inputs_kwargs={"uploads_key": uploads_key,
-                                                               "out_type": widgets["export_type"]},
+                                                               "out_type": widgets["export_type"],
+                                                               "adapter": widgets["export_adapter"]},
                             api_name="train_export", **job)
     widgets["stop"].click(handlers["stop"], inputs_kwargs={"uploads_key": uploads_key}, api_name="train_stop",
                           outputs=[widgets["message"], widgets["status"]], concurrency_limit=None)
@@ -444,10 +469,10 @@ def job_handlers(ctx, widgets):
         return started(public_job(ctx.config, ctx.jobs.start(order, owner_of(uploads_key, request)), key))
 
     @shows_problems(message, refused)
-    def export(request: gr.Request, uploads_key=None, out_type="f16"):
+    def export(request: gr.Request, uploads_key=None, out_type="f16", adapter=None):
         check_allowed(ctx.config)
         caller = owner_of(uploads_key, request)
-        return started(public_job(ctx.config, ctx.jobs.start(export_order(ctx, out_type, caller), caller)))
+        return started(public_job(ctx.config, ctx.jobs.start(export_order(ctx, out_type, caller, adapter), caller)))
 
     def started(job):
         return {widgets["message"]: f"started `{job['name']}`", widgets["status"]: job_markdown(job),

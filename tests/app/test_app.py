@@ -260,9 +260,10 @@ def test_eight_clients_at_once_get_their_own_answers(app):
 # -------------------------------------------------------------------------------------- train
 
 def progress(client):
-    status, command, plot, sample, log, story_picker, adapter_picker, chat_status, download = \
+    status, command, plot, sample, log, story_picker, adapter_picker, chat_status, download, export_adapter = \
         client.predict(api_name="/train_progress")
-    return dict(status=status, command=command, plot=plot, sample=sample, log=log, story_picker=story_picker)
+    return dict(status=status, command=command, plot=plot, sample=sample, log=log, story_picker=story_picker,
+                export_adapter=export_adapter)
 
 
 def wait_for(client, condition, timeout=90):

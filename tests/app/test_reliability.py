@@ -18,6 +18,7 @@ import urllib.request
 import uuid
 from collections import Counter
 from contextlib import ExitStack
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -1217,9 +1218,35 @@ def test_on_a_space_a_trained_adapter_and_its_export_are_the_browsers_own(tmp_pa
         ("none: base model alone", "")], "nor is it the app's default adapter for everyone"
     assert "alice-adapter is not one of the adapters found" in chat_tab.model_status(ctx, "microsoft/phi-2",
                                                                                       "alice-adapter", bob)
-    with pytest.raises(UserError, match="finish a QLoRA run first"):
+    with pytest.raises(UserError, match="finish a LoRA run first"):
         train_tab.export_order(ctx, "f16", bob)
+    with pytest.raises(UserError, match="alice-adapter is not one of the adapters found"):
+        train_tab.export_order(ctx, "f16", bob, "alice-adapter")  # by name, as the export picker sends it
     assert train_tab.export_order(ctx, "f16", alice).config.adapter.endswith("alice-adapter")
     private = app_config.parse_args(args, {})  # your own machine: every run is yours
     assert ("alice-adapter", "alice-adapter") in app_config.adapter_choices(private, bob)
     TRIED["concurrent sessions"] += 3
+
+
+def test_any_adapter_in_the_picker_exports_with_the_base_it_was_trained_on(tmp_path):
+    """Export to GGUF took only the last finished run's adapter; now any adapter the picker offers, by name."""
+    from llmb.app import train_tab
+
+    config = app_config.parse_args(["--work-dir", str(tmp_path / "work"), "--checkpoints", str(tmp_path / "c")], {})
+    for name, summary, adapter_config in (("old-run", {"base": "some/base"}, {}),
+                                          ("pushed", None, {"base_model_name_or_path": "other/base"}),
+                                          ("nameless", None, {})):
+        folder = config.checkpoints / name
+        folder.mkdir(parents=True)
+        (folder / "adapter_config.json").write_text(json.dumps(adapter_config))
+        if summary:
+            (folder / "summary.json").write_text(json.dumps(summary))
+    ctx = common.Context(config)
+    order = train_tab.export_order(ctx, "q8_0", None, "old-run")
+    assert (order.config.base, Path(order.config.adapter).name, order.config.type) == ("some/base", "old-run", "q8_0")
+    assert order.config.out.endswith("exports/old-run-q8_0/old-run-q8_0.gguf")
+    assert train_tab.export_order(ctx, "f16", None, "pushed").config.base == "other/base"
+    with pytest.raises(UserError, match="nameless does not say which base it was trained on"):
+        train_tab.export_order(ctx, "f16", None, "nameless")
+    with pytest.raises(UserError, match="is not one of the adapters found"):
+        train_tab.export_order(ctx, "f16", None, "../../etc")
