@@ -138,9 +138,11 @@ def adapter_base(folder):
 
 def public_job(config, job, own_key=None):
     """The job as the page shows it: its command line and error without server paths or another browser's
-    uploads key; the viewer's own uploads (`own_key`) by their path, so the command runs as shown."""
+    uploads key; on your own machine the viewer's own uploads (`own_key`) by their path, so the command runs as
+    shown in a terminal (a Space has no terminal: there they stay `uploads/NAME`)."""
     if job is None:
         return None
+    own_key = None if config.on_space else own_key
     return job | {k: app_config.public_text(config, job[k], own_key) for k in ("command", "error") if job.get(k)}
 
 

@@ -1092,7 +1092,7 @@ def test_a_story_model_on_chats_is_refused_in_one_line(app):
     job = JobManager(app.work / "job.json").wait(60)
     status = client.predict(api_name="/train_progress")[0]
     assert job["status"] == "failed" and "error: data/chats.jsonl is a .jsonl file of chats, for an adapter " \
-        "(training/train_qlora.py); a story model learns from plain-text books" in status, status
+        "(llmb train-assistant); a story model learns from plain-text books" in status, status
     assert str(app.data) not in status
     TRIED["bad inputs"] += 1
 

@@ -300,7 +300,7 @@ def test_cli_chat_prompt_streams_an_answer(tiny_phi, tmp_path):
                           cwd=repo, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "Hello there, friend.\n"
-    assert f"{path} on cpu, int8 linear layers\n" in proc.stderr  # the status line: where, which precision
+    assert f"{path} on cpu, fp32\n" in proc.stderr  # the status line: where, which precision
     assert re.search(r"^8 tokens, [\d.]+ tokens/s, first token [\d.]+ s$", proc.stderr, re.M), proc.stderr
     bad = subprocess.run([sys.executable, "-m", "llmb", "chat", "--base", str(path), "--precision", "bf16"],
                          cwd=repo, capture_output=True, text=True, timeout=120)
