@@ -131,15 +131,22 @@ def check_writable(path, flag="--out"):
     return path
 
 
+KEEP = ".llmb-keep"  # a folder holding this file is never replaced nor resumed (the shipped demo model)
+
+
 def check_out_folder(path, kind, overwrite=False, resume=False, flag="--out"):
     """May a command that writes `kind` (a key of OUTPUTS) write its folder at `path`? The one rule:
 
     a new or empty folder; with `resume`, a folder holding a run of `kind`; with `overwrite`, a folder
     holding `kind` (or the log of a run that saved no model, or an LR-finder result), which the command
-    replaces only once its new content is complete. Anything else is a UserError naming what is there.
-    Returns output_kind(path): what the command will replace or resume (None for a fresh folder).
+    replaces only once its new content is complete; never a folder marked with a KEEP file. Anything else
+    is a UserError naming what is there. Returns output_kind(path): what the command will replace or resume
+    (None for a fresh folder).
     """
     path = check_writable(path, flag)
+    if (path / KEEP).is_file():
+        why = (path / KEEP).read_text(encoding="utf-8", errors="replace").strip().splitlines()[:1] or ["kept"]
+        raise UserError(f"{path} is kept as it is ({why[0][:120]}); give another {flag}")
     found = output_kind(path)
     if resume:
         if found == kind:

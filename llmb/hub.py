@@ -72,6 +72,9 @@ def load_hub_dataset(name):
 
     if Path(name).exists():  # load_dataset would read the local folder: `hf:` never names one
         raise UserError(f"{name} is a local path here, not a Hugging Face data set; pass it without hf:")
+    if not hub_reachable():  # at once, without the library's own lines about the failed request
+        raise UserError(f"{name} is not a local file or folder, and the Hugging Face hub cannot be reached to load "
+                        "it as a data set (offline); check the path, or your network")
     try:
         ds = datasets.load_dataset(name)
     except Exception as e:  # offline, unknown id, no network: one clear line

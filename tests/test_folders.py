@@ -131,3 +131,21 @@ def test_no_file_is_written_inside_a_model_folder(tmp_path, kind, files):
 def test_saved_step_reads_the_folder(tmp_path):
     story = make(tmp_path / "s", {"config.json": json.dumps({"llmb": "story", "step": 30}), "model.safetensors": ""})
     assert saved_step(story) == 30 and saved_step(tmp_path) is None
+
+
+def test_the_shipped_demo_model_is_never_replaced_nor_resumed(tmp_path):
+    """`train-story --out checkpoints/oz-story --overwrite` replaced the demo model that the README, the app and
+    the tests use with a 2-step one: a folder holding a .llmb-keep file is kept, whatever the flags."""
+    import shutil
+
+    from llmb.folders import KEEP
+    from tests.conftest import REPO
+
+    shipped = REPO / "checkpoints" / "oz-story"
+    assert (shipped / KEEP).is_file()
+    demo = shutil.copytree(shipped, tmp_path / "oz-story")
+    before = {p.name: p.read_bytes() for p in demo.iterdir()}
+    for flags in ({}, {"overwrite": True}, {"resume": True}):
+        with pytest.raises(UserError, match="oz-story is kept as it is \\(the Oz demo model"):
+            check_out_folder(demo, "story", **flags)
+    assert {p.name: p.read_bytes() for p in demo.iterdir()} == before

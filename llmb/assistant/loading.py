@@ -5,12 +5,17 @@ through bitsandbytes (NF4 with double quantization for 4-bit, as in QLoRA).
 """
 
 import json
+import logging
 from contextlib import contextmanager
 from pathlib import Path
 
 from llmb.errors import UserError
 from llmb.folders import ADAPTER_CONFIG, is_story_checkpoint, require
 from llmb.hub import hub_offline
+
+# bitsandbytes, imported by peft, warns on every CPU with AVX512-BF16 that an optional kernel package is
+# missing ("Failed to load CPU gemm_4bit_forward ..."): nothing fails, it only reads like an error
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def compute_dtype(device):

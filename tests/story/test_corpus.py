@@ -79,6 +79,7 @@ def test_a_hugging_face_data_set_is_a_book_in_the_order_given(tmp_path, repo_dat
                                      "test": datasets.Dataset.from_dict({"text": ["not read"]})})
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr("llmb.hub.hub_reachable", lambda: True)
     monkeypatch.chdir(tmp_path)  # no local folder of that name
     (tmp_path / "mine.txt").write_text("my own book\n")
     corpus = load_corpus(["hf:karpathy/tiny_shakespeare", "mine.txt", "karpathy/tiny_shakespeare"])
@@ -90,7 +91,7 @@ def test_a_hugging_face_data_set_is_a_book_in_the_order_given(tmp_path, repo_dat
 @pytest.mark.parametrize("source, message", [
     ("hf:../etc", "not a Hugging Face data set name"),
     ("hf:books", "a local path here"),  # load_dataset would read the local folder
-    ("nobody-here/no-such-books", "loading it as a Hugging Face data set failed"),  # offline in the tests
+    ("nobody-here/no-such-books", "the Hugging Face hub cannot be reached"),  # offline in the tests: said at once
 ])
 def test_a_data_set_that_cannot_load_is_one_clear_error(tmp_path, monkeypatch, source, message):
     monkeypatch.chdir(tmp_path)
