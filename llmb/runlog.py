@@ -4,11 +4,15 @@ The metrics log is JSON lines, one object per log step: the CLI prints it, the a
 and the benchmarks read it. A run whose steps are slow (the assistant on a CPU) also keeps
 progress.json: what it is doing right now, rewritten at every step, so the app can show
 "step 1/N" from the first step and which phase the run is in before that.
+
+The graceful stop (StopSignal) saves within seconds of Ctrl-C or the app's Stop, however long a
+step takes: the step in progress is dropped, and the run saves its last completed step.
 """
 
 import json
 import signal
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from llmb.fileio import atomic_path, write_json
@@ -58,6 +62,13 @@ def write_progress(out, phase=None, file=PROGRESS, **figures):
     write_json(Path(out) / file, {"phase": phase, **figures, "time": time.time()})
 
 
+def write_stopping(out, step, saved_step, file=PROGRESS):
+    """progress.json as soon as a trainer sees a stop signal, before its save: the app sees it answer, and waits
+    for the save rather than kill it (llmb.app.jobs escalates only for a trainer that says nothing)."""
+    what = f"saving step {step}" if step and saved_step != step else "ending"
+    write_progress(out, f"stop requested: {what}", file=file)
+
+
 def read_progress(out, since=0.0):
     """What the run's progress file says (the newer of the two), if written after `since` (a Unix time); else {}."""
     found = []
@@ -93,12 +104,21 @@ def make_summary(*, data, steps, total_steps, train_loss, val_loss, elapsed_s, s
             "stopped_by": stopped_by, **extra}
 
 
-_requested = {"name": None}  # the stop signal received, if any (set by the handler below)
+class StepAbandoned(BaseException):
+    """A stop signal arrived inside `StopSignal.abandonable()`: the work there is dropped. A BaseException, as
+    KeyboardInterrupt is, so that no library's `except Exception` swallows it on its way out."""
+
+
+# the stop signal received, if any, and whether the work running now may be dropped (set by the handler below)
+_requested = {"name": None, "abandon": False}
 
 
 def _on_stop(signum, frame):
     _requested["name"] = signal.Signals(signum).name
     signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C ends the process at once
+    if _requested["abandon"]:
+        _requested["abandon"] = False
+        raise StepAbandoned(_requested["name"])
 
 
 def listen_for_stop():
@@ -115,9 +135,22 @@ def listen_for_stop():
 
 
 class StopSignal:
-    """Within `with StopSignal() as stop:`, a SIGINT/SIGTERM sets `stop.name` (e.g. "SIGINT"); the loop
-    finishes its step, saves and exits. A signal received earlier (after listen_for_stop) counts too,
-    and `stop.name` still says what happened after the block ("" when nothing did)."""
+    """Within `with StopSignal() as stop:`, a SIGINT/SIGTERM sets `stop.name` (e.g. "SIGINT"), and the run saves
+    the state of its last completed optimizer step and exits, however long a step takes:
+
+        with stop.abandonable(generator):   # batching, forward, backward, an evaluation: dropped on a stop
+            loss = forward_backward(...)
+        optimizer.step()                    # never interrupted: the loop looks at stop.name between steps
+
+    A signal inside `abandonable()` raises StepAbandoned there at once; the trainer catches it and saves.
+    Anywhere else (an optimizer or schedule step, a save) the signal only sets `stop.name`. A signal received
+    earlier (after listen_for_stop) counts too, and `stop.name` still says what happened after the block
+    ("" when nothing did). abandon=False: every step runs to its end (the processes of a DDP run must
+    stop at the same step: they exchange gradients inside it).
+    """
+
+    def __init__(self, abandon=True):
+        self.abandon = abandon
 
     def __enter__(self):
         self._old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -128,6 +161,32 @@ class StopSignal:
     @property
     def name(self):
         return _requested["name"] if self._after is None else self._after
+
+    @contextmanager
+    def abandonable(self, *generators):
+        """Work that a stop signal drops: StepAbandoned is raised in it (or at once, if a stop came before).
+
+        The work may have drawn random numbers (batches from `generators`, dropout from torch's global
+        generator): on a stop they are put back as they were before it, so the state the trainer then saves
+        is exactly that of its last completed step, and a --resume repeats the dropped step as it would have run.
+        """
+        if not self.abandon:
+            yield
+            return
+        from llmb.stopping import random_states, set_random_states  # torch: only once a trainer runs
+
+        before = random_states(generators)
+        try:
+            _requested["abandon"] = True
+            if _requested["name"]:
+                raise StepAbandoned(_requested["name"])
+            yield
+            _requested["abandon"] = False  # here, inside the try: a signal just before it still restores
+        except StepAbandoned:
+            set_random_states(before, generators)
+            raise
+        finally:
+            _requested["abandon"] = False
 
     def __exit__(self, *exc):
         self._after, _requested["name"] = _requested["name"] or "", None

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import time
 
 import pytest
 
@@ -64,3 +65,77 @@ def test_a_stop_before_the_loop_is_not_lost_even_when_sigint_was_ignored():
     ignore = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)  # noqa: E731  (as under `nohup ... &`)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, preexec_fn=ignore)
     assert out.stdout.strip() == "SIGINT", out.stderr
+
+
+def test_a_stop_inside_abandonable_work_drops_it_and_puts_the_random_states_back():
+    import torch
+
+    from llmb.runlog import StepAbandoned
+
+    batches = torch.Generator().manual_seed(0)
+    with StopSignal() as stop:
+        torch.manual_seed(1)
+        before = torch.get_rng_state(), batches.get_state()
+        with pytest.raises(StepAbandoned):
+            with stop.abandonable(batches):
+                torch.randint(10, (4,), generator=batches)  # the step draws its batch, then dropout ...
+                torch.rand(100)
+                os.kill(os.getpid(), signal.SIGINT)  # ... and the Stop comes mid-step
+                pytest.fail("the work went on after the stop signal")
+        assert stop.name == "SIGINT"
+        assert torch.equal(torch.get_rng_state(), before[0]) and torch.equal(batches.get_state(), before[1])
+        with pytest.raises(StepAbandoned):  # a stop that came before: the next step does not begin
+            with stop.abandonable():
+                pytest.fail("a step began after the stop signal")
+
+
+def test_a_stop_outside_abandonable_work_waits_for_the_loop():
+    with StopSignal() as stop:
+        with stop.abandonable():
+            pass  # a step's forward and backward
+        os.kill(os.getpid(), signal.SIGTERM)  # during the optimizer step or a save: not interrupted
+        assert stop.name == "SIGTERM"
+    with StopSignal(abandon=False) as stop:  # several processes: each step runs to its end
+        with stop.abandonable():
+            os.kill(os.getpid(), signal.SIGINT)
+        assert stop.name == "SIGINT"
+
+
+def test_a_stop_abandons_a_long_backward_pass_half_way():
+    """A backward pass is C++ from end to end, and a signal handler only runs between Python bytecodes: without
+    stop_points_in_backward the stop waited for the whole pass (minutes for a real model's step on a CPU)."""
+    import threading
+
+    import torch
+
+    from llmb.runlog import StepAbandoned
+    from llmb.stopping import stop_points_in_backward
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Linear(768, 768) for _ in range(16)]))
+    blocks = model[0]
+    stop_points_in_backward(model)
+    x = torch.randn(1536, 768)
+
+    def loss():
+        h = x
+        for block in blocks:
+            h = torch.tanh(block(h))
+        return h.square().mean()
+
+    began = time.perf_counter()
+    loss().backward()  # how long a whole backward pass takes here
+    whole = time.perf_counter() - began
+    model.zero_grad(set_to_none=True)
+    timer = threading.Timer(whole / 5, os.kill, (os.getpid(), signal.SIGINT))
+    with StopSignal() as stop:
+        with pytest.raises(StepAbandoned):
+            with stop.abandonable():
+                forward = loss()
+                timer.start()
+                forward.backward()
+                timer.join()  # a backward pass that ended first: the stop comes here
+        timer.join()
+    done = [block.weight.grad is not None for block in blocks]
+    assert not all(done), "the backward pass ran to its end before the stop was seen"
+    assert any(done), f"the stop came before the backward pass began ({whole:.2f} s for a whole one)"

@@ -5,7 +5,7 @@
     job = manager.start(order)
     manager.current()      # the job as the state file says, with its live status
     progress(job)          # step, total, tokens/s, ETA, losses, latest sample (from metrics.jsonl)
-    manager.stop()         # SIGINT: the trainer finishes its step, saves and exits; again: SIGTERM, then SIGKILL
+    manager.stop()         # SIGINT: the trainer drops its step, saves the last one and exits; again: SIGTERM, SIGKILL
 
 A job runs the same command a user would type (`python -m llmb train-story`, `... train-assistant`,
 `... lr-find`, `... export-gguf`), built from its config dataclass by `llmb.settings.to_argv`;
@@ -42,7 +42,7 @@ PROGRAMS = {kind: ["-m", "llmb", name] for kind, name in
             {"story": "train-story", "qlora": "train-assistant", "lr-find": "lr-find", "export-gguf": "export-gguf"}.items()}
 CONFIGS = {"story": StoryConfig, "qlora": QLoRAConfig, "lr-find": StoryConfig, "export-gguf": ExportConfig}
 RUNNING = ("starting", "running", "stopping")
-GRACE_S = 30.0  # after Stop: SIGINT, then SIGTERM after GRACE_S, then SIGKILL after 2 x GRACE_S
+GRACE_S = 30.0  # after Stop: SIGINT; SIGTERM once the trainer has said nothing for GRACE_S, SIGKILL for 2 x GRACE_S
 
 
 @dataclass
@@ -205,11 +205,16 @@ class JobManager:
         return ended | {"status": "failed", "error": why}
 
     def _escalate(self, job):
-        """A trainer that has not stopped GRACE_S after Stop gets SIGTERM, then SIGKILL."""
-        waited = time.time() - job["stop_requested_at"]
+        """A trainer that has said nothing for GRACE_S since Stop gets SIGTERM, then (2 x GRACE_S) SIGKILL.
+
+        The trainers answer a stop at once in progress.json ("stop requested: saving step N"), whatever their
+        step's length, so a trainer that answered is saving: the wait counts from its last word.
+        """
+        asked = job["stop_requested_at"]
+        silent = time.time() - read_progress(job["out"], since=asked).get("time", asked)
         sent = job.setdefault("signals", ["SIGINT"])
         for sig, after in ((signal.SIGTERM, GRACE_S), (signal.SIGKILL, 2 * GRACE_S)):
-            if waited >= after and sig.name not in sent:
+            if silent >= after and sig.name not in sent:
                 send(job["pid"], sig)
                 sent.append(sig.name)
                 self._write(job)
@@ -256,8 +261,9 @@ class JobManager:
     def stop(self):
         """Ask the running job to save and exit. Returns the job, or None if none is running.
 
-        First Stop: SIGINT (the trainers save and exit, like Ctrl-C). Each further Stop moves on
-        at once: SIGTERM, then SIGKILL; without one, the same happens after GRACE_S each.
+        First Stop: SIGINT (the trainers drop the step in progress, save the last one and exit, like Ctrl-C). Each
+        further Stop moves on at once: SIGTERM, then SIGKILL; without one, the same happens to a trainer that says
+        nothing for GRACE_S (see _escalate).
         """
         with self.lock:
             job = self._refresh()
@@ -363,7 +369,7 @@ class Progress:
     losses: list = field(default_factory=list)  # {"step", "loss", "split": "train" | "val"}
     sample: str = ""
     loss: float | None = None  # the last step's train loss
-    phase: str = ""  # what the run does before its first step
+    phase: str = ""  # what the run does before its first step (and what it will cost), or after a Stop
 
 
 def progress(job):
@@ -392,6 +398,8 @@ def step_progress(p, now):
     if now.get("step", 0) > p.step:
         p.step, p.total, p.loss = now["step"], now.get("total") or p.total, now.get("loss")
         p.tokens_per_sec, p.eta_s, p.elapsed_s = now.get("tokens_per_sec"), now.get("eta_s"), now.get("elapsed_s")
-    elif not p.step and now.get("phase"):
+    elif now.get("phase"):
         p.phase = now["phase"]
+        if not p.step:  # the trainer's estimate of the whole run, before its first step
+            p.eta_s = now.get("eta_s")
     return p

@@ -61,6 +61,8 @@ def job_markdown(job):
     what = {"lr-find": "LR finder", "export-gguf": "GGUF export"}.get(job["kind"], f"{job['kind']} model")
     lines = [f"**{job['name']}** ({what}): **{state}**"]
     if job["status"] == "stopping":
+        if p and p.phase:  # the trainer's answer: "stop requested: saving step N"
+            lines.append(f"{p.phase}…")
         lines.append(f"signals sent: {', '.join(job.get('signals', []))}; press Stop again to end it now "
                      "(SIGTERM, then SIGKILL: unsaved work is lost)")
     if p and p.step:
@@ -78,6 +80,8 @@ def job_markdown(job):
     if job["status"] == "finished" and job["kind"] == "export-gguf" and job.get("summary"):
         lines.append(f"wrote `{job['summary']['file']}` ({job['summary']['bytes'] / 1e6:,.0f} MB): download it "
                      "below; llama.cpp, Ollama and LM Studio run it (docs/export-gguf.md)")
+    elif job["status"] == "stopped" and job["kind"] == "story" and (job.get("summary") or {}).get("steps") == 0:
+        lines.append("stopped before its first step: nothing was saved")
     elif job["status"] in ("finished", "stopped") and job.get("summary") and job["kind"] in KINDS:
         lines.append(f"saved in `{job['name']}`; it is now in the "
                      + ("story checkpoint picker." if job["kind"] == "story" else "assistant's adapter picker."))
@@ -266,7 +270,7 @@ def stop_for(ctx, caller):
         return "sent SIGKILL: the run ends now, without saving", job
     if job["signals"][-1] == "SIGTERM":
         return "sent SIGTERM; press Stop once more to end it at once (SIGKILL, unsaved)", job
-    return "stop requested: the run finishes its step, saves and exits", job
+    return "stop requested: the run drops the step in progress, saves the last one and exits", job
 
 
 def check_allowed(config):

@@ -13,6 +13,9 @@ one device and `accelerate launch -m llmb train-assistant` on several GPUs. A ru
     loop          -> evaluate at step 0, then optimizer steps; log, evaluate, save as configured
     finish        -> the adapter in --out, summary.json (llmb.runlog.write_summary)
 
+Ctrl-C or the app's Stop drops the step (or evaluation) in progress and saves the last completed step
+within seconds, however long a step takes (save_at_stop; llmb.runlog.StopSignal).
+
 --out follows llmb.folders' rule: a new or empty folder, --resume of an adapter run, or --overwrite
 of one, whose files stay until the new run's first checkpoint is saved, then all go at once.
 """
@@ -33,7 +36,19 @@ from llmb.device import resolve_device
 from llmb.errors import UserError
 from llmb.fileio import SAVE_ERRORS, save_dir_atomically, save_failed, save_size, sync_folder, write_error, write_json
 from llmb.folders import JOB_LOG, check_out_folder, one_writer
-from llmb.runlog import NEW_PROGRESS, PROGRESS, MetricsLog, StopSignal, make_summary, trim_metrics, write_progress, write_summary
+from llmb.runlog import (
+    NEW_PROGRESS,
+    PROGRESS,
+    MetricsLog,
+    StepAbandoned,
+    StopSignal,
+    make_summary,
+    trim_metrics,
+    write_progress,
+    write_stopping,
+    write_summary,
+)
+from llmb.stopping import stop_points_in_backward
 
 
 def add_lora(model, cfg):
@@ -341,6 +356,11 @@ class Run:
     replace: list = field(default_factory=list)  # --overwrite: the old run's files, until the first save
     saved_step: int = None  # the step of the newest checkpoint in --out (what --resume continues)
     progress: str = PROGRESS  # the progress file's name (NEW_PROGRESS while an --overwrite run has not saved)
+    stop: StopSignal = field(default_factory=lambda: StopSignal(abandon=False))  # the loop's, while it runs
+    step: int = 0  # optimizer steps completed
+    logged_step: int = None  # the step of the last metrics record
+    train_loss: float = None  # the last record's
+    val_loss: float = None  # the last evaluation's
 
 
 def build(cfg, accelerator, out, progress=PROGRESS):
@@ -357,6 +377,7 @@ def build(cfg, accelerator, out, progress=PROGRESS):
     train_set, eval_set = prepare_data(cfg, tokenizer)
     say(f"loading the base model {cfg.base} ({len(train_set)} train conversations ready)")
     model = add_lora(load_base_model(cfg.base, cfg.quant, accelerator.device), cfg)
+    stop_points_in_backward(model)
     optimizer = make_optimizer(model, cfg.lr, accelerator.device)
     scheduler = get_constant_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * cfg.max_steps))
     start_step = 0
@@ -385,8 +406,31 @@ def build_or_undo(cfg, accelerator, out, progress):
 
 def optimizer_step(run, batches):
     """One optimizer step over cfg.grad_accum micro-batches; the loss is the mean over all their answer tokens.
+    A stop signal drops the micro-batches' work (StepAbandoned) before the optimizer steps.
 
     Returns (the step's mean loss over all processes' answer tokens, the tokens seen)."""
+    import torch
+
+    acc = run.accelerator
+    with run.stop.abandonable():
+        loss_step, answers, tokens_step, total = accumulate(run, batches)
+    acc.clip_grad_norm_(run.model.parameters(), run.cfg.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    run.since_log["loss"] += loss_step
+    run.since_log["answer_tokens"] += answers
+    run.since_log["tokens"] += tokens_step
+    loss_step = acc.reduce(torch.tensor(loss_step, device=acc.device), "sum").item()
+    return loss_step / max(total, 1), tokens_step
+
+
+def accumulate(run, batches):
+    """The gradients of one step: forward and backward over cfg.grad_accum micro-batches.
+
+    Returns this process's (loss summed over its answer tokens, its answer tokens, tokens seen by all
+    processes, answer tokens of all processes)."""
     from contextlib import nullcontext
 
     import torch
@@ -395,28 +439,21 @@ def optimizer_step(run, batches):
     micro = [{k: v.to(acc.device) for k, v in next(batches).items()} for _ in range(cfg.grad_accum)]
     # every answer token of the step weighs the same, whichever micro-batch (or process) it is in
     total = acc.reduce(torch.tensor(sum(answer_tokens(b) for b in micro), device=acc.device), "sum").item()
-    loss_step, tokens_step = 0.0, 0  # the step's loss summed over this process's answer tokens; tokens seen
+    loss_step, tokens_step = 0.0, 0
     for i, batch in enumerate(micro):
         sync = i == len(micro) - 1  # all-reduce gradients only on the last micro-batch
         with nullcontext() if sync else acc.no_sync(model):
             loss = loss_sum(model, batch)
             acc.backward(loss * acc.num_processes / max(total, 1))  # DDP averages over processes
-        tokens = int(batch["attention_mask"].sum()) * acc.num_processes
-        loss_step, tokens_step = loss_step + loss.item(), tokens_step + tokens
-        run.since_log["loss"] += loss.item()
-        run.since_log["answer_tokens"] += answer_tokens(batch)
-        run.since_log["tokens"] += tokens
-    acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-    run.optimizer.step()
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    loss_step = acc.reduce(torch.tensor(loss_step, device=acc.device), "sum").item()
-    return loss_step / max(total, 1), tokens_step
+        loss_step += loss.item()
+        tokens_step += int(batch["attention_mask"].sum()) * acc.num_processes
+    return loss_step, sum(answer_tokens(b) for b in micro), tokens_step, total
 
 
 def log_record(run, step, t0, val_loss=None):
     """The metrics.jsonl record for `step` (train loss over the steps since the last record)."""
     w = run.since_log
+    run.logged_step = step
     record = {"step": step, "train_loss": w["loss"] / w["answer_tokens"] if w["answer_tokens"] else None,
               "lr": run.scheduler.get_last_lr()[0],
               "tokens_per_sec": w["tokens"] / (time.time() - w["t"]) if w["tokens"] else None,
@@ -427,53 +464,109 @@ def log_record(run, step, t0, val_loss=None):
     return record
 
 
-def loop(run, log, stop, evals, out):
-    """Optimizer steps until max_steps or a stop signal; returns (step, last train loss, last val loss)."""
+def loop(run, log, evals, out):
+    """Optimizer steps until max_steps or a stop signal; returns (step, last train loss, last val loss).
+
+    A stop signal drops the step or the evaluation in progress (StepAbandoned); the run then logs and saves
+    its last completed step (save_at_stop)."""
     from tqdm import tqdm
 
     cfg, acc = run.cfg, run.accelerator
     main = acc.is_main_process
-    step, t0, train_loss, val_loss = run.start_step, time.time(), None, None
-    if step == 0 and evals is not None:  # the base model's loss: where the run starts from
-        if main:
-            write_progress(out, f"evaluating the base model on {len(run.eval_set)} conversations (step 0)",
-                           file=run.progress)
-        val_loss = evaluate(run.model, evals, acc)
-        if main:
-            log.log(**log_record(run, 0, t0, val_loss))
-    batches = micro_batches(run.train_set, cfg, run.tokenizer.pad_token_id, acc.process_index, acc.num_processes,
-                            skip=step * cfg.grad_accum)
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not main, desc="train")
-    run.model.train()
-    first, t_first = step, time.time()
-    while step < cfg.max_steps and not stop.name:
-        t_step = time.time()
-        loss, tokens = optimizer_step(run, batches)
-        step += 1
-        bar.update(1)
-        if main:  # the figures of every step, for the app's status line
-            now = time.time()
-            write_progress(out, file=run.progress, step=step, total=cfg.max_steps, loss=loss,
-                           tokens_per_sec=tokens / (now - t_step),
-                           elapsed_s=now - t0, eta_s=(cfg.max_steps - step) * (now - t_first) / (step - first))
-        last = step == cfg.max_steps or stop.name
-        evaluated = evals is not None and (step % cfg.eval_steps == 0 or last)
-        if evaluated:
-            val_loss = evaluate(run.model, evals, acc)
-        if main and (step % cfg.log_steps == 0 or evaluated or last):
-            record = log_record(run, step, t0, val_loss if evaluated else None)
-            train_loss = record["train_loss"]
-            log.log(**record)
-            bar.set_postfix(loss=train_loss, **({"val": val_loss} if evaluated else {}))
-        if step % cfg.save_steps == 0 or last:
-            acc.wait_for_everyone()
-            if main:
-                save_checkpoint(out, step, acc.unwrap_model(run.model), run.tokenizer, run.optimizer, run.scheduler)
-                if run.replace:
-                    replace_old_run(run, out)
-            run.saved_step = step
+    run.step, t0 = run.start_step, time.time()
+    bar = tqdm(total=cfg.max_steps, initial=run.step, disable=not main, desc="train")
+    try:
+        if run.step == 0 and evals is not None:  # the base model's loss: where the run starts from
+            evaluate_base(run, log, evals, out, t0)
+        batches = micro_batches(run.train_set, cfg, run.tokenizer.pad_token_id, acc.process_index,
+                                acc.num_processes, skip=run.step * cfg.grad_accum)
+        run.model.train()
+        first, t_first = run.step, time.time()
+        while run.step < cfg.max_steps and not run.stop.name:
+            t_step = time.time()
+            loss, tokens = optimizer_step(run, batches)
+            step = run.step
+            bar.update(1)
+            if main:  # the figures of every step, for the app's status line
+                now = time.time()
+                write_progress(out, file=run.progress, step=step, total=cfg.max_steps, loss=loss,
+                               tokens_per_sec=tokens / (now - t_step), elapsed_s=now - t0,
+                               eta_s=(cfg.max_steps - step) * (now - t_first) / (step - first))
+            done = step == cfg.max_steps
+            evaluated = evals is not None and (step % cfg.eval_steps == 0 or done)
+            if evaluated:
+                with run.stop.abandonable():
+                    run.val_loss = evaluate(run.model, evals, acc)
+            if main and (step % cfg.log_steps == 0 or evaluated or done):
+                log_step(run, log, t0, evaluated)
+                bar.set_postfix(loss=run.train_loss, **({"val": run.val_loss} if evaluated else {}))
+            if step % cfg.save_steps == 0 or done:
+                save(run, out)
+    except StepAbandoned:
+        pass
+    if run.stop.name:
+        save_at_stop(run, log, out, t0)
     bar.close()
-    return step, train_loss, val_loss
+    return run.step, run.train_loss, run.val_loss
+
+
+def evaluate_base(run, log, evals, out, t0):
+    """Step 0: the base model's loss, the first metrics record; and from its speed, what the run will cost."""
+    main, progress = run.accelerator.is_main_process, partial(write_progress, out, file=run.progress)
+    if main:
+        progress(f"evaluating the base model on {len(run.eval_set)} conversations (step 0)")
+    began = time.time()
+    with run.stop.abandonable():
+        run.val_loss = evaluate(run.model, evals, run.accelerator)
+    if main:
+        log_step(run, log, t0, evaluated=True)
+        eta = estimated_time(run, time.time() - began, evals)
+        progress(f"step 1 of {run.cfg.max_steps}: the run should take about {eta / 60:.1f} min (estimated from "
+                 "the step-0 evaluation's speed)", total=run.cfg.max_steps, eta_s=eta)
+
+
+def estimated_time(run, eval_s, evals):
+    """Seconds the rest of the run will take, from how long an evaluation took (`eval_s`): a training token costs
+    about two forward passes (the backward pass costs about as much as the forward; three with gradient
+    checkpointing, which runs the forward again), and each evaluation still to come as long as this one."""
+    cfg = run.cfg
+    per_token = eval_s / max(sum(int(b["attention_mask"].sum()) for b in evals), 1)
+    example = sum(len(ex["input_ids"]) for ex in run.train_set) / max(len(run.train_set), 1)
+    step_s = per_token * (3 if cfg.gradient_checkpointing else 2) * example * cfg.batch_size * cfg.grad_accum
+    evals_left = sum(s % cfg.eval_steps == 0 or s == cfg.max_steps for s in range(run.step + 1, cfg.max_steps + 1))
+    return (cfg.max_steps - run.step) * step_s + evals_left * eval_s
+
+
+def log_step(run, log, t0, evaluated=False):
+    """The metrics record of the step just done (main process)."""
+    record = log_record(run, run.step, t0, run.val_loss if evaluated else None)
+    run.train_loss = record["train_loss"]
+    log.log(**record)
+
+
+def save(run, out):
+    """checkpoint-<step> in `out` (resumable); an --overwrite run's first save replaces the old run."""
+    acc = run.accelerator
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        save_checkpoint(out, run.step, acc.unwrap_model(run.model), run.tokenizer, run.optimizer, run.scheduler)
+        if run.replace:
+            replace_old_run(run, out)
+    run.saved_step = run.step
+
+
+def save_at_stop(run, log, out, t0):
+    """A stop signal: the last completed step's record (unless logged) and checkpoint (unless saved), at once.
+
+    No evaluation: on a CPU it takes minutes. progress.json says first that the run is saving, so the app
+    sees it answer. Nothing is saved before the first step (the run would start from the same place).
+    """
+    if run.accelerator.is_main_process:
+        write_stopping(out, run.step, run.saved_step, file=run.progress)
+        if run.logged_step != run.step and run.since_log["answer_tokens"]:
+            log_step(run, log, t0)
+    if run.step and run.saved_step != run.step:
+        save(run, out)
 
 
 @one_writer
@@ -505,9 +598,9 @@ def train(cfg: TrainConfig):
                          accelerator.num_processes) if run.eval_set else None
     t0, step, train_loss, val_loss, stopped_by = time.time(), run.start_step, None, None, "error"
     try:
-        with StopSignal() as stop:
-            step, train_loss, val_loss = loop(run, log, stop, evals, out)
-        stopped_by = "signal" if stop.name else "done"
+        with StopSignal(abandon=accelerator.num_processes == 1) as run.stop:
+            step, train_loss, val_loss = loop(run, log, evals, out)
+        stopped_by = "signal" if run.stop.name else "done"
     finally:
         summary = finish(run, out, log, step, train_loss, val_loss, time.time() - t0, stopped_by) if main else None
         accelerator.wait_for_everyone()

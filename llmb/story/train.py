@@ -3,7 +3,8 @@
 One loop serves a laptop CPU, a GPU (mixed precision) and several processes under
 `accelerate launch` / `torchrun` (DDP via accelerate). It stops after --max-iters steps or
 a wall-clock budget --max-time, saves at every eval, and a SIGINT/SIGTERM makes it save
-and exit cleanly. A run goes through four phases, one function each:
+and exit within seconds: the step (or eval) in progress is dropped and the last completed
+step is saved (`save_at_stop`; llmb.runlog.StopSignal). A run goes through four phases, one function each:
 
     prepare             check the settings and --out, read the data, build or restore model and optimizer
     train_step          one optimizer step on one batch
@@ -28,8 +29,18 @@ import torch
 from llmb.device import resolve_device
 from llmb.errors import UserError
 from llmb.folders import check_out_folder, is_story_checkpoint, one_writer
-from llmb.runlog import MetricsLog, StopSignal, trim_metrics, write_summary
+from llmb.runlog import (
+    NEW_PROGRESS,
+    PROGRESS,
+    MetricsLog,
+    StepAbandoned,
+    StopSignal,
+    trim_metrics,
+    write_stopping,
+    write_summary,
+)
 from llmb.settings import check
+from llmb.stopping import stop_points_in_backward
 from llmb.story.batches import Data, bits_per_char, bpc_label, evaluate, get_batch, prepare_data
 from llmb.story.checkpoint import STATE, load_checkpoint, load_train_state, save_checkpoint
 from llmb.story.config import SAFE_ON_RESUME, TrainConfig, check_memory
@@ -107,9 +118,12 @@ class Run:
     metrics: MetricsLog = None
     bar: object = None
     throughput: Throughput = None
+    stop: StopSignal = None  # the stop signal, while the loop runs
     replace: bool = False  # the folder holds another run's checkpoint; the first save replaces it
     saved_step: int = None  # the step of the checkpoint in out (resumable), this run's or the resumed one's
     step: int = 0
+    loss: object = None  # the last completed step's loss (a tensor)
+    logged_step: int = None  # the step of the last metrics record
     elapsed_before: float = 0.0  # seconds trained before a --resume
     start: float = 0.0  # when this invocation's training began (time.perf_counter)
     last: dict = field(default_factory=lambda: {"train_loss": None, "val_loss": None, "val_bpc": None})
@@ -201,6 +215,7 @@ def prepare(cfg, log=print):
     optimizer = model.configure_optimizer(run.lr, cfg.weight_decay)
     run.model, run.optimizer = run.accelerator.prepare(model, optimizer)
     run.raw_model = run.accelerator.unwrap_model(run.model)
+    stop_points_in_backward(run.raw_model)
     run.generator = torch.Generator().manual_seed(cfg.seed + run.accelerator.process_index)
     run.schedule = Schedule(run.optimizer, cfg.schedule, run.lr, cfg.pct_start)
     if state is not None:
@@ -261,29 +276,36 @@ def open_metrics(run, resumed):
 # ---------------------------------------------------------------------------------- one step
 
 def train_step(run):
-    """Phase 2: one batch forward and backward, one optimizer and schedule step; the loss."""
-    x, y = get_batch(run.data.train, run.cfg.block_size, run.cfg.batch_size, run.generator, run.accelerator.device)
-    _, loss = run.model(x, y)
-    run.optimizer.zero_grad(set_to_none=True)
-    run.accelerator.backward(loss)
+    """Phase 2: one batch forward and backward (dropped by a stop signal: StepAbandoned), one optimizer and
+    schedule step; the loss."""
+    with run.stop.abandonable(run.generator):
+        x, y = get_batch(run.data.train, run.cfg.block_size, run.cfg.batch_size, run.generator,
+                         run.accelerator.device)
+        _, loss = run.model(x, y)
+        run.optimizer.zero_grad(set_to_none=True)
+        run.accelerator.backward(loss)
     if run.cfg.grad_clip:
         run.accelerator.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
     run.optimizer.step()
     run.lr_used = run.optimizer.param_groups[0]["lr"]
     run.schedule.step()
     run.step += 1
+    run.loss = loss
     return loss
 
 
 # -------------------------------------------------------------------------- evaluate and save
 
 def run_eval(run, sample_chars=None):
-    """(val loss in nats/token, bits per character, a sample of `sample_chars` or --sample-chars)."""
+    """(val loss in nats/token, bits per character, a sample of `sample_chars` or --sample-chars); a stop signal
+    drops it (StepAbandoned)."""
     cfg = run.cfg
-    val_loss = evaluate(run.raw_model, run.data.val, cfg.block_size, cfg.batch_size, cfg.eval_iters)
-    val_bpc = bits_per_char(val_loss, run.data.val_chars_per_token)
     n = cfg.sample_chars if sample_chars is None else sample_chars
-    sample = "".join(generate(run.raw_model, run.data.tokenizer, "\n", n, temperature=0.8, seed=cfg.seed)) if n else ""
+    with run.stop.abandonable():
+        val_loss = evaluate(run.raw_model, run.data.val, cfg.block_size, cfg.batch_size, cfg.eval_iters)
+        sample = "".join(generate(run.raw_model, run.data.tokenizer, "\n", n, temperature=0.8, seed=cfg.seed)) \
+            if n else ""
+    val_bpc = bits_per_char(val_loss, run.data.val_chars_per_token)
     run.raw_model.train()
     return val_loss, val_bpc, sample
 
@@ -322,9 +344,25 @@ def save(run):
     save_checkpoint(run.out, run.raw_model, run.data.tokenizer, meta, state, replace=run.replace)
     if run.replace:  # the old run is gone now: its log and summary go too
         os.replace(run.out / NEW_METRICS, run.out / "metrics.jsonl")
+        if (run.out / NEW_PROGRESS).exists():
+            os.replace(run.out / NEW_PROGRESS, run.out / PROGRESS)
         (run.out / "summary.json").unlink(missing_ok=True)
         run.replace = False
     run.saved_step = run.step
+
+
+def save_at_stop(run):
+    """A stop signal: the last completed step's record (unless logged) and checkpoint (unless saved), at once.
+
+    No eval: it could take as long as many steps. progress.json says first that the run is saving, so the
+    app sees it answer. Nothing is saved before the first step (the run would start from the same place).
+    """
+    if run.main:
+        write_stopping(run.out, run.step, run.saved_step, file=NEW_PROGRESS if run.replace else PROGRESS)
+    if run.loss is not None and run.logged_step != run.step:
+        log_record(run, step_record(run, run.loss.item(), time.perf_counter()))
+    if run.step and run.saved_step != run.step:
+        save(run)
 
 
 # ---------------------------------------------------------------------------------- the loop
@@ -342,7 +380,8 @@ def train(cfg, log=print):
 
 
 def loop(run):
-    """Steps until the step budget, the time budget or a stop signal; how the run ended."""
+    """Steps until the step budget, the time budget or a stop signal; how the run ended. A stop signal drops the
+    step or eval in progress (StepAbandoned) and the run saves its last completed step (save_at_stop)."""
     cfg, budget = run.cfg, run.budget
     run.raw_model.train()
     run.start = time.perf_counter()
@@ -350,27 +389,35 @@ def loop(run):
     first_step = run.step
     if budget is not None:  # a resumed run that had planned its schedule plans again from here
         budget.begin(run.start, run.step, planned=run.schedule.total is not None)
-    with StopSignal() as stop:
-        while True:
-            loss = train_step(run)
-            run.bar.update(1)
-            now = time.perf_counter()
-            if run.schedule.total is None and run.step - first_step >= 3:
-                calibrate(run, now)
-            done = run.schedule.total is not None and run.step >= run.schedule.total
-            out_of_time = budget is not None and budget.out_of_time(now) and not done
-            stopped_by = agreed_stop(run.accelerator, "signal" if stop.name else "time" if out_of_time else None)
-            evaluate_now = run.step % cfg.eval_interval == 0 or done or stopped_by
-            if run.step % cfg.log_interval == 0 or evaluate_now:
-                record = step_record(run, loss.item(), now)
-                if evaluate_now:
-                    evaluate_and_save(run, record, now)
-                log_record(run, record)
-            if done or stopped_by:
-                return stopped_by or "done"
-            if budget is not None and budget.plan_from is not None and (
-                    evaluate_now or (run.step % cfg.log_interval == 0 and budget.due(now))):
-                replan(run)
+    with StopSignal(abandon=run.accelerator.num_processes == 1) as run.stop:
+        try:
+            while True:
+                loss = train_step(run)
+                run.bar.update(1)
+                now = time.perf_counter()
+                if run.schedule.total is None and run.step - first_step >= 3:
+                    calibrate(run, now)
+                done = run.schedule.total is not None and run.step >= run.schedule.total
+                out_of_time = budget is not None and budget.out_of_time(now) and not done
+                stopped_by = agreed_stop(run.accelerator,
+                                         "signal" if run.stop.name else "time" if out_of_time else None)
+                if stopped_by == "signal":
+                    break
+                evaluate_now = run.step % cfg.eval_interval == 0 or done or stopped_by
+                if run.step % cfg.log_interval == 0 or evaluate_now:
+                    record = step_record(run, loss.item(), now)
+                    if evaluate_now:
+                        evaluate_and_save(run, record, now)
+                    log_record(run, record)
+                if done or stopped_by:
+                    return stopped_by or "done"
+                if budget is not None and budget.plan_from is not None and (
+                        evaluate_now or (run.step % cfg.log_interval == 0 and budget.due(now))):
+                    replan(run)
+        except StepAbandoned:
+            pass
+        save_at_stop(run)
+        return "signal"
 
 
 def step_record(run, loss, now):
@@ -382,6 +429,7 @@ def step_record(run, loss, now):
 
 
 def log_record(run, record):
+    run.logged_step = record["step"]
     if run.main:
         run.bar.set_postfix(loss=f"{run.last['train_loss']:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}")
         run.metrics.log(**record)
@@ -438,10 +486,12 @@ def finish(run, stopped_by):
                                         elapsed_s=run.elapsed, stopped_by=stopped_by, **extra)
             except OSError as e:  # a full disk: say so, and let the run's own outcome (or error) stand
                 run.say(f"warning: could not write {run.out / 'summary.json'}: {e.strerror or e}")
-        if stopped_by != "error":
+        if stopped_by == "signal":
+            run.say(f"saved {run.out} (step {run.step}) after a stop request" if run.saved_step is not None
+                    else "stopped before the first step: nothing to save")
+        elif stopped_by != "error":
             run.say(f"saved {run.out} (step {run.step}, val {run.last['val_loss']:.4f} nats/token, "
-                    f"{run.last['val_bpc']:.4f} {bpc_label(run.data.tokenizer)})"
-                    + (" after a stop request" if stopped_by == "signal" else ""))
+                    f"{run.last['val_bpc']:.4f} {bpc_label(run.data.tokenizer)})")
     if stopped_by != "error":
         run.accelerator.wait_for_everyone()
         run.accelerator.end_training()

@@ -12,6 +12,7 @@ from llmb.app.uploads import save_upload
 from llmb.errors import UserError
 from llmb.story.checkpoint import load_checkpoint
 from tests.app.app_server import BOOK
+from tests.conftest import REPO
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=16, eval_interval=10, eval_iters=2)
 
@@ -141,6 +142,54 @@ def test_a_failing_run_reports_the_trainers_error(tmp_path):
     assert job["error"].startswith("the training split has") and "fewer than one block" in job["error"]
 
 
+def stubborn_trainer(out, answers):
+    """A trainer that ignores SIGINT and SIGTERM (one in a step it cannot leave); one that `answers` rewrites
+    progress.json as a trainer saving after a Stop does. Returns (its process, the job the app keeps for it)."""
+    import subprocess
+    import sys
+
+    answer = "write_progress(sys.argv[1], 'stop requested: saving step 3')" if answers else "pass"
+    code = ("import signal, sys, time\n"
+            "from llmb.runlog import write_progress\n"
+            "for s in (signal.SIGINT, signal.SIGTERM): signal.signal(s, signal.SIG_IGN)\n"
+            f"while True:\n    {answer}\n    time.sleep(0.1)\n")
+    out.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", code, str(out)], start_new_session=True,
+                            env=os.environ | {"PYTHONPATH": str(REPO)})
+    job = {"name": out.name, "kind": "qlora", "out": str(out), "log": str(out / "train.log"), "pid": proc.pid,
+           "command": "python ...", "config": {}, "started_at": time.time(), "status": "running"}
+    return proc, job
+
+
+@pytest.mark.parametrize("answers", [True, False])
+def test_stop_escalates_only_for_a_trainer_that_says_nothing(tmp_path, monkeypatch, answers):
+    """A LoRA step on a CPU took 2 minutes: the app sent SIGTERM at 30 s and SIGKILL at 60 s, and the run died
+    unsaved. A trainer that answers the Stop (progress.json: saving) is left to save, however long it takes."""
+    from llmb.app import jobs
+    from llmb.app.train_tab import job_markdown
+
+    monkeypatch.setattr(jobs, "GRACE_S", 1.0)
+    proc, job = stubborn_trainer(tmp_path / "run", answers)
+    try:
+        (tmp_path / "job.json").write_text(json.dumps(job))
+        manager = JobManager(tmp_path / "job.json")
+        time.sleep(0.5)  # the trainer has started
+        assert manager.stop()["signals"] == ["SIGINT"]
+        deadline = time.time() + 3.5  # past SIGTERM's 1 s and SIGKILL's 2 s of silence
+        while time.time() < deadline and manager.current()["status"] == "stopping":
+            time.sleep(0.1)
+        job = manager.current()
+        if answers:
+            assert job["status"] == "stopping" and job["signals"] == ["SIGINT"]
+            assert "stop requested: saving step 3…" in job_markdown(job)
+        else:
+            assert job["signals"] == ["SIGINT", "SIGTERM", "SIGKILL"] and job["status"] == "stopped"
+            assert job["error"].startswith("stopped before anything was saved")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_state_file_of_a_dead_process_is_not_running(tmp_path):
     state = {"name": "gone", "kind": "story", "out": str(tmp_path / "gone"), "log": str(tmp_path / "gone.log"),
              "pid": 2**22 + 12345, "command": "python ...", "config": {}, "started_at": time.time(),
@@ -174,6 +223,8 @@ def test_progress_shows_the_phase_then_every_step_from_progress_json(tmp_path):
     assert "preparing data and model" in job_markdown(job)  # nothing written yet
     write_progress(out, "loading the base model x")
     assert "loading the base model x…" in job_markdown(job)
+    write_progress(out, "step 1 of 40: the run should take about 6.5 min", total=40, eta_s=390.0)  # after step 0
+    assert "step 1 of 40: the run should take about 6.5 min…" in job_markdown(job) and progress(job).eta_s == 390.0
     write_progress(out, step=1, total=40, loss=2.25, tokens_per_sec=300.0, elapsed_s=9.0, eta_s=390.0)
     assert "step 1/40, 300 tokens/s, ETA 6.5 min, loss 2.2500" in job_markdown(job)
     (out / "metrics.jsonl").write_text(json.dumps({"step": 0, "val_loss": 2.5, "elapsed_s": 3.0}) + "\n")

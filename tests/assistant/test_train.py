@@ -15,6 +15,7 @@ from llmb.assistant.train import add_lora, save_adapter, train
 from llmb.errors import UserError
 from llmb.fileio import read_json
 from llmb.runlog import read_metrics
+from tests import slow_steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -61,8 +62,9 @@ def check_run(out, steps):
 
 
 def test_progress_names_each_phase_then_every_step(tiny_phi, small_data, tmp_path, monkeypatch):
-    """Before its first step a run on a CPU can take minutes: progress.json says which phase it is in,
-    then carries step i/N, the step's loss, tokens/s and the ETA from the first step on (not every log_steps)."""
+    """Before its first step a run on a CPU can take minutes: progress.json says which phase it is in, and
+    what the run will cost (from the step-0 evaluation's speed), then carries step i/N, the step's loss, tokens/s
+    and the ETA from the first step on (not every log_steps)."""
     import llmb.assistant.train as trainer
 
     seen = []
@@ -73,8 +75,11 @@ def test_progress_names_each_phase_then_every_step(tiny_phi, small_data, tmp_pat
                       max_steps=4, max_seq_len=64, batch_size=2, grad_accum=1, lr=1e-2, eval_steps=10,
                       save_steps=10, log_steps=10, eval_split=0.25, device="cpu"))
     phases = [phase for phase, _ in seen if phase]
-    assert [p.split()[0] for p in phases] == ["loading", "reading", "loading", "evaluating"], phases
+    assert [p.split()[0] for p in phases] == ["loading", "reading", "loading", "evaluating", "step"], phases
     assert "base model" in phases[2] and "(step 0)" in phases[3]
+    estimate = [f for phase, f in seen if phase == phases[4]][0]
+    assert phases[4].startswith("step 1 of 4: the run should take about ") and "step-0 evaluation" in phases[4]
+    assert estimate["total"] == 4 and estimate["eta_s"] > 0
     steps = [f for phase, f in seen if not phase]
     assert [f["step"] for f in steps] == [1, 2, 3, 4] and all(f["total"] == 4 for f in steps)
     assert all(math.isfinite(f["loss"]) and f["tokens_per_sec"] > 0 for f in steps)
@@ -154,6 +159,36 @@ def test_cli_sigint_saves_adapter_then_resume_continues(tiny_phi, small_data, tm
     steps = [r["step"] for r in read_metrics(out / "metrics.jsonl")]
     assert steps == list(range(0, stopped_at + 4))  # no step repeated, none missing
     assert read_json(out / "summary.json")["steps"] == stopped_at + 3
+
+
+@pytest.mark.slow  # a subprocess that imports torch and transformers
+def test_a_stop_in_a_long_step_saves_the_last_step_within_seconds_and_resumes_exactly(tiny_phi, small_data, tmp_path):
+    """A LoRA step on a CPU can take minutes: the stop used to wait for it (the app killed the run after 60 s,
+    unsaved). Now the step is dropped half-way through its accumulation, the last completed step saved at once, and
+    --resume repeats the dropped step as it would have run (the dropout it drew is put back)."""
+    from safetensors.torch import load_file
+
+    settings = dict(max_seq_len=64, batch_size=2, grad_accum=2, lora_dropout=0.5, save_steps=1000, max_steps=6)
+    tiny_run(tiny_phi, small_data, tmp_path / "straight", **settings)
+    out = tmp_path / "stopped"
+    flags = [f for k, v in settings.items() for f in (f"--{k.replace('_', '-')}", v)]
+    trainer = slow_steps.start(7, 600, "train-assistant", "--base", tiny_phi, "--data", small_data, "--out", out,
+                               "--quant", "none", "--lr", 1e-2, "--eval-steps", 1000, "--log-steps", 1,
+                               "--eval-split", 0.25, "--device", "cpu", "--no-gradient-checkpointing", *flags)
+    # micro-batch 7 is the first of step 4: the stop comes in micro-batch 8, with half the step's gradients summed
+    took, stdout, stderr = slow_steps.stop_mid_step(trainer, out / "metrics.jsonl", 3)
+    assert trainer.returncode == 0 and took < 10, (took, stderr[-2000:])
+    summary = read_json(out / "summary.json")
+    assert summary["stopped_by"] == "signal" and summary["steps"] == summary["saved_step"] == 3
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"]
+    assert (out / "adapter_model.safetensors").is_file()
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [0, 1, 2, 3]
+    assert read_json(out / "progress.json")["phase"] == "stop requested: saving step 3"
+    summary = tiny_run(tiny_phi, small_data, out, resume=True, **settings)
+    assert summary["steps"] == 6 and [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(7))
+    a = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    b = load_file(out / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow  # a subprocess that imports torch and transformers

@@ -14,8 +14,9 @@ from llmb.runlog import read_metrics
 from llmb.story.checkpoint import load_checkpoint
 from llmb.story.config import TrainConfig
 from llmb.story.train import train
+from tests import slow_steps
 from tests.conftest import REPO
-from tests.story.conftest import TINY, run_cli
+from tests.story.conftest import TINY, TINY_FLAGS, run_cli
 
 QUIET = dict(log=lambda *a: None)
 SUMMARY_KEYS = {"data", "steps", "total_steps", "final_train_loss", "final_val_loss", "elapsed_s", "stopped_by"}
@@ -76,6 +77,31 @@ def test_stop_and_resume_with_dropout_equals_an_uninterrupted_run(corpus, tmp_pa
     assert summary["stopped_by"] == "signal" and summary["steps"] == 13
     resumed, summary = train(TrainConfig(out=str(tmp_path / "stopped"), resume=True, **run), **QUIET)
     assert summary["steps"] == 40 and summary["stopped_by"] == "done"
+    for (name, p), q in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+@pytest.mark.slow  # a subprocess
+def test_a_stop_in_a_long_step_saves_the_last_step_within_seconds_and_resumes_exactly(corpus, tmp_path):
+    """A step as long as a real model's on a CPU: the stop used to wait for its end (the app killed the run after
+    60 s, unsaved). Now the step is dropped and the last completed one saved at once; --resume repeats the dropped
+    step as it would have run (the batch and dropout it drew are put back)."""
+    run = dict(data=[str(corpus)], max_iters=10, eval_interval=1000, eval_iters=2, log_interval=1, sample_chars=0,
+               **{**TINY, "dropout": 0.1})
+    straight, _ = train(TrainConfig(out=str(tmp_path / "straight"), **run), **QUIET)
+    out = tmp_path / "stopped"
+    trainer = slow_steps.start(4, 600, "train-story", "--data", corpus, "--out", out, *TINY_FLAGS, "--dropout", 0.1,
+                               "--max-iters", 10, "--eval-interval", 1000, "--eval-iters", 2, "--log-interval", 1,
+                               "--sample-chars", 0)
+    took, stdout, stderr = slow_steps.stop_mid_step(trainer, out / "metrics.jsonl", 4)
+    assert trainer.returncode == 0 and took < 10, (took, stderr[-2000:])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_by"] == "signal" and summary["steps"] == summary["saved_step"] == 4
+    assert load_checkpoint(out)[2]["step"] == 4
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert f"saved {out} (step 4) after a stop request" in stdout
+    resumed, summary = train(TrainConfig(out=str(out), resume=True, **run), **QUIET)
+    assert summary["steps"] == 10 and [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, 11))
     for (name, p), q in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(p, q), name
 
