@@ -97,7 +97,7 @@ def test_base_adapter_and_compare_survive_a_reload(page):  # noqa: F811
     open_tab(page, "Assistant")
     page.wait_for_function("document.querySelector('#chat-base input').value === 'microsoft/phi-2'")
     page.wait_for_function("document.querySelector('#chat-compare input').checked")
-    assert page.locator("#chatbot-base").is_visible(), "Compare shows the base model's chat"
+    page.locator("#chatbot-base").wait_for(state="visible", timeout=10_000)  # Compare shows the base model's chat
 
 
 def test_generate_and_send_are_disabled_while_streaming(page):  # noqa: F811
