@@ -45,6 +45,7 @@ def main():
     from llmb.assistant.loading import load_base_model
     from llmb.assistant.train import add_lora, make_optimizer
     from llmb.errors import UserError
+    from llmb.settings import resolve_by_device
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", default="microsoft/phi-2")
@@ -71,6 +72,7 @@ def main():
             source = "random-weight Phi-2"
         weights_gb = torch.cuda.memory_allocated() / 1e9
         cfg = TrainConfig()
+        resolve_by_device(cfg, "cuda")  # the GPU recipe: gradient checkpointing on
         model = add_lora(model, cfg)
         model.train()
         optimizer = make_optimizer(model, cfg.lr, device)

@@ -181,7 +181,7 @@ class StopSignal:
             if _requested["name"]:
                 raise StepAbandoned(_requested["name"])
             yield
-            _requested["abandon"] = False  # here, inside the try: a signal just before it still restores
+            _requested["abandon"] = False  # inside the try: a signal that comes just as the work ends drops it too
         except StepAbandoned:
             set_random_states(before, generators)
             raise

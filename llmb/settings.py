@@ -9,6 +9,14 @@ Everything else is generated from those fields: the command line (`add_arguments
 Train form (`specs`). A config class may add a `check(self)` method for rules that tie several
 settings together (the width must split into heads). This module imports no torch, so the app
 can build its form without loading any model code.
+
+A setting whose right value depends on the device (a LoRA run's length on a CPU or a GPU) says both:
+
+    max_steps: int | str = setting(help="optimizer steps", low=1, high=10**7, by_device={"cpu": 30, "cuda": 500})
+
+Its default is then "auto", which the help and the form spell out ("auto: 30 on a CPU, 500 on a GPU");
+the trainer, once it knows its device, puts the device's value in (`resolve_by_device`). A value given
+explicitly always wins.
 """
 
 import argparse
@@ -22,7 +30,7 @@ from llmb.errors import UserError, clip
 
 
 def setting(default=MISSING, help="", *, low=None, high=None, choices=None, words=(), label=None, form=False,
-            required=False, factory=None, app_range=None, called=None, env=None):
+            required=False, factory=None, app_range=None, called=None, env=None, by_device=None):
     """A dataclass field that knows its help text and allowed values.
 
     low/high: the inclusive range of a number; choices: the allowed strings; words: strings
@@ -33,11 +41,16 @@ def setting(default=MISSING, help="", *, low=None, high=None, choices=None, word
     than low/high; called: its name in the checks' messages (default: its flag), for settings
     a library call takes by keyword ("max new tokens must be between 1 and 1e+06"); env: the
     environment variable that gives it when its flag is not given (the app's settings: a Space
-    passes no flags).
+    passes no flags); by_device: {"cpu": value, "cuda": value}, the default being "auto", that value on the
+    device the run gets (`resolve_by_device`).
     """
+    if by_device is not None:
+        default, words = "auto", (*words, "auto")
+        shown = {d: ("on" if v else "off") if isinstance(v, bool) else v for d, v in by_device.items()}
+        help += f"; auto: {shown['cpu']} on a CPU, {shown['cuda']} on a GPU"
     meta = dict(help=help, low=low, high=high, choices=tuple(choices) if choices else None, words=tuple(words),
                 label=label, form=form, required=required, app_range=app_range, called=called,
-                env=env)
+                env=env, by_device=by_device)
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -62,6 +75,7 @@ class Spec:
     app_range: tuple | None = None
     called: str | None = None
     env: str | None = None
+    by_device: dict | None = None  # {"cpu": value, "cuda": value} of an "auto" default
 
     @property
     def flag(self):
@@ -78,6 +92,8 @@ class Spec:
             elif self.low is not None:
                 what += f" of at least {_shown(self.low)}"
             return what + "".join(f" or '{w}'" for w in self.words)
+        if self.kind is bool and self.words:
+            return "true, false" + "".join(f" or '{w}'" for w in self.words)
         return {bool: "true or false", list: "one or more values"}.get(self.kind, "text")
 
 
@@ -104,6 +120,18 @@ def specs(cls):
 
 def spec_of(cls, name):
     return next(s for s in specs(cls) if s.name == name)
+
+
+def resolve_by_device(cfg, device, saved=None):
+    """Put in each setting of `cfg` left to "auto" that depends on the device its value on `device` ("cpu" or
+    "cuda"), or the value in `saved` (the settings of the run a --resume continues, which it must keep).
+    Returns {name: value} of what it put in."""
+    chosen = {}
+    for spec in specs(type(cfg)):
+        if spec.by_device is not None and getattr(cfg, spec.name) == "auto":
+            chosen[spec.name] = (saved or {}).get(spec.name, spec.by_device[device])
+            setattr(cfg, spec.name, chosen[spec.name])
+    return chosen
 
 
 # ------------------------------------------------------------------------------------- checks
@@ -191,6 +219,8 @@ def parse(spec, value, label=None):
         if spec.optional:
             return None
         raise UserError(f"{name} is empty; give {spec.allowed()}")
+    if isinstance(value, str) and value.strip().lower() in spec.words:  # "auto", " Auto " alike
+        return value.strip().lower()
     if spec.kind is bool:
         if isinstance(value, bool):
             return value
@@ -206,8 +236,6 @@ def parse(spec, value, label=None):
         if not items and (spec.required or spec.default):
             raise UserError(f"{name} needs at least one value")
         return [str(item) for item in items]
-    if isinstance(value, str) and value.strip().lower() in spec.words:  # "auto", " Auto " alike
-        return value.strip().lower()
     if spec.kind is Path:
         return Path(value).expanduser().resolve()
     if spec.kind is str:
@@ -296,7 +324,12 @@ def add_arguments(parser, cls, only=None, skip=(), as_text=False, defaults=None)
         shown = "" if spec.required or default in (None, [], "") or spec.kind is bool else f" (default: {default})"
         limits = f" [{spec.allowed()}]" if spec.kind in (int, float) and (spec.low is not None or spec.words) else ""
         text = spec.help + shown + limits + (f"; environment variable {spec.env}" if spec.env else "")
-        if spec.kind is bool and spec.default:
+        if spec.kind is bool and spec.by_device is not None:  # auto, or either way
+            parser.add_argument(spec.flag, dest=spec.name, action="store_const", const=True, default=default,
+                                help=text + " (default: auto)")
+            parser.add_argument(f"--no-{spec.flag[2:]}", dest=spec.name, action="store_const", const=False,
+                                default=default, help=f"turn off {spec.flag}")
+        elif spec.kind is bool and spec.default:
             parser.add_argument(f"--no-{spec.flag[2:]}", dest=spec.name, action="store_false", help="turn off: " + text)
         elif spec.kind is bool:
             parser.add_argument(spec.flag, action="store_true", default=bool(default), help=text)

@@ -31,6 +31,8 @@ def stop_points_in_backward(model):
     output of each block of `model` (each member of a ModuleList: a transformer's layers) runs a Python
     function when the backward pass reaches that block, and the pending handler runs with it: a stop waits
     for one block's backward at most (about 1 s there; the loss and output layer, before the first block: 2 s).
+    On a GPU the backward pass runs in a thread of torch's own, where no handler runs: the stop waits for it
+    there, which is short (seconds at most).
     """
     import torch
 

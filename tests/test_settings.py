@@ -16,6 +16,7 @@ from llmb.settings import (
     from_args,
     from_values,
     parse,
+    resolve_by_device,
     setting,
     spec_of,
     specs,
@@ -121,7 +122,9 @@ def test_from_values_names_unknown_and_bad_fields_and_runs_the_class_check():
 
 
 def test_check_catches_bad_values_set_in_code():
-    with pytest.raises(UserError, match="--batch-size must be between"):
+    with pytest.raises(UserError, match="--lora-r must be between"):
+        check(QLoRAConfig(out="x", lora_r=0))
+    with pytest.raises(UserError, match="--batch-size must be a whole number from 1 to 4096 or 'auto'"):
         check(QLoRAConfig(out="x", batch_size=0))
 
 
@@ -164,3 +167,41 @@ def test_sampling_settings_name_themselves_and_the_app_holds_to_its_narrower_ran
         app_values(cls, {"seed": "2147483648"})
     assert check(cls(temperature=3, seed=2**40)).temperature == 3  # the library and the command line take them
     assert app_values(cls, {"seed": "", "temperature": "0.5"}) == {"seed": None, "temperature": 0.5}
+
+
+@dataclass
+class Sized:
+    steps: int | str = setting(help="steps", low=1, high=1000, label="Steps", form=True, by_device={"cpu": 30, "cuda": 500})
+    recompute: bool | str = setting(help="recompute", by_device={"cpu": False, "cuda": True})
+
+
+def test_a_setting_sized_to_the_device_is_auto_until_the_device_is_known():
+    """A LoRA run's defaults were Phi-2's GPU recipe: 500 steps of 2 minutes each on a CPU."""
+    text = " ".join(parser_for(Sized).format_help().split())
+    assert "steps; auto: 30 on a CPU, 500 on a GPU (default: auto) [a whole number from 1 to 1000 or 'auto']" in text
+    assert "recompute; auto: off on a CPU, on on a GPU (default: auto)" in text and "--no-recompute" in text
+    assert spec_of(Sized, "steps").allowed().endswith("or 'auto'") and spec_of(Sized, "recompute").default == "auto"
+    for argv, given in (([], {}), (["--steps", "7", "--recompute"], {"steps": 7, "recompute": True}),
+                        (["--no-recompute"], {"recompute": False})):
+        cfg = from_args(Sized, parser_for(Sized).parse_args(argv))
+        assert to_argv(cfg) == argv  # auto is the default: the command line leaves it out
+        resolve_by_device(cfg, "cpu")
+        assert cfg == Sized(**({"steps": 30, "recompute": False} | given))  # a flag given wins
+    cfg = Sized()
+    assert resolve_by_device(cfg, "cuda") == {"steps": 500, "recompute": True} and cfg == Sized(500, True)
+    cfg = Sized()
+    assert resolve_by_device(cfg, "cpu", saved={"steps": 12}) == {"steps": 12, "recompute": False}  # --resume
+    assert parse(spec_of(Sized, "recompute"), " Auto ") == "auto" and parse(spec_of(Sized, "steps"), "auto") == "auto"
+
+
+def test_the_lora_recipe_is_sized_for_a_cpu_and_stays_phi_2_s_on_a_gpu():
+    on = {device: resolve_by_device(QLoRAConfig(out="x"), device) for device in ("cpu", "cuda")}
+    assert on["cuda"] == dict(max_steps=500, max_seq_len=512, batch_size=4, grad_accum=4, max_eval_examples=200,
+                              gradient_checkpointing=True)
+    assert on["cpu"] == dict(max_steps=30, max_seq_len=256, batch_size=4, grad_accum=1, max_eval_examples=16,
+                             gradient_checkpointing=False)
+    text = " ".join(parser_for(QLoRAConfig).format_help().split())
+    assert "optimizer steps; auto: 30 on a CPU, 500 on a GPU (default: auto)" in text
+    cfg = QLoRAConfig(out="x", max_steps=2)
+    resolve_by_device(cfg, "cpu")
+    assert cfg.max_steps == 2 and cfg.max_seq_len == 256  # an explicit value wins

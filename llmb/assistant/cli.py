@@ -15,7 +15,9 @@ TRAIN_HELP = """Fine-tune a causal LM (Phi-2 by default) with LoRA (QLoRA: a 4-b
     llmb train-assistant --base checkpoints/smollm2-135m-instruct --quant none --device cpu --out ...
     accelerate launch -m llmb train-assistant --out ...      # several GPUs
 
-Ctrl-C saves the adapter and stops; --resume continues from the last checkpoint.
+Ctrl-C saves the last completed step within seconds, however long a step is, and stops; --resume continues
+from it exactly. Settings left to auto are sized to the device: on a CPU a run on the small assistant
+(llmb get-small-assistant) takes about 5 minutes.
 """
 
 

@@ -3,6 +3,12 @@ form), its answers (`llmb chat`, the app's Assistant tab, with the sampling that
 GGUF export.
 
 Every field carries its help text and allowed range (see llmb.settings). Imports no torch.
+
+A LoRA run's size depends on the device: on a GPU the QLoRA recipe for Phi-2 (500 steps of 4 x 4 sequences of
+512 tokens, gradient checkpointing); on a CPU, where a step of that recipe took 2 minutes, a run that ends in about
+5 minutes on the small assistant (SmolLM2-135M), its step-0 and last evaluations included, with its held-out loss
+going down (30 steps of 4 sequences of 256 tokens, 16 held-out conversations, no gradient checkpointing: it
+costs another forward pass, and memory is not short). Those settings are "auto" (llmb.settings, by_device).
 """
 
 import json
@@ -30,9 +36,10 @@ class TrainConfig:
                        "checkpoints", required=True)
     quant: str = setting("4bit", "load the base quantized: 4bit (QLoRA, NF4), 8bit or none (needs a GPU for 4/8 bit)",
                          choices=("4bit", "8bit", "none"))
-    max_steps: int = setting(500, "optimizer steps", low=1, high=10**7, label="Max steps", form=True)
-    max_seq_len: int = setting(512, "longest example in tokens (longer ones are cut)", low=8, high=16384,
-                               label="Max sequence length", form=True)
+    max_steps: int | str = setting(help="optimizer steps", low=1, high=10**7, label="Max steps", form=True,
+                                   by_device={"cpu": 30, "cuda": 500})
+    max_seq_len: int | str = setting(help="longest example in tokens (longer ones are cut)", low=8, high=16384,
+                                     label="Max sequence length", form=True, by_device={"cpu": 256, "cuda": 512})
     lora_r: int = setting(16, "LoRA rank", low=1, high=1024, label="LoRA rank", form=True)
     lora_alpha: int = setting(32, "LoRA scaling alpha (update scaled by alpha / r)", low=1, high=4096)
     lora_dropout: float = setting(0.05, "dropout on the LoRA input", low=0.0, high=0.9)
@@ -44,8 +51,10 @@ class TrainConfig:
     lr: float = setting(2e-4, "peak learning rate", low=1e-8, high=1.0, label="Learning rate", form=True)
     warmup_ratio: float = setting(0.03, "share of the steps spent warming up", low=0.0, high=0.5)
     max_grad_norm: float = setting(0.3, "clip the gradient norm to this", low=0.0, high=1000.0)
-    batch_size: int = setting(4, "examples per micro-batch", low=1, high=4096, label="Batch size", form=True)
-    grad_accum: int = setting(4, "micro-batches per optimizer step", low=1, high=1024)
+    batch_size: int | str = setting(help="examples per micro-batch", low=1, high=4096, label="Batch size", form=True,
+                                    by_device={"cpu": 4, "cuda": 4})
+    grad_accum: int | str = setting(help="micro-batches per optimizer step", low=1, high=1024,
+                                    by_device={"cpu": 1, "cuda": 4})
     group_by_length: bool = setting(True, "batch examples of similar length together (much less padding)")
     eval_steps: int = setting(50, "evaluate every N steps", low=1, high=10**7, label="Evaluate every", form=True)
     save_steps: int = setting(100, "save a resumable checkpoint every N steps", low=1, high=10**7,
@@ -53,11 +62,13 @@ class TrainConfig:
     log_steps: int = setting(10, "log train loss every N steps", low=1, high=10**6)
     eval_split: float = setting(0.05, "fraction of the data held out when there is no --eval-data", low=0.0, high=0.5)
     eval_data: str | None = setting(None, "separate eval file (or hub id)")
-    max_eval_examples: int = setting(200, "evaluate on at most this many examples", low=1, high=10**6)
+    max_eval_examples: int | str = setting(help="evaluate on at most this many examples", low=1, high=10**6,
+                                           by_device={"cpu": 16, "cuda": 200})
     skip_bad_rows: bool = setting(False, "skip unusable rows (each is named) instead of stopping",
                                   label="Skip bad rows", form=True)
     device: str = setting("auto", "where to train", choices=("auto", "cpu", "cuda"))
-    gradient_checkpointing: bool = setting(True, "recompute activations in the backward pass (less memory)")
+    gradient_checkpointing: bool | str = setting(help="recompute activations in the backward pass (less memory, "
+                                                      "a third more compute)", by_device={"cpu": False, "cuda": True})
     resume: bool = setting(False, "continue from the last checkpoint in --out")
     overwrite: bool = setting(False, "start afresh in an --out that already holds an adapter run (it stays "
                                      "until the new run's first checkpoint replaces it)")

@@ -34,7 +34,16 @@ from llmb.assistant.data import IGNORE, choose_template, collate, encode_dataset
 from llmb.assistant.loading import compute_dtype, load_base_model, load_tokenizer
 from llmb.device import resolve_device
 from llmb.errors import UserError
-from llmb.fileio import SAVE_ERRORS, save_dir_atomically, save_failed, save_size, sync_folder, write_error, write_json
+from llmb.fileio import (
+    SAVE_ERRORS,
+    read_json,
+    save_dir_atomically,
+    save_failed,
+    save_size,
+    sync_folder,
+    write_error,
+    write_json,
+)
 from llmb.folders import JOB_LOG, check_out_folder, one_writer
 from llmb.runlog import (
     NEW_PROGRESS,
@@ -521,18 +530,19 @@ def evaluate_base(run, log, evals, out, t0):
     if main:
         log_step(run, log, t0, evaluated=True)
         eta = estimated_time(run, time.time() - began, evals)
-        progress(f"step 1 of {run.cfg.max_steps}: the run should take about {eta / 60:.1f} min (estimated from "
-                 "the step-0 evaluation's speed)", total=run.cfg.max_steps, eta_s=eta)
+        progress(f"step 1 of {run.cfg.max_steps}: about {eta / 60:.1f} min to go (estimated from the step-0 "
+                 "evaluation's speed)", total=run.cfg.max_steps, eta_s=eta)
 
 
 def estimated_time(run, eval_s, evals):
     """Seconds the rest of the run will take, from how long an evaluation took (`eval_s`): a training token costs
-    about two forward passes (the backward pass costs about as much as the forward; three with gradient
-    checkpointing, which runs the forward again), and each evaluation still to come as long as this one."""
+    about three evaluated ones (its forward pass, and a backward pass about twice as long: 2.9x measured for
+    SmolLM2-135M on a CPU; four with gradient checkpointing, which runs the forward again), and each evaluation
+    still to come as long as this one."""
     cfg = run.cfg
     per_token = eval_s / max(sum(int(b["attention_mask"].sum()) for b in evals), 1)
     example = sum(len(ex["input_ids"]) for ex in run.train_set) / max(len(run.train_set), 1)
-    step_s = per_token * (3 if cfg.gradient_checkpointing else 2) * example * cfg.batch_size * cfg.grad_accum
+    step_s = per_token * (4 if cfg.gradient_checkpointing else 3) * example * cfg.batch_size * cfg.grad_accum
     evals_left = sum(s % cfg.eval_steps == 0 or s == cfg.max_steps for s in range(run.step + 1, cfg.max_steps + 1))
     return (cfg.max_steps - run.step) * step_s + evals_left * eval_s
 
@@ -580,6 +590,7 @@ def train(cfg: TrainConfig):
     set_seed(cfg.seed)
     out = Path(cfg.out)
     found = check_out_folder(out, "adapter", cfg.overwrite, cfg.resume)
+    size_for_device(cfg, accelerator, out)
     old_files = sorted(p.name for p in out.iterdir() if p.name != JOB_LOG) if found and not cfg.resume else []
     run = build_or_undo(cfg, accelerator, out, NEW_PROGRESS if old_files else PROGRESS)
     out.mkdir(parents=True, exist_ok=True)
@@ -605,6 +616,20 @@ def train(cfg: TrainConfig):
         summary = finish(run, out, log, step, train_loss, val_loss, time.time() - t0, stopped_by) if main else None
         accelerator.wait_for_everyone()
     return summary
+
+
+def size_for_device(cfg, accelerator, out):
+    """The settings left to auto (llmb.assistant.config), as the device wants them, or on --resume as the run in
+    `out` had them (training_args.json); said in one line, as the flags that would give them."""
+    from llmb.settings import resolve_by_device, to_argv
+
+    args = out / "training_args.json"
+    saved = read_json(args) if cfg.resume and args.is_file() else None
+    chosen = resolve_by_device(cfg, accelerator.device.type, saved)
+    if chosen and accelerator.is_main_process:
+        flags = " ".join(to_argv(cfg, skip=[name for name in asdict(cfg) if name not in chosen]))
+        device = "GPU" if accelerator.device.type == "cuda" else "CPU"
+        print(f"auto settings ({'as the run being resumed had them' if saved else 'sized for a ' + device}): {flags}")
 
 
 def finish(run, out, log, step, train_loss, val_loss, elapsed_s, stopped_by):

@@ -18,7 +18,7 @@ TRAIN_HELP = """Train the character-level story model on a folder of books.
 
     llmb train-story --data data/books/oz --out checkpoints/my-story --max-time 600
 
-Ctrl-C saves and exits; --resume continues (same flags; only how long and how often may change);
+Ctrl-C saves the last completed step and exits, within seconds; --resume continues (same flags; only how long and how often may change);
 --overwrite replaces a run already in --out. Several processes: accelerate launch -m llmb train-story ...
 """
 

@@ -50,6 +50,20 @@ def test_command_line_is_what_a_user_would_type(tmp_path, repo_data):
     assert lr_find == "python -m llmb lr-find --data a.txt --out o --n-layer 2 --no-progress --num-iters 20"
 
 
+def test_the_qlora_form_shows_auto_and_what_a_cpu_run_will_use():
+    """The form's defaults were Phi-2's GPU recipe (500 steps): on a CPU the first run never ended."""
+    from llmb.app.train_tab import form_field
+    from llmb.assistant.config import TrainConfig
+    from llmb.settings import spec_of
+
+    for name, cpu in (("max_steps", 30), ("max_seq_len", 256), ("batch_size", 4)):
+        box = form_field(spec_of(TrainConfig, name), "qlora")
+        assert box.value == "auto" and f"auto: {cpu} on a CPU" in box.info, box.info
+    order = job_order("qlora", {"data": ["chats.jsonl"], "out": "out", "base": "b", "quant": "none",
+                                "max_steps": "auto", "batch_size": " Auto "})
+    assert command_line(order) == "python -m llmb train-assistant --base b --data chats.jsonl --out out --quant none"
+
+
 def test_the_trainer_finds_the_repository_without_an_install():
     """A Space does not pip-install the repo and no file edits sys.path: the child gets it on PYTHONPATH."""
     from llmb.app.jobs import REPO, child_environment
@@ -223,8 +237,8 @@ def test_progress_shows_the_phase_then_every_step_from_progress_json(tmp_path):
     assert "preparing data and model" in job_markdown(job)  # nothing written yet
     write_progress(out, "loading the base model x")
     assert "loading the base model x…" in job_markdown(job)
-    write_progress(out, "step 1 of 40: the run should take about 6.5 min", total=40, eta_s=390.0)  # after step 0
-    assert "step 1 of 40: the run should take about 6.5 min…" in job_markdown(job) and progress(job).eta_s == 390.0
+    write_progress(out, "step 1 of 40: about 6.5 min to go", total=40, eta_s=390.0)  # after step 0
+    assert "step 1 of 40: about 6.5 min to go…" in job_markdown(job) and progress(job).eta_s == 390.0
     write_progress(out, step=1, total=40, loss=2.25, tokens_per_sec=300.0, elapsed_s=9.0, eta_s=390.0)
     assert "step 1/40, 300 tokens/s, ETA 6.5 min, loss 2.2500" in job_markdown(job)
     (out / "metrics.jsonl").write_text(json.dumps({"step": 0, "val_loss": 2.5, "elapsed_s": 3.0}) + "\n")

@@ -78,7 +78,7 @@ def test_progress_names_each_phase_then_every_step(tiny_phi, small_data, tmp_pat
     assert [p.split()[0] for p in phases] == ["loading", "reading", "loading", "evaluating", "step"], phases
     assert "base model" in phases[2] and "(step 0)" in phases[3]
     estimate = [f for phase, f in seen if phase == phases[4]][0]
-    assert phases[4].startswith("step 1 of 4: the run should take about ") and "step-0 evaluation" in phases[4]
+    assert phases[4].startswith("step 1 of 4: about ") and " min to go (estimated from the step-0 evaluation" in phases[4]
     assert estimate["total"] == 4 and estimate["eta_s"] > 0
     steps = [f for phase, f in seen if not phase]
     assert [f["step"] for f in steps] == [1, 2, 3, 4] and all(f["total"] == 4 for f in steps)
@@ -223,6 +223,53 @@ def test_lora_on_every_linear_layer_saved_in_adapter_config(tiny_phi_adapter):
     config = json.loads((tiny_phi_adapter / "adapter_config.json").read_text())
     names = set(config["target_modules"])  # every linear layer of both blocks, by full name
     assert len(names) == 12 and {n.split(".")[-1] for n in names} == {"q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"}
+
+
+AUTO = ("max_steps", "max_seq_len", "batch_size", "grad_accum", "max_eval_examples", "gradient_checkpointing")
+
+
+def test_settings_left_to_auto_are_sized_for_a_cpu_and_a_resume_keeps_the_runs_own(tiny_phi, small_data, tmp_path,
+                                                                                   capsys):
+    """On a CPU the defaults were Phi-2's GPU recipe (500 steps of 4 x 4 x 512 tokens: 2 minutes a step)."""
+    run = dict(base=str(tiny_phi), data=[str(small_data)], out=str(tmp_path / "run"), quant="none", device="cpu",
+               lr=1e-2, eval_split=0.25, log_steps=1)
+    train(TrainConfig(**run, max_steps=2, grad_accum=2))  # explicit values win
+    assert "auto settings (sized for a CPU): --max-seq-len 256 --batch-size 4 --max-eval-examples 16 " \
+           "--no-gradient-checkpointing" in capsys.readouterr().out
+    args = read_json(tmp_path / "run" / "training_args.json")
+    assert [args[name] for name in AUTO] == [2, 256, 4, 2, 16, False]
+    train(TrainConfig(**run, max_steps=3, resume=True))  # grad_accum auto: the run's 2, not a CPU's 1
+    assert "auto settings (as the run being resumed had them): --max-seq-len 256 --batch-size 4 --grad-accum 2 " \
+           "--max-eval-examples 16 --no-gradient-checkpointing" in capsys.readouterr().out
+    assert read_json(tmp_path / "run" / "summary.json")["steps"] == 3
+
+
+@pytest.mark.slow  # the real small assistant, about 5 minutes on a quiet 2-core CPU
+def test_the_cpu_defaults_train_the_small_assistant_in_minutes_and_lower_its_held_out_loss(small_assistant,
+                                                                                           repo_data, tmp_path,
+                                                                                           monkeypatch):
+    """The app's first LoRA run, as a newcomer starts it: the small assistant, the shipped chats, every setting left
+    to its default. It took 10 minutes for 4 of 500 steps; now it ends, step-0 evaluation included, in minutes,
+    and says after its step-0 evaluation about how long it will take."""
+    import llmb.assistant.train as trainer
+
+    estimates = []  # (when, the estimated seconds to go)
+    real = trainer.write_progress
+    monkeypatch.setattr(trainer, "write_progress", lambda out, phase=None, **f: (
+        estimates.append((time.time(), f["eta_s"])) if phase and "to go" in phase else None, real(out, phase, **f)))
+    out = tmp_path / "run"
+    began = time.time()
+    summary = train(TrainConfig(base=str(small_assistant), data=[str(repo_data / "guanaco" /
+                                                                     "guanaco-llama2-1k_train.jsonl")],
+                                out=str(out), quant="none", device="cpu", skip_bad_rows=True))
+    took = time.time() - began
+    evals = [r for r in read_metrics(out / "metrics.jsonl") if "val_loss" in r]
+    (when, eta), = estimates
+    print(f"CPU defaults on the small assistant: {took:.0f} s, held-out loss {evals[0]['val_loss']:.3f} -> "
+          f"{evals[-1]['val_loss']:.3f}; estimated after step 0: {eta:.0f} s to go, took {began + took - when:.0f} s")
+    assert summary["stopped_by"] == "done" and summary["steps"] == 30 and [r["step"] for r in evals] == [0, 30]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.05
+    assert took < 8 * 60 and 0.4 < eta / (began + took - when) < 2.5
 
 
 def test_resume_without_checkpoint_is_a_user_error(tiny_phi, small_data, tmp_path):
