@@ -23,8 +23,7 @@ from pathlib import Path
 
 from common import REPO
 
-sys.path.insert(0, str(REPO))
-from llmb.runlog import read_metrics, read_progress  # noqa: E402
+from llmb.runlog import read_metrics, read_progress
 
 RECIPE = ["--max-seq-len", "512", "--batch-size", "4", "--grad-accum", "4", "--gradient-checkpointing"]
 
