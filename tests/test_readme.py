@@ -60,7 +60,7 @@ def test_every_command_of_first_things_to_try_runs_as_written(tmp_path):
     assert story.startswith("Dorothy looked at the Scarecrow and") and len(story) > 200
     france = next(out for command, out in said.items() if "capital of France" in command)
     assert "Paris" in france
-    assert json.loads((clone / "checkpoints/my-oz/summary.json").read_text())["stopped_by"] == "done"
+    assert json.loads((clone / "checkpoints/my-oz/summary.json").read_text())["stopped_by"] in ("done", "time")
     mine = next(out for command, out in said.items() if "--ckpt checkpoints/my-oz" in command)
     assert mine.startswith("The Tin Woodman") and len(re.findall(r"[a-z]", mine)) > 100
     assert json.loads((clone / "checkpoints/smol-guanaco/summary.json").read_text())["stopped_by"] == "done"
